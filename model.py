@@ -11,7 +11,8 @@ The forward pass stops at the final hidden states; `logits()` is a separate step
 """
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -252,3 +253,32 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, 
     # The fused kernel does the whole update in a few launches instead of several per parameter.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
 
+
+
+# Every checkpoint train.py writes is a dict with this tag, the model config as a plain dict (so the model rebuilds
+# exactly from the file alone) and the weights; train.py adds the optimizer, data position and RNG state to resume.
+CHECKPOINT_FORMAT = "mlm-vs-clm/1"
+
+
+def checkpoint_payload(model: "Transformer", **extra) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "model_config": asdict(model.config), "model": model.state_dict(), **extra}
+
+
+def load_checkpoint(path: str, device="cpu"):
+    """Rebuild a model from one of our checkpoints; returns (model, the whole checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a pickle with arbitrary objects, a truncated file, not a torch file at all
+        raise ValueError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this project (no format tag {CHECKPOINT_FORMAT!r}); "
+                         f"train.py writes them as out_dir/ckpt.pt")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(ckpt["model_config"]) - known
+    if unknown:
+        raise ValueError(f"{path} has model config fields this code does not know: {sorted(unknown)}")
+    model = Transformer(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt

@@ -1,0 +1,504 @@
+"""
+Pretrain the model with CLM, MLM, or one then the other, at a fixed step budget.
+
+    python train.py                                          # CPU demo: CLM then MLM on the docstring corpus
+    python train.py --objective=mlm --switch_to=none         # pure MLM
+    python train.py config/610m.py --switch_at=0.25          # a paper preset (see config/)
+    torchrun --nproc_per_node=8 train.py config/610m.py --objective=clm --switch_to=mlm
+    python train.py --init_from=out/clm/ckpt.pt --objective=mlm --switch_to=none --out_dir=out/cpt   # continued pretraining
+    python train.py --help                                   # every setting, its default and meaning
+
+Settings come from the defaults below, then config files given as arguments (plain Python assigning some of the
+names), then --key=value overrides, in that order.
+
+The objective switch is the paper's: at `switch_at` the weights and the optimizer state carry over, attention
+becomes bidirectional (or causal, for MLM -> CLM) and the learning rate continues on the same schedule, without a new
+warmup; the only decay is at the end of the whole budget.
+"""
+
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import BlockLoader, check_tokenizer, default_data_dir, load_meta, prepare
+from model import Transformer, checkpoint_payload, configure_optimizer, load_checkpoint, model_config
+from objectives import MASK_REPLACE, OBJECTIVES, Vocab, pretraining_loss
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "docstrings"  # "docstrings" (offline, built from installed packages), "fineweb-edu", or a .txt/.jsonl path or glob
+    data_dir: str = ""  # prepared token files; "" = data/<data>_<tokenizer>, prepared on first use
+    data_tokens: int = 0  # token budget when preparing a streamed source (fineweb-edu); 0 = all
+    tokenizer: str = "cl100k_8k"  # "cl100k" (the paper-like vocabulary) or "cl100k_<N>k" (its first N*1024 merges)
+    # model
+    model: str = "tiny"  # preset in model.py: test, tiny, 210m, 610m, 1b
+    block_size: int = 128  # tokens per sequence (the paper: 2048)
+    attention: str = "sdpa"  # "sdpa" or "manual" (hand-written scores, mask and softmax; slower, same result)
+    # objective
+    objective: str = "clm"  # objective of the first phase: clm or mlm
+    switch_to: str = "mlm"  # objective after the switch: mlm, clm, or none for a single-objective run
+    switch_at: float = 0.25  # when to switch: a fraction of max_steps if < 1 (the paper's 0.25/0.5/0.75), else a step
+    mask_ratio: float = 0.4  # MLM: probability that a token is masked (the paper's default)
+    mask_replace: str = "mask"  # MLM: "mask" (all selected -> <|mask|>, the paper's code) or "bert" (80/10/10)
+    # optimisation
+    max_steps: int = 300  # optimizer steps in the whole budget, both phases together
+    batch_size: int = 16  # sequences per micro-batch on each process
+    total_batch_size: int = 0  # sequences per optimizer step over all processes; 0 = one micro-batch each
+    lr: float = 2e-3  # peak learning rate (the paper: 5e-4 at its batch size)
+    warmup_steps: int = 30  # linear warmup from 0 (the paper: 2000)
+    decay_steps: int = 60  # linear decay to 0 at the end of the budget (the paper: 2000)
+    weight_decay: float = 0.1  # AdamW, matrices only
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    adam_eps: float = 1e-5  # AdamW
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    # evaluation, logging, checkpoints
+    eval_interval: int = 50  # steps between validation (both objectives) and checkpoint; 0 = only at the end
+    eval_batches: int = 4  # micro-batches per validation loss
+    out_dir: str = "out/demo"  # checkpoint ckpt.pt, log.jsonl and summary.json go here
+    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path to start from its weights
+    stop_at: int = 0  # stop after this step with a checkpoint, to resume later (time-limited jobs); 0 = run to the end
+    # system
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu), or a torch device string
+    dtype: str = "auto"  # autocast dtype: "auto" (bfloat16 on CUDA, float32 elsewhere), "bfloat16", "float32"
+    compile: str = "auto"  # torch.compile the model: "auto" (on CUDA), "true", "false"
+    seed: int = 0  # model init, data order and masking all derive from it
+    progress: bool = True  # tqdm progress bar
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings: defaults < config files < --key=value
+
+
+def field_help(cls) -> dict:
+    """Each field's trailing comment in the class source, for --help."""
+    return dict(re.findall(r"^\s+(\w+): [^=]+= .*?  # (.*)$", inspect.getsource(cls), re.M))
+
+
+def parse_value(kind, text: str):
+    if kind is bool:
+        return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            number = float(text)  # 1e9, 2.5e6: integers written the short way
+            if number != int(number):
+                raise
+            return int(number)
+    return kind(text)
+
+
+def configure(cls, argv: list[str]):
+    """Build a settings dataclass from argv: config file paths and --key=value. Unknown keys and values of the wrong
+    type are errors, raised before any work starts."""
+    cfg, names = cls(), [f.name for f in fields(cls)]
+    if "--help" in argv or "-h" in argv:
+        helps = field_help(cls)
+        print("settings (defaults shown; override with a config file or --key=value):")
+        for name in names:
+            print(f"  --{name}={getattr(cfg, name)!r:<16} {helps.get(name, '')}")
+        sys.exit(0)
+
+    def set_value(key, value, where):
+        if key not in names:
+            close = [n for n in names if n[:4] == key[:4]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise SystemExit(f"error: unknown setting {key!r} in {where}{hint}; see --help")
+        kind = type(getattr(cfg, key))
+        if isinstance(value, str) and kind is not str:
+            try:
+                value = parse_value(kind, value)
+            except (KeyError, ValueError):
+                raise SystemExit(f"error: {key} must be a {kind.__name__}, got {value!r} in {where}") from None
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind:
+            raise SystemExit(f"error: {key} must be a {kind.__name__}, got {value!r} in {where}")
+        setattr(cfg, key, value)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                raise SystemExit(f"error: write settings as --{key}=VALUE")
+            set_value(key, value, "the command line")
+        elif arg.endswith(".py"):
+            if not os.path.isfile(arg):
+                raise SystemExit(f"error: config file {arg} not found")
+            scope = {}
+            exec(open(arg).read(), scope)
+            for key, value in scope.items():
+                if not key.startswith("_"):
+                    set_value(key, value, arg)
+        else:
+            raise SystemExit(f"error: unexpected argument {arg!r}: give config files (.py) and --key=value settings")
+    return cfg
+
+
+def validate(cfg: TrainConfig):
+    checks = [
+        (cfg.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
+        (cfg.switch_to in OBJECTIVES + ("none",), f"switch_to must be one of {OBJECTIVES + ('none',)}"),
+        (cfg.switch_to != cfg.objective, "switch_to equals objective; use --switch_to=none for a single objective"),
+        (0 < cfg.switch_at < cfg.max_steps, "switch_at must be a fraction in (0, 1) or a step in [1, max_steps)"),
+        (0 < cfg.mask_ratio < 1, "mask_ratio must be in (0, 1)"),
+        (cfg.mask_replace in MASK_REPLACE, f"mask_replace must be one of {MASK_REPLACE}"),
+        (cfg.max_steps > 0 and cfg.batch_size > 0 and cfg.block_size > 1, "max_steps, batch_size, block_size > 0"),
+        (cfg.warmup_steps + cfg.decay_steps <= cfg.max_steps, "warmup_steps + decay_steps must fit in max_steps"),
+        (cfg.lr > 0, "lr must be positive"),
+        (cfg.dtype in ("auto", "bfloat16", "float32"), "dtype must be auto, bfloat16 or float32"),
+        (cfg.compile in ("auto", "true", "false"), "compile must be auto, true or false"),
+        (cfg.stop_at >= 0 and cfg.eval_interval >= 0 and cfg.eval_batches > 0, "stop_at, eval_interval >= 0"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The schedule and the objective switch
+
+
+def switch_step(cfg: TrainConfig):
+    """The first step of the second phase, or None for a single-objective run."""
+    if cfg.switch_to == "none":
+        return None
+    return round(cfg.switch_at * cfg.max_steps) if cfg.switch_at < 1 else int(cfg.switch_at)
+
+
+def objective_at(step: int, cfg: TrainConfig) -> str:
+    switch = switch_step(cfg)
+    return cfg.objective if switch is None or step < switch else cfg.switch_to
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warmup-stable-decay, the paper's schedule: linear warmup from 0, constant, then linear decay reaching 0 right
+    after the last step. It spans the whole budget, so the objective switch does not touch it."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_start = cfg.max_steps - cfg.decay_steps
+    if step >= decay_start:
+        return cfg.lr * (cfg.max_steps - step) / cfg.decay_steps
+    return cfg.lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step, shared with bench.py
+
+
+def reseed(generator: torch.Generator, *keys: int) -> torch.Generator:
+    """Masking randomness is a pure function of (seed, step, which micro-batch of the step): a resumed run masks
+    exactly as an uninterrupted one, with no generator state to save, and 2 processes of 1 micro-batch mask exactly
+    as 1 process of 2."""
+    return generator.manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def train_step(model, optimizer, next_batch, cfg: TrainConfig, vocab: Vocab, step: int, grad_accum: int,
+               generator: torch.Generator, autocast=nullcontext, rank: int = 0, world_size: int = 1):
+    """Forward and backward over grad_accum micro-batches, then one AdamW step. Returns (mean loss, grad norm) as
+    tensors. The loss is averaged exactly over every predicted token of every micro-batch on every process: MLM
+    predicts a different number of tokens each time, so averaging per-micro-batch means would weigh them wrongly."""
+    objective = objective_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss_sum = n_sum = 0
+    for micro in range(grad_accum):
+        tokens = next_batch()
+        last = micro == grad_accum - 1
+        # Under DDP, gradients are all-reduced only on the last micro-step; the others accumulate locally.
+        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), autocast():
+            loss, n = pretraining_loss(model, tokens, objective, vocab, mask_ratio=cfg.mask_ratio,
+                                       mask_replace=cfg.mask_replace,
+                                       generator=reseed(generator, cfg.seed, step, micro * world_size + rank))
+        (loss * n).backward()  # the sum over predicted tokens; normalised below once the global count is known
+        loss_sum, n_sum = loss_sum + loss.detach() * n, n_sum + n
+    totals = torch.stack([loss_sum, n_sum.to(loss_sum.dtype)])
+    if world_size > 1:
+        dist.all_reduce(totals)
+    mean_loss, n_total = totals[0] / totals[1], totals[1]
+    # DDP averaged the gradient sums over processes; turn that into the mean over every predicted token.
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    torch._foreach_mul_(grads, world_size / n_total)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    # The one host sync of the step: never let a non-finite loss reach the weights.
+    if not torch.isfinite(mean_loss):
+        raise FloatingPointError(f"loss is {mean_loss.item()} at step {step} ({objective})")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, cfg: TrainConfig, vocab: Vocab, data_dir: str, generator, device, autocast=nullcontext,
+             rank: int = 0, world_size: int = 1) -> dict:
+    """Validation loss under BOTH objectives, whatever the current one, so the transfer at the switch shows. Every
+    evaluation reads the same first blocks of the validation split and masks them the same way; all processes take
+    part and their sums are reduced, so the figure is the loss over all predicted tokens."""
+    losses = {}
+    for objective in OBJECTIVES:
+        loader = BlockLoader(data_dir, "val", cfg.block_size, cfg.batch_size, seed=0, rank=rank,
+                             world_size=world_size, device=device)
+        totals = torch.zeros(2, device=device)
+        # Global micro-batch g = k * world_size + rank covers the same blocks whatever the number of processes.
+        for k in range(math.ceil(cfg.eval_batches / world_size)):
+            tokens, g = loader.next_batch(), k * world_size + rank
+            if g < cfg.eval_batches:
+                with autocast():
+                    loss, n = pretraining_loss(model, tokens, objective, vocab, mask_ratio=cfg.mask_ratio,
+                                               mask_replace=cfg.mask_replace, generator=reseed(generator, 1, g))
+                totals += torch.stack([loss.float() * n, n.float()])
+        if world_size > 1:
+            dist.all_reduce(totals)
+        losses[objective] = (totals[0] / totals[1]).item()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hardware
+
+
+GPU_PEAK_BF16 = {  # dense bf16 tensor-core FLOP/s from the vendors' data sheets, by a substring of the device name
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12,
+    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak FLOP/s of one device, for MFU: the data-sheet figure for known GPUs; on a CPU, measured with a large
+    float32 matmul (so CPU MFU is against what this machine's BLAS really reaches)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), float("nan"))
+    if device.type != "cpu":
+        return float("nan")
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(5):  # the best of several tries: other work on the machine only ever makes a try slower
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024 ** 3 * 4 / best
+
+
+def setup_device(cfg: TrainConfig):
+    """(device, autocast factory, rank, local_rank, world_size), joining the process group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    else:
+        kind = cfg.device.split(":")[0]
+    device = torch.device(f"cuda:{local_rank}" if kind == "cuda" and world_size > 1 else cfg.device
+                          if cfg.device != "auto" else kind)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls outside autocast on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "bfloat16":
+        autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = nullcontext
+    return device, autocast, rank, local_rank, world_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and logs
+
+
+def save_atomically(payload: dict, path: str):
+    """Write to a temporary file, then rename: a crash mid-save leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def log_records(path: str, up_to_step: int):
+    """The log of a run being resumed, without what an interrupted run wrote after its last checkpoint."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line for line in f if json.loads(line)["step"] <= up_to_step]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]):
+    cfg = configure(TrainConfig, argv)
+    validate(cfg)
+    device, autocast, rank, local_rank, world_size = setup_device(cfg)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    resumed = None
+    if cfg.init_from == "resume":
+        raw_model, resumed = load_checkpoint(ckpt_path)
+        explicit = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+        # The run continues with its own settings; only what is given explicitly now (say, eval_interval) changes,
+        # and an earlier stop_at, which was for the earlier job.
+        saved = {k: v for k, v in resumed["train_config"].items() if k not in explicit | {"init_from", "stop_at"}}
+        cfg = TrainConfig(**{**asdict(cfg), **saved})
+        validate(cfg)
+    elif os.path.exists(ckpt_path):
+        raise SystemExit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir")
+
+    # Data: prepared once (by one process), then memory-mapped by all.
+    data_dir = cfg.data_dir or default_data_dir(cfg.data, cfg.tokenizer)
+    if master and not os.path.exists(os.path.join(data_dir, "meta.json")):
+        say(f"preparing {cfg.data} with {cfg.tokenizer} into {data_dir}")
+        prepare(cfg.data, data_dir, cfg.tokenizer, max_tokens=cfg.data_tokens or None)
+    if world_size > 1:
+        dist.barrier()
+    meta = load_meta(data_dir)
+    tokenizer_meta = {k: meta[k] for k in ("tokenizer", "n_vocab", "eot_id", "mask_id", "pad_id")}
+    if meta["tokenizer"] != cfg.tokenizer:
+        raise SystemExit(f"error: {data_dir} was prepared with {meta['tokenizer']}, not --tokenizer={cfg.tokenizer}")
+    vocab = Vocab(meta["n_vocab"], meta["mask_id"], (meta["eot_id"], meta["mask_id"], meta["pad_id"]), meta["pad_id"])
+
+    # Model: from scratch, from this run's checkpoint, or from another run's weights (continued pretraining).
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from not in ("scratch", "resume"):
+        raw_model, source = load_checkpoint(cfg.init_from)
+        check_tokenizer(tokenizer_meta, source["tokenizer"])
+        del source
+    elif cfg.init_from == "scratch":
+        raw_model = Transformer(model_config(cfg.model, vocab_size=vocab.size, block_size=cfg.block_size))
+    if raw_model.config.block_size < cfg.block_size:
+        raise SystemExit(f"error: the checkpoint's block_size {raw_model.config.block_size} < {cfg.block_size}")
+    raw_model.config.attention = cfg.attention  # how attention is computed is not part of the weights
+    raw_model.to(device)
+    optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
+                                    device.type)
+    step = 0
+    loader = BlockLoader(data_dir, "train", cfg.block_size, cfg.batch_size, seed=cfg.seed, rank=rank,
+                         world_size=world_size, device=device)
+    if resumed is not None:
+        check_tokenizer(tokenizer_meta, resumed["tokenizer"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        loader.load_state_dict(resumed["data"])
+        step = resumed["step"]
+        say(f"resuming {ckpt_path} at step {step}")
+    del resumed  # the optimizer state now lives in the optimizer; do not keep a second copy
+
+    model = raw_model
+    if cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"):
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    per_step = cfg.total_batch_size or cfg.batch_size * world_size
+    if per_step % (cfg.batch_size * world_size):
+        raise SystemExit(f"error: total_batch_size={per_step} is not a multiple of batch_size * processes = "
+                         f"{cfg.batch_size} * {world_size}")
+    grad_accum = per_step // (cfg.batch_size * world_size)
+    tokens_per_step = per_step * cfg.block_size
+    params = raw_model.num_params()
+    switch = switch_step(cfg)
+    say(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from}: {params['paper'] / 1e6:.2f}M parameters (body + embedding; {params['total'] / 1e6:.2f}M "
+        f"in all) | {world_size} process(es) on {device} | {per_step} x {cfg.block_size} tokens per step "
+        f"({grad_accum} micro-batch(es) of {cfg.batch_size} each) | {cfg.objective} "
+        + (f"until step {switch}, then {cfg.switch_to}" if switch is not None else "only")
+        + f" | {cfg.max_steps} steps")
+    peak = peak_flops(device) * world_size
+    generator = torch.Generator(device=device)
+
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    kept = log_records(log_path, step)
+    log = open(log_path, "w") if master else None
+    if log:
+        log.writelines(kept)
+
+    def write(record):
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def checkpoint(val=None):
+        if master:
+            save_atomically(checkpoint_payload(raw_model, optimizer=optimizer.state_dict(), step=step,
+                                               tokenizer=tokenizer_meta, train_config=asdict(cfg),
+                                               data=loader.state_dict(), objective=objective_at(step - 1, cfg),
+                                               val=val), ckpt_path)
+
+    def run_eval():
+        val = evaluate(model, cfg, vocab, data_dir, generator, device, autocast, rank, world_size)
+        write({"step": step, "val_clm": val["clm"], "val_mlm": val["mlm"]})
+        return val
+
+    val = run_eval() if step == 0 else None
+    if val:
+        say(f"step 0: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f}")
+    bar = None
+    if master and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=step, dynamic_ncols=True)
+    t_start, tokens_seen = time.perf_counter(), step * tokens_per_step
+    last_stop = cfg.stop_at or cfg.max_steps
+    while step < min(cfg.max_steps, last_stop):
+        objective = objective_at(step, cfg)
+        if step == switch:
+            say(f"\nstep {step}: switching {cfg.objective} -> {cfg.switch_to} (weights and optimizer state kept, "
+                f"lr continues at {lr_at(step, cfg):.2e})")
+        t0 = time.perf_counter()
+        try:
+            loss, grad_norm = train_step(model, optimizer, loader.next_batch, cfg, vocab, step, grad_accum,
+                                         generator, autocast, rank, world_size)
+        except FloatingPointError as e:
+            raise SystemExit(f"error: {e}; stopping. The last good checkpoint is {ckpt_path}") from None
+        dt = time.perf_counter() - t0
+        step += 1
+        tokens_seen += tokens_per_step
+        causal = objective == "clm"
+        flops = raw_model.flops_per_token(cfg.block_size, causal, 1.0 if causal else cfg.mask_ratio)
+        record = {"step": step, "objective": objective, "loss": loss.item(), "lr": lr_at(step - 1, cfg),
+                  "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tokens_per_s": tokens_per_step / dt,
+                  "mfu": flops * tokens_per_step / dt / peak}
+        write(record)
+        if bar:
+            bar.update(1)
+            bar.set_postfix_str(f"{objective} loss {record['loss']:.3f} lr {record['lr']:.1e} "
+                                f"{record['tokens_per_s']:,.0f} tok/s")
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step in (cfg.max_steps, cfg.stop_at):
+            val = run_eval()
+            if bar:
+                bar.write(f"step {step}: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f} ({objective} phase)")
+            checkpoint(val)
+    if bar:
+        bar.close()
+
+    elapsed = time.perf_counter() - t_start
+    val = val or run_eval()
+    if master:
+        summary = {"steps": step, "max_steps": cfg.max_steps, "switch_step": switch, "tokens": tokens_seen,
+                   "val_clm": val["clm"], "val_mlm": val["mlm"], "seconds": elapsed, "checkpoint": ckpt_path}
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        done = "finished" if step == cfg.max_steps else f"stopped at step {step} (resume with --init_from=resume)"
+        say(f"{done} in {elapsed:.0f}s: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f} | {ckpt_path}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
