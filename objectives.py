@@ -35,10 +35,12 @@ def check_tokens(tokens, vocab: Vocab, min_length: int):
                          f"{getattr(tokens, 'dtype', type(tokens))} of shape {tuple(getattr(tokens, 'shape', ()))}")
     if tokens.size(1) < min_length:
         raise ValueError(f"tokens has length {tokens.size(1)}; at least {min_length} are needed to predict anything")
-    # One reduction and one host sync per batch: cheap next to the forward pass, and an id past the embedding
-    # would otherwise surface as an opaque device-side assert (CUDA) or a wrong-but-silent row (padding rows).
+    if tokens.device.type != "cpu":
+        # Here the check would cost a host sync per micro-batch; data.BlockLoader has already checked every batch
+        # on the host before copying it over.
+        return
     lo, hi = tokens.aminmax()
-    if lo.item() < 0 or hi.item() >= vocab.size:
+    if lo < 0 or hi >= vocab.size:  # an id past the vocabulary would silently read an untrained padding row
         raise ValueError(f"tokens holds ids in [{lo.item()}, {hi.item()}] but the vocabulary has {vocab.size} "
                          f"(ids 0..{vocab.size - 1}): was the data prepared with another tokenizer?")
 
@@ -93,10 +95,11 @@ def cross_entropy(model, hidden, labels, sparse: bool):
 
 
 def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio: float = 0.4,
-                     mask_replace: str = "mask", generator=None):
+                     mask_replace: str = "mask", generator=None, sparse_head: bool = True):
     """The one entry point of the training loop. Returns (mean loss over predicted tokens, number of predicted
     tokens), the count as a tensor so that no host sync is forced: the loop multiplies the two back into a sum to
-    average exactly over micro-batches and ranks that predict different numbers of tokens."""
+    average exactly over micro-batches and ranks that predict different numbers of tokens. sparse_head=False runs
+    MLM's LM head on every position, only to measure what the sparse head saves (bench.py)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "clm":
@@ -109,4 +112,4 @@ def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio:
         check_tokens(tokens, vocab, min_length=1)
         inputs, labels = mask_tokens(tokens, vocab, mask_ratio, mask_replace, generator)
         hidden = model(inputs, causal=False)  # (B, T, C)
-    return cross_entropy(model, hidden, labels, sparse=objective == "mlm")
+    return cross_entropy(model, hidden, labels, sparse=objective == "mlm" and sparse_head)

@@ -29,10 +29,13 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import BlockLoader, check_tokenizer, default_data_dir, load_meta, prepare
-from model import Transformer, checkpoint_payload, configure_optimizer, load_checkpoint, model_config
+from data import TOKENIZER_FIELDS, BlockLoader, check_tokenizer, default_data_dir, get_tokenizer, load_meta, prepare
+from model import (Transformer, checkpoint_payload, configure_optimizer, export_hf, load_checkpoint, load_hf,
+                   model_config)
 from objectives import MASK_REPLACE, OBJECTIVES, Vocab, pretraining_loss
 
 
@@ -53,6 +56,7 @@ class TrainConfig:
     switch_at: float = 0.25  # when to switch: a fraction of max_steps if < 1 (the paper's 0.25/0.5/0.75), else a step
     mask_ratio: float = 0.4  # MLM: probability that a token is masked (the paper's default)
     mask_replace: str = "mask"  # MLM: "mask" (all selected -> <|mask|>, the paper's code) or "bert" (80/10/10)
+    sparse_head: bool = True  # MLM: run the LM head on the masked positions only (same loss, less work)
     # optimisation
     max_steps: int = 300  # optimizer steps in the whole budget, both phases together
     batch_size: int = 16  # sequences per micro-batch on each process
@@ -69,7 +73,7 @@ class TrainConfig:
     eval_interval: int = 50  # steps between validation (both objectives) and checkpoint; 0 = only at the end
     eval_batches: int = 4  # micro-batches per validation loss
     out_dir: str = "out/demo"  # checkpoint ckpt.pt, log.jsonl and summary.json go here
-    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or a checkpoint path to start from its weights
+    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), a checkpoint path, or hf:DIR (a Hugging Face Llama)
     stop_at: int = 0  # stop after this step with a checkpoint, to resume later (time-limited jobs); 0 = run to the end
     # system
     device: str = "auto"  # "auto" (cuda, then mps, then cpu), or a torch device string
@@ -77,6 +81,8 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the model: "auto" (on CUDA), "true", "false"
     seed: int = 0  # model init, data order and masking all derive from it
     progress: bool = True  # tqdm progress bar
+    fsdp: bool = False  # shard parameters, gradients and AdamW state over processes (FSDP2) instead of DDP's copies
+    export: str = ""  # "hf": write out_dir/ckpt.pt as a Hugging Face Llama directory out_dir/hf, then exit
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,10 +225,13 @@ def train_step(model, optimizer, next_batch, cfg: TrainConfig, vocab: Vocab, ste
     for micro in range(grad_accum):
         tokens = next_batch()
         last = micro == grad_accum - 1
-        # Under DDP, gradients are all-reduced only on the last micro-step; the others accumulate locally.
+        # Under DDP, gradients are all-reduced only on the last micro-step; the others accumulate locally. FSDP2
+        # keeps them unsharded until the last micro-step, then reduce-scatters once.
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(last)
         with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), autocast():
             loss, n = pretraining_loss(model, tokens, objective, vocab, mask_ratio=cfg.mask_ratio,
-                                       mask_replace=cfg.mask_replace,
+                                       mask_replace=cfg.mask_replace, sparse_head=cfg.sparse_head,
                                        generator=reseed(generator, cfg.seed, step, micro * world_size + rank))
         (loss * n).backward()  # the sum over predicted tokens; normalised below once the global count is known
         loss_sum, n_sum = loss_sum + loss.detach() * n, n_sum + n
@@ -234,6 +243,7 @@ def train_step(model, optimizer, next_batch, cfg: TrainConfig, vocab: Vocab, ste
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     torch._foreach_mul_(grads, world_size / n_total)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     # The one host sync of the step: never let a non-finite loss reach the weights.
     if not torch.isfinite(mean_loss):
         raise FloatingPointError(f"loss is {mean_loss.item()} at step {step} ({objective})")
@@ -345,6 +355,14 @@ def log_records(path: str, up_to_step: int):
 def main(argv: list[str]):
     cfg = configure(TrainConfig, argv)
     validate(cfg)
+    if cfg.export:
+        if cfg.export != "hf":
+            raise SystemExit(f"error: --export={cfg.export!r}: the only export format is 'hf'")
+        print(f"wrote {export_hf(os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'hf'))}")
+        return
+    if cfg.init_from.startswith("hf:") and cfg.tokenizer != cfg.init_from:
+        raise SystemExit(f"error: --init_from={cfg.init_from} needs its own tokenizer, so that its embedding rows keep "
+                         f"their meaning: add --tokenizer={cfg.init_from}")
     device, autocast, rank, local_rank, world_size = setup_device(cfg)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
@@ -371,14 +389,18 @@ def main(argv: list[str]):
     if world_size > 1:
         dist.barrier()
     meta = load_meta(data_dir)
-    tokenizer_meta = {k: meta[k] for k in ("tokenizer", "n_vocab", "eot_id", "mask_id", "pad_id")}
+    tokenizer_meta = {k: meta.get(k) for k in TOKENIZER_FIELDS}
     if meta["tokenizer"] != cfg.tokenizer:
         raise SystemExit(f"error: {data_dir} was prepared with {meta['tokenizer']}, not --tokenizer={cfg.tokenizer}")
     vocab = Vocab(meta["n_vocab"], meta["mask_id"], (meta["eot_id"], meta["mask_id"], meta["pad_id"]), meta["pad_id"])
 
     # Model: from scratch, from this run's checkpoint, or from another run's weights (continued pretraining).
     torch.manual_seed(cfg.seed)
-    if cfg.init_from not in ("scratch", "resume"):
+    if cfg.init_from.startswith("hf:"):
+        tok = get_tokenizer(cfg.tokenizer)
+        check_tokenizer(tokenizer_meta, tok.meta())
+        raw_model = load_hf(cfg.init_from.removeprefix("hf:"), tok)
+    elif cfg.init_from not in ("scratch", "resume"):
         raw_model, source = load_checkpoint(cfg.init_from)
         check_tokenizer(tokenizer_meta, source["tokenizer"])
         del source
@@ -388,6 +410,19 @@ def main(argv: list[str]):
         raise SystemExit(f"error: the checkpoint's block_size {raw_model.config.block_size} < {cfg.block_size}")
     raw_model.config.attention = cfg.attention  # how attention is computed is not part of the weights
     raw_model.to(device)
+    if cfg.fsdp:
+        # FSDP2: each block is one unit whose weights are all-gathered just before it runs and freed after, so a
+        # rank holds 1/world_size of the weights, gradients and AdamW state plus one block in full. The root unit
+        # holds the rest (embedding, final norm, LM head) and stays gathered after its forward, which is what lets
+        # objectives.py call the LM head outside forward(); the gradients it gets there are reduce-scattered at
+        # the end of backward like the others.
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise SystemExit(f"error: --fsdp needs FSDP2, in torch >= 2.6 (this is {torch.__version__})") from None
+        for block in raw_model.blocks:
+            fully_shard(block)
+        fully_shard(raw_model)
     optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps,
                                     device.type)
     step = 0
@@ -395,7 +430,11 @@ def main(argv: list[str]):
                          world_size=world_size, device=device)
     if resumed is not None:
         check_tokenizer(tokenizer_meta, resumed["tokenizer"])
-        optimizer.load_state_dict(resumed["optimizer"])
+        if cfg.fsdp:  # a full (gathered) optimizer state, keyed by parameter name: each rank keeps its shard
+            set_optimizer_state_dict(raw_model, optimizer, resumed["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(resumed["optimizer"])
         loader.load_state_dict(resumed["data"])
         step = resumed["step"]
         say(f"resuming {ckpt_path} at step {step}")
@@ -404,7 +443,7 @@ def main(argv: list[str]):
     model = raw_model
     if cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"):
         model = torch.compile(model)
-    if world_size > 1:
+    if world_size > 1 and not cfg.fsdp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     per_step = cfg.total_batch_size or cfg.batch_size * world_size
@@ -435,8 +474,16 @@ def main(argv: list[str]):
             log.flush()
 
     def checkpoint(val=None):
+        # Under FSDP the full state is gathered to rank 0 (every rank must take part) and saved in the usual
+        # ckpt.pt: one format for every run, which export, fine-tuning and a resume with any world size read.
+        # It costs rank 0 CPU memory for a full copy (16 bytes a parameter with AdamW); sharded DCP files would
+        # not, but would need a second format everywhere else.
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(raw_model, options=full) if cfg.fsdp else None
+        optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=full) if cfg.fsdp \
+            else optimizer.state_dict()
         if master:
-            save_atomically(checkpoint_payload(raw_model, optimizer=optimizer.state_dict(), step=step,
+            save_atomically(checkpoint_payload(raw_model, weights, optimizer=optimizer_state, step=step,
                                                tokenizer=tokenizer_meta, train_config=asdict(cfg),
                                                data=loader.state_dict(), objective=objective_at(step - 1, cfg),
                                                val=val), ckpt_path)
