@@ -74,7 +74,7 @@ class ModelConfig:
 # dataclass default: it always comes from the tokenizer (`model_config(name, vocab_size=tok.n_vocab)`).
 PRESETS = {
     "test": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_hidden=128, block_size=64),  # unit tests
-    "tiny": dict(n_layer=4, n_embd=256, n_head=4, n_kv_head=4, mlp_hidden=768, block_size=256),  # CPU demo
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=4, mlp_hidden=384, block_size=256),  # CPU demo
     "210m": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, mlp_hidden=3072),
     "610m": dict(n_layer=26, n_embd=1152, n_head=18, n_kv_head=6, mlp_hidden=4096),
     "1b": dict(n_layer=28, n_embd=1728, n_head=18, n_kv_head=6, mlp_hidden=5120),

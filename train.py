@@ -58,19 +58,19 @@ class TrainConfig:
     mask_replace: str = "mask"  # MLM: "mask" (all selected -> <|mask|>, the paper's code) or "bert" (80/10/10)
     sparse_head: bool = True  # MLM: run the LM head on the masked positions only (same loss, less work)
     # optimisation
-    max_steps: int = 300  # optimizer steps in the whole budget, both phases together
-    batch_size: int = 16  # sequences per micro-batch on each process
+    max_steps: int = 200  # optimizer steps in the whole budget, both phases together
+    batch_size: int = 8  # sequences per micro-batch on each process
     total_batch_size: int = 0  # sequences per optimizer step over all processes; 0 = one micro-batch each
     lr: float = 2e-3  # peak learning rate (the paper: 5e-4 at its batch size)
-    warmup_steps: int = 30  # linear warmup from 0 (the paper: 2000)
-    decay_steps: int = 60  # linear decay to 0 at the end of the budget (the paper: 2000)
+    warmup_steps: int = 20  # linear warmup from 0 (the paper: 2000)
+    decay_steps: int = 40  # linear decay to 0 at the end of the budget (the paper: 2000)
     weight_decay: float = 0.1  # AdamW, matrices only
     beta1: float = 0.9  # AdamW
     beta2: float = 0.95  # AdamW
     adam_eps: float = 1e-5  # AdamW
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     # evaluation, logging, checkpoints
-    eval_interval: int = 50  # steps between validation (both objectives) and checkpoint; 0 = only at the end
+    eval_interval: int = 25  # steps between validation (both objectives) and checkpoint; 0 = only at the end
     eval_batches: int = 4  # micro-batches per validation loss
     out_dir: str = "out/demo"  # checkpoint ckpt.pt, log.jsonl and summary.json go here
     init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), a checkpoint path, or hf:DIR (a Hugging Face Llama)
