@@ -129,11 +129,11 @@ def configure(cls, argv: list[str]):
             try:
                 value = parse_value(kind, value)
             except (KeyError, ValueError):
-                raise SystemExit(f"error: {key} must be a {kind.__name__}, got {value!r} in {where}") from None
+                raise SystemExit(f"error: --{key} must be of type {kind.__name__}, got {value!r} in {where}") from None
         if kind is float and type(value) is int:
             value = float(value)
         if type(value) is not kind:
-            raise SystemExit(f"error: {key} must be a {kind.__name__}, got {value!r} in {where}")
+            raise SystemExit(f"error: --{key} must be of type {kind.__name__}, got {value!r} in {where}")
         setattr(cfg, key, value)
 
     for arg in argv:
