@@ -1644,3 +1644,16 @@ def test_fsdp_matches_single_process_and_resumes(hf_run, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     ckpt = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)
     assert all(not hasattr(v, "full_tensor") for v in ckpt["model"].values())  # full tensors, not shards
+
+
+@needs_hf
+def test_finetune_starts_from_an_hf_decoder(tmp_path):
+    """finetune.py --init_from=hf:DIR fine-tunes a Hugging Face decoder as it is, with its own tokenizer."""
+    make_llama(tmp_path / "llama")
+    records = [{"text": f"{SAMPLE[:20]} {word}", "label": word} for word in ["good", "bad"] * 20]
+    train_file = write_jsonl(tmp_path / "train.jsonl", records)
+    test_file = write_jsonl(tmp_path / "test.jsonl", records[:8])
+    rep = ft.main([f"--init_from=hf:{tmp_path / 'llama'}", "--task=sc", f"--train={train_file}", f"--test={test_file}",
+                   "--lrs=1e-3", "--seeds=1", "--max_steps=2", "--batch_size=8", "--max_len=32",
+                   f"--out_dir={tmp_path / 'ft'}", "--progress=False"])
+    assert rep["chosen_lr"] == 1e-3 and 0 <= rep["per_lr"][0]["test_mean"] <= 100
