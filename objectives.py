@@ -26,7 +26,7 @@ class Vocab:
     size: int  # number of token ids the tokenizer produces (ids 0 .. size-1)
     mask_id: int  # <|mask|>
     special_ids: tuple  # never masked, never a random replacement, never a CLM target if pad
-    pad_id: int = None  # padding, ignored as a target (pretraining blocks are packed and have none)
+    pad_id: int | None = None  # padding, ignored as a target (pretraining blocks are packed and have none)
 
 
 def check_tokens(tokens, vocab: Vocab, min_length: int):

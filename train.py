@@ -5,7 +5,8 @@ Pretrain the model with CLM, MLM, or one then the other, at a fixed step budget.
     python train.py --objective=mlm --switch_to=none         # pure MLM
     python train.py config/610m.py --switch_at=0.25          # a paper preset (see config/)
     torchrun --nproc_per_node=8 train.py config/610m.py --objective=clm --switch_to=mlm
-    python train.py --init_from=out/clm/ckpt.pt --objective=mlm --switch_to=none --out_dir=out/cpt   # continued pretraining
+    python train.py --init_from=out/clm/ckpt.pt --objective=mlm --switch_to=none --out_dir=out/cpt   # continued
+                                                             # pretraining (CPT) from another run's weights
     python train.py --help                                   # every setting, its default and meaning
 
 Settings come from the defaults below, then config files given as arguments (plain Python assigning some of the
@@ -42,7 +43,7 @@ from objectives import MASK_REPLACE, OBJECTIVES, Vocab, pretraining_loss
 @dataclass
 class TrainConfig:
     # data
-    data: str = "docstrings"  # "docstrings" (offline, built from installed packages), "fineweb-edu", or a .txt/.jsonl path or glob
+    data: str = "docstrings"  # "docstrings" (offline), "fineweb-edu[:config]", or a .txt/.jsonl path or glob
     data_dir: str = ""  # prepared token files; "" = data/<data>_<tokenizer>, prepared on first use
     data_tokens: int = 0  # token budget when preparing a streamed source (fineweb-edu); 0 = all
     tokenizer: str = "cl100k_8k"  # "cl100k" (the paper-like vocabulary) or "cl100k_<N>k" (its first N*1024 merges)
@@ -73,7 +74,7 @@ class TrainConfig:
     eval_interval: int = 25  # steps between validation (both objectives) and checkpoint; 0 = only at the end
     eval_batches: int = 4  # micro-batches per validation loss
     out_dir: str = "out/demo"  # checkpoint ckpt.pt, log.jsonl and summary.json go here
-    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), a checkpoint path, or hf:DIR (a Hugging Face Llama)
+    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), a checkpoint path, or hf:DIR (an HF Llama)
     stop_at: int = 0  # stop after this step with a checkpoint, to resume later (time-limited jobs); 0 = run to the end
     # system
     device: str = "auto"  # "auto" (cuda, then mps, then cpu), or a torch device string
@@ -116,7 +117,8 @@ def configure(cls, argv: list[str]):
         helps = field_help(cls)
         print("settings (defaults shown; override with a config file or --key=value):")
         for name in names:
-            print(f"  --{name}={getattr(cfg, name)!r:<16} {helps.get(name, '')}")
+            setting = f"--{name}={getattr(cfg, name)!r}"
+            print(f"  {setting:<40} {helps.get(name, '')}")
         sys.exit(0)
 
     def set_value(key, value, where):
@@ -454,7 +456,8 @@ def main(argv: list[str]):
     tokens_per_step = per_step * cfg.block_size
     params = raw_model.num_params()
     switch = switch_step(cfg)
-    say(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from}: {params['paper'] / 1e6:.2f}M parameters (body + embedding; {params['total'] / 1e6:.2f}M "
+    origin = cfg.model if cfg.init_from in ("scratch", "resume") else cfg.init_from
+    say(f"model {origin}: {params['paper'] / 1e6:.2f}M parameters (body + embedding; {params['total'] / 1e6:.2f}M "
         f"in all) | {world_size} process(es) on {device} | {per_step} x {cfg.block_size} tokens per step "
         f"({grad_accum} micro-batch(es) of {cfg.batch_size} each) | {cfg.objective} "
         + (f"until step {switch}, then {cfg.switch_to}" if switch is not None else "only")
