@@ -1657,3 +1657,11 @@ def test_finetune_starts_from_an_hf_decoder(tmp_path):
                    "--lrs=1e-3", "--seeds=1", "--max_steps=2", "--batch_size=8", "--max_len=32",
                    f"--out_dir={tmp_path / 'ft'}", "--progress=False"])
     assert rep["chosen_lr"] == 1e-3 and 0 <= rep["per_lr"][0]["test_mean"] <= 100
+
+
+def test_loader_rejects_ids_past_the_vocabulary(tmp_path):
+    """On accelerators objectives.py skips its range check (a host sync); the loader's host-side check covers it."""
+    meta = get_tokenizer("cl100k_8k").meta()
+    data.write_tokens(str(tmp_path), {"train": np.full(64, meta["n_vocab"]), "val": np.zeros(64)}, meta, "synthetic")
+    with pytest.raises(ValueError, match="holds token id 8195 but its tokenizer has 8195 ids"):
+        BlockLoader(str(tmp_path), "train", 16, 2).next_batch()
