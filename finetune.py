@@ -691,16 +691,17 @@ def markup_to_bio(paragraph: str) -> tuple[list[str], list[str]]:
     return words, tags
 
 
-def documented_parameters(text: str) -> list[tuple[str, int, int]]:
-    """(name, start, end) for each parameter of a numpydoc "Parameters" section or a Google-style "Args:" section,
-    where text[start:end] is the first sentence of its description."""
+def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, int]]]]:
+    """(start, end, parameters) of each numpydoc "Parameters" or Google-style "Args:" section of a docstring:
+    text[start:end] is the section, header included; a parameter is (name, start, end), text[start:end] being the
+    first sentence of its description."""
     lines = text.split("\n")
     line_start = [0]
     for line in lines:
         line_start.append(line_start[-1] + len(line) + 1)
     indent = lambda line: len(line) - len(line.lstrip())  # noqa: E731
     entry = re.compile(r"\s*(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*)\s*(?:\([^)]*\))?\s*:(?P<rest>.*)")
-    out, i = [], 0
+    sections, i = [], 0
     while i < len(lines):
         numpy = lines[i].strip() == "Parameters" and i + 1 < len(lines) and re.fullmatch(r"\s*-{3,}", lines[i + 1])
         google = lines[i].strip() in ("Args:", "Arguments:")
@@ -708,7 +709,7 @@ def documented_parameters(text: str) -> list[tuple[str, int, int]]:
             i += 1
             continue
         # numpydoc entries sit at the header's indentation, Google ones one level deeper
-        entry_indent = indent(lines[i]) if numpy else None
+        start, params, entry_indent = line_start[i], [], indent(lines[i]) if numpy else None
         i += 2 if numpy else 1
         while i < len(lines):
             if not lines[i].strip():
@@ -722,13 +723,14 @@ def documented_parameters(text: str) -> list[tuple[str, int, int]]:
             while j < len(lines) and (not lines[j].strip() or indent(lines[j]) > entry_indent):
                 j += 1
             end = line_start[j] - 1
-            begin = line_start[i] + m.start("rest") if google else line_start[i + 1]
-            first = re.compile(r"\S").search(text, begin, end)
+            first = re.compile(r"\S").search(text, line_start[i] + m.start("rest") if google else line_start[i + 1], end)
             if first and "," not in m[1]:  # "x1, x2 : array_like" shares one description: no single answer
                 sentence = re.match(r".+?(?:\.(?=\s)|$)", text[first.start():end], re.S)[0].rstrip()
-                out.append((m[1], first.start(), first.start() + len(sentence)))
+                params.append((m[1], first.start(), first.start() + len(sentence)))
             i = j
-    return out
+        if params:
+            sections.append((start, len(text[:line_start[i] - 1].rstrip()), params))
+    return sections
 
 
 @functools.lru_cache(maxsize=1)
@@ -749,21 +751,25 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
                  for d in docs if len(ps := paragraphs(d.text)) >= 2]
         counts = Counter(r["query"] for _, r in pairs)  # a summary shared by several docstrings ("Deprecated.")
         return [(d, r) for d, r in pairs if counts[r["query"]] == 1]  # does not single out one body: left out
-    with_params = [(d, params) for d in docs if (params := documented_parameters(d.text))]
+    with_params, used = [], set()
+    for d in docs:  # a section copied into several docstrings is used once: never in both train and test
+        sections = parameter_sections(d.text)
+        if sections and (section := d.text[sections[0][0]:sections[0][1]]) not in used:
+            used.add(section)
+            with_params.append((d, sections[0]))
     out = []
-    for n, (d, params) in enumerate(with_params):
-        seen = set()
-        for name, start, end in params:
-            if name in seen:  # documented twice (overloads): the first description answers
-                continue
-            seen.add(name)
-            out.append((d, {"id": f"{d.module}:{d.name}:{name}", "question": f"What is {name}?", "context": d.text,
-                            "answers": {"text": [d.text[start:end]], "answer_start": [start]}}))
-        _, next_params = with_params[(n + 1) % len(with_params)]
-        absent = [name for name, _, _ in next_params if not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", d.text)]
+    for n, (d, (start, end, params)) in enumerate(with_params):
+        context, seen = d.text[start:end], set()
+        for name, s, e in params:
+            if name not in seen:  # a name documented twice (overloads): the first description answers
+                seen.add(name)
+                out.append((d, {"id": f"{d.module}:{d.name}:{name}", "question": f"What is {name}?",
+                                "context": context, "answers": {"text": [d.text[s:e]], "answer_start": [s - start]}}))
+        _, (_, _, next_params) = with_params[(n + 1) % len(with_params)]
+        absent = [name for name, _, _ in next_params if not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", context)]
         if absent:
             out.append((d, {"id": f"{d.module}:{d.name}:{absent[0]}", "question": f"What is {absent[0]}?",
-                            "context": d.text, "answers": {"text": [], "answer_start": []}}))
+                            "context": context, "answers": {"text": [], "answer_start": []}}))
     return out
 
 
@@ -773,8 +779,8 @@ def demo_task(family: str) -> tuple[list[dict], list[dict]]:
       sc: which package (stdlib, numpy, torch) a docstring's summary paragraph comes from;
       tc: the code spans reST markup marks in a paragraph, markup stripped: LIT ``literal``, REF :func:`reference`;
       qa: "What is <param>?" answered by the first sentence of the parameter's description, the context being the
-          whole docstring (numpydoc Parameters / Google Args sections); per docstring also one unanswerable question,
-          about a parameter of the next such docstring that this one never mentions;
+          docstring's parameter section (numpydoc "Parameters" or Google "Args:"); per section also one unanswerable
+          question, about a parameter of the next docstring's section that this one never mentions;
       ir: find a docstring's body (all but its first paragraph) from its summary paragraph."""
     train, test = [], []
     for d, record in demo_records(family, heldout_documents()):

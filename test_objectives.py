@@ -1085,15 +1085,22 @@ def test_window_starts_cover_the_context():
     assert ft.window_starts(100, 40, 10) == [0, 30, 60]  # 0-40, 30-70, 60-100
 
 
-def test_documented_parameters_numpydoc_and_google():
+def test_parameter_sections_numpydoc_and_google():
     numpydoc = ("Sum of array elements.\n\nParameters\n----------\na : array_like\n    Elements to sum. Really.\n"
                 "axis : int, optional\n    Axis along\n    which to sum\n\nReturns\n-------\nout : ndarray\n    Sum.")
-    found = {name: numpydoc[s:e] for name, s, e in ft.documented_parameters(numpydoc)}
-    assert found == {"a": "Elements to sum.", "axis": "Axis along\n    which to sum"}
-    google = ("Do it.\n\nArgs:\n    x (Tensor): the input. More text.\n    dim (int, optional): the\n"
+    (start, end, params), = ft.parameter_sections(numpydoc)
+    assert numpydoc[start:end] == ("Parameters\n----------\na : array_like\n    Elements to sum. Really.\n"
+                                   "axis : int, optional\n    Axis along\n    which to sum")
+    assert {name: numpydoc[s:e] for name, s, e in params} == {"a": "Elements to sum.",
+                                                              "axis": "Axis along\n    which to sum"}
+    google = ("Do it.\n\nArgs:\n    x (Tensor): the input. More text.\n    x1, x2: shared.\n    dim (int, optional): the\n"
               "        dimension\n\nReturns:\n    y (Tensor): the output.")
-    found = {name: google[s:e] for name, s, e in ft.documented_parameters(google)}
-    assert found == {"x": "the input.", "dim": "the\n        dimension"}
+    (start, end, params), = ft.parameter_sections(google)
+    assert google[start:end] == ("Args:\n    x (Tensor): the input. More text.\n    x1, x2: shared.\n"
+                                 "    dim (int, optional): the\n        dimension")
+    # "x1, x2" share one description: no single parameter to ask about
+    assert {name: google[s:e] for name, s, e in params} == {"x": "the input.", "dim": "the\n        dimension"}
+    assert ft.parameter_sections("No sections here.\n\nReturns:\n    y: z.") == []
 
 
 def test_markup_to_bio():
