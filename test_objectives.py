@@ -794,7 +794,7 @@ def test_ddp_two_processes_match_one(tiny_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.join(HERE, "train.py"), *run_args(tiny_data, two, total_batch_size=4)],
-                            capture_output=True, text=True, env=env, cwd=HERE, timeout=900)
+                            capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (steps1, evals1), (steps2, evals2) = read_log(one), read_log(two)
     assert [r["objective"] for r in steps2] == [r["objective"] for r in steps1]
@@ -1633,7 +1633,7 @@ def test_train_from_hf_then_export(hf_run, tmp_path):
 def torchrun(args, nproc):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    result = subprocess.run(cmd + args, cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(cmd + args, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
