@@ -852,7 +852,13 @@ def test_continued_pretraining_starts_from_weights(tiny_data, tmp_path):
     (_, base_evals), (cpt_steps, cpt_evals) = read_log(base), read_log(cpt)
     assert cpt_evals[0] == dict(base_evals[-1], step=0)  # starts exactly where the CLM run ended
     assert [r["objective"] for r in cpt_steps] == ["mlm"] * 4
-    assert cpt_steps[0]["tokens"] == 2 * 32  # a new run: fresh schedule, step count and data position
+    assert cpt_steps[0]["tokens"] == 2 * 32  # a new run: fresh schedule and step count
+    # ... on the blocks after the source's: CPT reads on in the same data stream
+    assert torch.load(os.path.join(cpt, "ckpt.pt"), weights_only=False)["data"]["position"] == 8 * 2
+    other = str(tmp_path / "other_seed")  # another data order is another stream: it starts at its beginning
+    train.main(run_args(tiny_data, other, init_from=os.path.join(base, "ckpt.pt"), objective="mlm",
+                        switch_to="none", max_steps=4, seed=1))
+    assert torch.load(os.path.join(other, "ckpt.pt"), weights_only=False)["data"]["position"] == 4 * 2
 
 
 # ---------------------------------------------------------------------------------------------------------------

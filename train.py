@@ -371,7 +371,7 @@ def main(argv: list[str]):
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    resumed = None
+    resumed, continue_data = None, None
     if cfg.init_from == "resume":
         raw_model, resumed = load_checkpoint(ckpt_path)
         explicit = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
@@ -405,6 +405,13 @@ def main(argv: list[str]):
     elif cfg.init_from not in ("scratch", "resume"):
         raw_model, source = load_checkpoint(cfg.init_from)
         check_tokenizer(tokenizer_meta, source["tokenizer"])
+        # Continued pretraining on the data its source was trained on reads on from where that run stopped, so its
+        # steps see new blocks, as the paper's CPT (steps 42k-64k of one data stream) does.
+        saved = source.get("train_config", {})
+        source_dir = saved.get("data_dir") or default_data_dir(saved.get("data", ""), saved.get("tokenizer", ""))
+        same_stream = (os.path.realpath(source_dir) == os.path.realpath(data_dir) and saved.get("seed") == cfg.seed
+                       and saved.get("block_size") == cfg.block_size and "data" in source)
+        continue_data = source["data"] if same_stream else None
         del source
     elif cfg.init_from == "scratch":
         raw_model = Transformer(model_config(cfg.model, vocab_size=vocab.size, block_size=cfg.block_size))
@@ -440,6 +447,9 @@ def main(argv: list[str]):
         loader.load_state_dict(resumed["data"])
         step = resumed["step"]
         say(f"resuming {ckpt_path} at step {step}")
+    elif continue_data is not None:
+        loader.load_state_dict(continue_data)
+        say(f"continuing {cfg.init_from}'s data stream at block {loader.position:,}")
     del resumed  # the optimizer state now lives in the optimizer; do not keep a second copy
 
     model = raw_model
