@@ -34,6 +34,7 @@ trying the pipeline, not for comparison with the paper.
 """
 
 import functools
+import glob
 import hashlib
 import json
 import math
@@ -55,7 +56,7 @@ from tqdm import tqdm
 
 import data
 from model import configure_optimizer, load_checkpoint, load_hf
-from train import configure
+from train import TrainConfig, configure, switch_step
 
 
 @dataclass
@@ -88,6 +89,9 @@ class FinetuneConfig:
     device: str = "auto"  # auto (cuda if available, else cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, as the paper; float32 elsewhere), bfloat16, float32
     progress: bool = True  # tqdm progress bars
+    # summarising an experiment instead of fine-tuning
+    summarize: str = ""  # a directory of train.py out_dirs, each with sweeps in subdirectories: print their table
+    figures: str = ""  # with --summarize: directory for the two figures (needs matplotlib); "" = no figures
 
 
 def learning_rates(cfg: FinetuneConfig) -> list[float]:
@@ -102,7 +106,8 @@ def learning_rates(cfg: FinetuneConfig) -> list[float]:
 
 def validate(cfg: FinetuneConfig):
     checks = [
-        (cfg.init_from != "", "--init_from (a pretraining checkpoint) is required"),
+        (cfg.init_from != "" or cfg.summarize != "", "--init_from (a pretraining checkpoint) is required"),
+        (not cfg.figures or cfg.summarize, "--figures goes with --summarize"),
         (cfg.task in FAMILIES or cfg.task in HF_TASKS or cfg.task in [f"demo_{f}" for f in FAMILIES],
          f"--task must be one of {', '.join(FAMILIES)} (with --train/--test), "
          f"{', '.join('demo_' + f for f in FAMILIES)}, or {', '.join(HF_TASKS)}"),
@@ -947,9 +952,169 @@ def setup_device(cfg: FinetuneConfig):
     return device, autocast
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# An experiment: several pretraining runs, each fine-tuned on several tasks, in one table and two figures
+
+
+def read_run(ckpt_path: str) -> dict:
+    """A train.py run: its settings (from the checkpoint; mmap reads them without loading the weights), its
+    validation losses, and the report.json of every sweep in a subdirectory of its out_dir."""
+    run_dir = os.path.dirname(ckpt_path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    if "train_config" not in ckpt:
+        raise ValueError(f"{ckpt_path} has no train_config: not written by train.py")
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "val_clm" in r]
+    reports = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "*", "report.json"))):
+        with open(path) as f:
+            rep = json.load(f)
+        if os.path.realpath(rep["init_from"]) != os.path.realpath(ckpt_path):
+            raise ValueError(f"{path} fine-tuned {rep['init_from']}, not this run's {ckpt_path}; move it out of "
+                             f"{run_dir}")
+        rep["cells"] = list(read_results(os.path.join(os.path.dirname(path), "results.jsonl"), rep["key"]).values())
+        reports[rep["task"]] = rep
+    return {"name": os.path.basename(run_dir), "ckpt": ckpt_path, "config": ckpt["train_config"], "evals": evals,
+            "reports": reports}
+
+
+def describe_runs(runs: list[dict]) -> list[dict]:
+    """Each run's pretraining in words ("CLM 100 -> MLM 300"), its CPT source (the run whose checkpoint it started
+    from, if any) and its share of CLM steps; sorted as the paper's tables are: CLM first, then more and more MLM,
+    then continued pretraining."""
+    by_ckpt = {os.path.realpath(r["ckpt"]): r for r in runs}
+    for run in runs:
+        cfg = TrainConfig(**run["config"])
+        switch = switch_step(cfg)
+        phases = [(cfg.objective, cfg.max_steps)] if switch is None else \
+            [(cfg.objective, switch), (cfg.switch_to, cfg.max_steps - switch)]
+        run["pretraining"] = " -> ".join(f"{objective.upper()} {steps}" for objective, steps in phases)
+        run["clm_share"] = sum(steps for objective, steps in phases if objective == "clm") / cfg.max_steps
+        run["source"] = None
+        if cfg.init_from not in ("scratch", "resume"):
+            source = by_ckpt.get(os.path.realpath(cfg.init_from))
+            run["source"] = source
+            run["pretraining"] = f"{source['name'] if source else cfg.init_from} + {run['pretraining']}"
+    depth = lambda run: 0 if run["source"] is None else 1 + depth(run["source"])  # noqa: E731
+    return sorted(runs, key=lambda run: (depth(run), -run["clm_share"], run["name"]))
+
+
+def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
+    """The tasks, and two markdown tables: the test score at the learning rate chosen on validation (mean ± 95%
+    CI over seeds) per run and task, as the paper reports; then the stability figure (sd across the learning-rate
+    grid, points) and the final validation losses of pretraining."""
+    tasks = sorted({t for run in runs for t in run["reports"]},
+                   key=lambda t: (list(FAMILIES).index(next(r["reports"][t]["family"] for r in runs
+                                                           if t in r["reports"])), t))
+    metric = {t: next(r["reports"][t]["metric"] for r in runs if t in r["reports"]) for t in tasks}
+
+    def row(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    def mean_of(values):
+        values = [v for v in values if v is not None]
+        return f"{statistics.mean(values):.2f}" if values else "-"
+
+    scores = [row(["run", "pretraining"] + [f"{t} {metric[t]}" for t in tasks] + ["mean"]),
+              row(["---"] * (len(tasks) + 3))]
+    stability = [row(["run"] + [t for t in tasks] + ["mean", "final val CLM", "final val MLM"]),
+                 row(["---"] * (len(tasks) + 4))]
+    for run in runs:
+        reps = [run["reports"].get(t) for t in tasks]
+        scores.append(row([run["name"], run["pretraining"]]
+                          + [("-" if rep is None else f"{rep['test_mean']:.2f}"
+                              + (f" ± {rep['test_ci95']:.2f}" if rep["test_ci95"] is not None else "")) for rep in reps]
+                          + [mean_of([rep and rep["test_mean"] for rep in reps])]))
+        sds = [rep and rep["stability_sd"] for rep in reps]
+        last = run["evals"][-1] if run["evals"] else {}
+        stability.append(row([run["name"]] + ["-" if sd is None else f"{sd:.2f}" for sd in sds] + [mean_of(sds)]
+                             + [f"{last[k]:.4f}" if k in last else "-" for k in ("val_clm", "val_mlm")]))
+    return tasks, "\n".join(scores) + "\n\n" + "\n".join(stability)
+
+
+def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
+    """Two PNGs: the validation losses of both objectives over pretraining for every run (a continued-pretraining
+    run drawn after its source's steps; a dotted line where the objective changes), and the test score against
+    the learning rate per task: the seed mean as a line, each seed as a dot (with a few seeds, the dots say more
+    than a t interval, which is wide)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --figures needs matplotlib: pip install matplotlib") from None
+    os.makedirs(out_dir, exist_ok=True)
+    colors = {run["name"]: f"C{i}" for i, run in enumerate(runs)}
+
+    def offset(run):  # the step a run's step 0 stands at: after everything its source ran
+        return 0 if run["source"] is None else offset(run["source"]) + run["source"]["config"]["max_steps"]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in zip(axes, ("val_clm", "val_mlm"), ("validation CLM loss", "validation MLM loss (40%)")):
+        for run in runs:
+            start = offset(run)
+            ax.plot([start + e["step"] for e in run["evals"]], [e[key] for e in run["evals"]],
+                    color=colors[run["name"]], label=f"{run['name']}: {run['pretraining']}")
+            cfg = TrainConfig(**run["config"])
+            changes = [start + s for s in (switch_step(cfg), 0 if run["source"] else None) if s is not None]
+            for x in changes:
+                ax.axvline(x, color=colors[run["name"]], linestyle=":", linewidth=1)
+        ax.set(title=title, xlabel="pretraining step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats per token)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    losses = os.path.join(out_dir, "experiment_losses.png")
+    fig.savefig(losses, dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for run in runs:
+            rep = run["reports"].get(task)
+            if rep:
+                lrs = [row["lr"] for row in rep["per_lr"]]
+                ax.plot(lrs, [row["test_mean"] for row in rep["per_lr"]], color=colors[run["name"]], marker="o",
+                        label=run["name"])
+                ax.scatter([c["lr"] for c in rep["cells"]], [c["test"][rep["metric"]] for c in rep["cells"]],
+                           color=colors[run["name"]], s=10, alpha=0.4)
+                metric = rep["metric"]
+        ax.set(xscale="log", title=task, xlabel="fine-tuning learning rate", ylabel=f"test {metric}")
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    sweep_path = os.path.join(out_dir, "experiment_lr.png")
+    fig.savefig(sweep_path, dpi=120)
+    plt.close(fig)
+    return [losses, sweep_path]
+
+
+def summarize(cfg: FinetuneConfig) -> dict:
+    """--summarize=DIR: the table (printed, and DIR/summary.md) and figures of every run in DIR."""
+    paths = sorted(glob.glob(os.path.join(cfg.summarize, "*", "ckpt.pt")))
+    if not paths:
+        raise SystemExit(f"error: no run in {cfg.summarize}: expected train.py out_dirs {cfg.summarize}/<run>/ckpt.pt")
+    try:
+        runs = describe_runs([read_run(p) for p in paths])
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    tasks, tables = summary_tables(runs)
+    print(tables)
+    with open(os.path.join(cfg.summarize, "summary.md"), "w") as f:
+        f.write(tables + "\n")
+    figures = draw_figures(runs, tasks, cfg.figures) if cfg.figures else []
+    for path in [os.path.join(cfg.summarize, "summary.md"), *figures]:
+        print(f"wrote {path}")
+    return {"runs": [run["name"] for run in runs], "tasks": tasks, "tables": tables, "figures": figures}
+
+
 def main(argv: list[str]) -> dict:
     cfg = configure(FinetuneConfig, argv)
     validate(cfg)
+    if cfg.summarize:
+        return summarize(cfg)
     device, autocast = setup_device(cfg)
     try:
         if cfg.init_from.startswith("hf:"):  # a Hugging Face decoder as it is, with its own tokenizer

@@ -5,6 +5,7 @@ The project's tests: CPU only, tiny models, data built on the spot, nothing down
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -1253,6 +1254,50 @@ def test_same_cell_gives_same_result(tmp_path):
     a = ft.main(base + [f"--out_dir={tmp_path}/a"])
     b = ft.main(base + [f"--out_dir={tmp_path}/b"])
     assert a["per_lr"] == b["per_lr"]
+
+
+def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
+    """--summarize reads runs and their sweeps from disk: rows in the paper's order, one column per task, the chosen
+    learning rate's mean ± 95% CI, the stability figure, and the two figures when matplotlib is there."""
+    root = tmp_path / "exp"
+    runs = {"mlm": dict(objective="mlm", switch_to="none"), "clm": dict(objective="clm", switch_to="none"),
+            "half": dict(objective="clm", switch_to="mlm", switch_at=0.5),
+            "clm-cpt": dict(init_from=root / "clm" / "ckpt.pt", objective="mlm", switch_to="none", max_steps=4)}
+    for name, settings in runs.items():
+        train.main(run_args(tiny_data, str(root / name), **settings))
+    sc_train, sc_test = sc_files(tmp_path)
+    reports = {}
+    for name in runs:
+        reports[name] = ft.main([f"--init_from={root / name / 'ckpt.pt'}", "--task=sc", f"--train={sc_train}",
+                                 f"--test={sc_test}", "--lrs=1e-3,4e-3", "--seeds=2", "--batch_size=8",
+                                 "--max_steps=2", "--progress=False", f"--out_dir={root / name / 'sc'}"])
+    figures = tmp_path / "figures"
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    summary = ft.main([f"--summarize={root}"] + ([f"--figures={figures}"] if has_matplotlib else []))
+
+    assert summary["runs"] == ["clm", "half", "mlm", "clm-cpt"]  # CLM share falling, then continued pretraining
+    lines = summary["tables"].splitlines()
+    assert lines[0] == "| run | pretraining | sc accuracy | mean |"
+    rep = reports["half"]
+    assert f"| half | CLM 4 -> MLM 4 | {rep['test_mean']:.2f} ± {rep['test_ci95']:.2f} | {rep['test_mean']:.2f} |" \
+        in lines
+    assert any(line.startswith("| clm-cpt | clm + MLM 4 |") for line in lines)
+    last = read_log(str(root / "mlm"))[1][-1]
+    assert f"| mlm | {reports['mlm']['stability_sd']:.2f} | {reports['mlm']['stability_sd']:.2f} | " \
+           f"{last['val_clm']:.4f} | {last['val_mlm']:.4f} |" in lines
+    assert (root / "summary.md").read_text() == summary["tables"] + "\n"
+    if has_matplotlib:
+        assert sorted(p.name for p in figures.iterdir()) == ["experiment_losses.png", "experiment_lr.png"]
+        assert all(p.read_bytes()[:4] == b"\x89PNG" for p in figures.iterdir())
+
+    # a sweep filed under the wrong run would put its scores in the wrong row
+    shutil.copytree(root / "mlm" / "sc", root / "clm" / "sc_of_mlm")
+    with pytest.raises(SystemExit, match="not this run's"):
+        ft.main([f"--summarize={root}"])
+    with pytest.raises(SystemExit, match="no run in"):
+        ft.main([f"--summarize={tmp_path / 'empty'}"])
+    with pytest.raises(SystemExit, match="--figures goes with --summarize"):
+        ft.main(["--init_from=x.pt", "--figures=out"])
 
 
 def test_hf_record_conversions():
