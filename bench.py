@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from data import BlockLoader, get_tokenizer, write_tokens
 from model import Transformer, configure_optimizer, model_config
 from objectives import Vocab
-from train import TrainConfig, configure, peak_flops, train_step
+from train import TrainConfig, configure, device_and_autocast, peak_flops, train_step
 
 
 @dataclass
@@ -48,7 +47,7 @@ class BenchConfig:
     scaling_models: str = "test,tiny"  # presets of the scaling table
     scaling_contexts: str = "64,128,256"  # context lengths of the scaling table
     suite: str = ""  # "gpu": the fixed GPU suite of the README (overrides the settings above)
-    device: str = "auto"  # "auto" (cuda, then cpu) or a torch device string
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
     compile: str = "auto"  # compile the rows that do not compare it: "auto" (on CUDA), "true", "false"
     json: bool = False  # print one JSON object per row instead of tables
     out: str = ""  # also write the report to this file
@@ -66,17 +65,6 @@ class Row:
     attention: str = "sdpa"
     sparse_head: bool = True
     compiled: bool = False
-
-
-def device_setup(cfg: BenchConfig):
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    else:
-        autocast = nullcontext
-    return device, autocast
 
 
 def measure(row: Row, vocab: Vocab, device, autocast, cfg: BenchConfig, peak: float, profile: str = "") -> dict:
@@ -232,7 +220,7 @@ def flash_check(device) -> str:
 
 def main(argv: list[str]):
     cfg = configure(BenchConfig, argv)
-    device, autocast = device_setup(cfg)
+    device, autocast = device_and_autocast(cfg.device, "auto")  # bfloat16 on CUDA, as train.py
     if cfg.suite not in ("", "gpu"):
         raise SystemExit("error: suite must be '' or 'gpu'")
     if cfg.suite == "gpu":

@@ -45,7 +45,6 @@ import string
 import sys
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -56,7 +55,7 @@ from tqdm import tqdm
 
 import data
 from model import configure_optimizer, load_checkpoint, load_hf
-from train import TrainConfig, configure, switch_step
+from train import TrainConfig, configure, device_and_autocast, switch_step
 
 
 @dataclass
@@ -86,7 +85,7 @@ class FinetuneConfig:
     max_answer_tokens: int = 30  # qa: longest answer span considered at prediction
     temperature: float = 0.05  # ir: InfoNCE softmax temperature on cosine similarities
     # system
-    device: str = "auto"  # auto (cuda if available, else cpu) or a torch device string
+    device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, as the paper; float32 elsewhere), bfloat16, float32
     progress: bool = True  # tqdm progress bars
     # summarising an experiment instead of fine-tuning
@@ -944,14 +943,6 @@ def print_report(rep: dict):
         print(f"a constant prediction ({rep['trivial']['rule']}) scores {rep['trivial']['test']:.2f} on test")
 
 
-def setup_device(cfg: FinetuneConfig):
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if dtype == "bfloat16" else nullcontext
-    return device, autocast
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # An experiment: several pretraining runs, each fine-tuned on several tasks, in one table and two figures
 
@@ -1115,7 +1106,7 @@ def main(argv: list[str]) -> dict:
     validate(cfg)
     if cfg.summarize:
         return summarize(cfg)
-    device, autocast = setup_device(cfg)
+    device, autocast = device_and_autocast(cfg.device, cfg.dtype)
     try:
         if cfg.init_from.startswith("hf:"):  # a Hugging Face decoder as it is, with its own tokenizer
             tok = data.get_tokenizer(cfg.init_from)

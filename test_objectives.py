@@ -803,6 +803,23 @@ def test_ddp_two_processes_match_one(tiny_data, tmp_path):
     assert [e["val_mlm"] for e in evals2] == pytest.approx([e["val_mlm"] for e in evals1], rel=1e-4)
 
 
+def test_device_choice_on_a_gpu_machine(monkeypatch):
+    """What train/finetune/bench do on CUDA, checked on a CPU by standing in for torch.cuda: the device always has
+    an index (torch.cuda.set_device refuses "cuda" alone), each torchrun process takes its local rank's GPU, and
+    autocast is bfloat16 unless float32 is asked for."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.cuda._utils._get_device_index(d)))
+    device, autocast = train.device_and_autocast("auto", "auto")
+    assert device == torch.device("cuda", 0) and chosen == [0]
+    assert autocast is not nullcontext  # bfloat16 (torch.autocast itself needs a CUDA build to be entered)
+    assert train.device_and_autocast("cuda", "auto", local_rank=3, world_size=4)[0] == torch.device("cuda", 3)
+    assert train.device_and_autocast("cuda:1", "float32")[1] is nullcontext
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert train.device_and_autocast("auto", "auto") == (torch.device("cpu"), nullcontext)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--max_step=5"], "unknown setting 'max_step'.*max_steps"),
     (["--max_steps=five"], "max_steps must be of type int"),

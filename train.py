@@ -308,27 +308,34 @@ def peak_flops(device: torch.device) -> float:
     return 2 * 1024 ** 3 * 4 / best
 
 
+def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size: int = 1):
+    """The torch device of a --device setting ("auto": cuda, then mps, then cpu; under torchrun each process takes
+    the GPU of its local rank) and an autocast factory for a --dtype setting ("auto": bfloat16 on CUDA, float32
+    elsewhere). train.py, finetune.py and bench.py all choose their device here."""
+    if device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    else:
+        kind = device.split(":")[0]
+    chosen = torch.device(f"cuda:{local_rank}" if kind == "cuda" and world_size > 1 else
+                          device if device != "auto" else kind)
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", local_rank)  # torch.cuda.set_device refuses a device without an index
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls outside autocast on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    if (dtype if dtype != "auto" else "bfloat16" if chosen.type == "cuda" else "float32") == "bfloat16":
+        return chosen, lambda: torch.autocast(device_type=chosen.type, dtype=torch.bfloat16)
+    return chosen, nullcontext
+
+
 def setup_device(cfg: TrainConfig):
     """(device, autocast factory, rank, local_rank, world_size), joining the process group under torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        kind = cfg.device.split(":")[0]
-    device = torch.device(f"cuda:{local_rank}" if kind == "cuda" and world_size > 1 else cfg.device
-                          if cfg.device != "auto" else kind)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls outside autocast on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+    device, autocast = device_and_autocast(cfg.device, cfg.dtype, local_rank, world_size)
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "bfloat16":
-        autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)  # noqa: E731
-    else:
-        autocast = nullcontext
     return device, autocast, rank, local_rank, world_size
 
 
