@@ -1041,7 +1041,7 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
         return 0 if run["source"] is None else offset(run["source"]) + run["source"]["config"]["max_steps"]
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, key, title in zip(axes, ("val_clm", "val_mlm"), ("validation CLM loss", "validation MLM loss (40%)")):
+    for ax, key, title in zip(axes, ("val_clm", "val_mlm"), ("validation CLM loss", "validation MLM loss")):
         for run in runs:
             start = offset(run)
             ax.plot([start + e["step"] for e in run["evals"]], [e[key] for e in run["evals"]],
@@ -1059,18 +1059,18 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
     fig.savefig(losses, dpi=120)
     plt.close(fig)
 
+    if not tasks:  # no sweeps yet: the losses are all there is to draw
+        return [losses]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for run in runs:
-            rep = run["reports"].get(task)
-            if rep:
-                lrs = [row["lr"] for row in rep["per_lr"]]
-                ax.plot(lrs, [row["test_mean"] for row in rep["per_lr"]], color=colors[run["name"]], marker="o",
-                        label=run["name"])
-                ax.scatter([c["lr"] for c in rep["cells"]], [c["test"][rep["metric"]] for c in rep["cells"]],
-                           color=colors[run["name"]], s=10, alpha=0.4)
-                metric = rep["metric"]
-        ax.set(xscale="log", title=task, xlabel="fine-tuning learning rate", ylabel=f"test {metric}")
+        reports = [(run, run["reports"][task]) for run in runs if task in run["reports"]]
+        for run, rep in reports:
+            ax.plot([row["lr"] for row in rep["per_lr"]], [row["test_mean"] for row in rep["per_lr"]],
+                    color=colors[run["name"]], marker="o", label=run["name"])
+            ax.scatter([c["lr"] for c in rep["cells"]], [c["test"][rep["metric"]] for c in rep["cells"]],
+                       color=colors[run["name"]], s=10, alpha=0.4)
+        ax.set(xscale="log", title=task, xlabel="fine-tuning learning rate", ylabel=f"test {reports[0][1]['metric']}")
+        lrs = sorted({row["lr"] for _, rep in reports for row in rep["per_lr"]})
         ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
         ax.minorticks_off()
         ax.grid(alpha=0.3)

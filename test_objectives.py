@@ -1282,6 +1282,11 @@ def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
             "clm-cpt": dict(init_from=root / "clm" / "ckpt.pt", objective="mlm", switch_to="none", max_steps=4)}
     for name, settings in runs.items():
         train.main(run_args(tiny_data, str(root / name), **settings))
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    early = ft.main([f"--summarize={root}"] + ([f"--figures={tmp_path / 'early'}"] if has_matplotlib else []))
+    assert early["tasks"] == [] and early["tables"].splitlines()[0] == "| run | pretraining | mean |"
+    if has_matplotlib:  # before any fine-tuning, the losses are the one figure to draw
+        assert [os.path.basename(p) for p in early["figures"]] == ["experiment_losses.png"]
     sc_train, sc_test = sc_files(tmp_path)
     reports = {}
     for name in runs:
@@ -1289,7 +1294,6 @@ def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
                                  f"--test={sc_test}", "--lrs=1e-3,4e-3", "--seeds=2", "--batch_size=8",
                                  "--max_steps=2", "--progress=False", f"--out_dir={root / name / 'sc'}"])
     figures = tmp_path / "figures"
-    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     summary = ft.main([f"--summarize={root}"] + ([f"--figures={figures}"] if has_matplotlib else []))
 
     assert summary["runs"] == ["clm", "half", "mlm", "clm-cpt"]  # CLM share falling, then continued pretraining
