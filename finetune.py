@@ -1053,8 +1053,8 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
         ax.set(title=title, xlabel="pretraining step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (nats per token)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)  # below: curves fill both
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(runs) / 4), 1, 1))
     losses = os.path.join(out_dir, "experiment_losses.png")
     fig.savefig(losses, dpi=120)
     plt.close(fig)
