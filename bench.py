@@ -170,7 +170,8 @@ def ratios(results: list[dict]) -> list[tuple[str, float]]:
 
 
 def table(results: list[dict]) -> str:
-    header = f"{'row':<24} {'model':<6} {'ctx':>5} {'batch':>5} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6} {'peak GB':>8}"
+    header = (f"{'row':<24} {'model':<6} {'ctx':>5} {'batch':>5} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6} "
+              f"{'peak GB':>8}")
     lines = [header, "-" * len(header)]
     for r in results:
         if "batches_per_s" in r:

@@ -370,7 +370,8 @@ def split_of(doc: Document) -> str:
 def _local_texts(source: str, text_field: str):
     """Lazily yields the documents of the files matched by source (path, directory or glob)."""
     if os.path.isdir(source):
-        paths = [p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True) if p.endswith((".txt", ".jsonl"))]
+        paths = [p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
+                 if p.endswith((".txt", ".jsonl"))]
     else:
         paths = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
     if not paths:
@@ -532,7 +533,8 @@ def load_meta(data_dir: str) -> dict:
         expected, actual = meta["n_tokens"][split] * itemsize, os.path.getsize(path)
         if actual != expected:
             raise ValueError(f"{path} has {actual:,} bytes but meta.json expects {expected:,} "
-                             f"({meta['n_tokens'][split]:,} tokens x {itemsize} bytes): truncated or stale, re-run prepare")
+                             f"({meta['n_tokens'][split]:,} tokens x {itemsize} bytes): truncated or stale, "
+                             f"re-run prepare")
     return meta
 
 
@@ -544,7 +546,8 @@ def check_tokenizer(meta: dict, expected: dict) -> None:
     diffs = [f"{k}: data has {meta.get(k)!r}, expected {expected.get(k)!r}" for k in TOKENIZER_FIELDS
              if meta.get(k) != expected.get(k)]
     if diffs:
-        raise ValueError("tokenizer mismatch (" + "; ".join(diffs) + "): re-prepare the data with the matching --tokenizer")
+        raise ValueError("tokenizer mismatch (" + "; ".join(diffs) + "): re-prepare the data with the matching "
+                         "--tokenizer")
 
 # -----------------------------------------------------------------------------
 # BlockLoader: fixed blocks in an order that only (seed, epoch) decides
@@ -577,7 +580,8 @@ class BlockLoader:
                              "use a smaller block_size or prepare more data")
         global_batch = world_size * batch_size
         if self.n_blocks < global_batch:
-            raise ValueError(f"{self.path} has {self.n_blocks:,} blocks of {block_size} tokens, fewer than one global batch "
+            raise ValueError(f"{self.path} has {self.n_blocks:,} blocks of {block_size} tokens, fewer than one "
+                             f"global batch "
                              f"of {global_batch} (world_size {world_size} x batch_size {batch_size}): "
                              "use a smaller batch_size or block_size, or prepare more data")
         self.position = 0
@@ -620,7 +624,8 @@ class BlockLoader:
         # different data, blocks or seed would silently change the order, so those must match
         for key in ("seed", "split", "block_size", "n_blocks"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"cannot resume this loader: saved {key}={state[key]!r}, this loader has {getattr(self, key)!r}")
+                raise ValueError(f"cannot resume this loader: saved {key}={state[key]!r}, this loader has "
+                                 f"{getattr(self, key)!r}")
         self.position = state["position"]
 
 # -----------------------------------------------------------------------------
@@ -628,7 +633,8 @@ class BlockLoader:
 
 if __name__ == "__main__":
     usage = ("usage: python data.py [--source=docstrings|fineweb-edu[:config]|PATH_OR_GLOB] [--tokenizer=cl100k_8k] "
-             "[--out_dir=data/<source>_<tokenizer>] [--max_tokens=N] [--val_fraction=0.05] [--text_field=text] [--seed=0]")
+             "[--out_dir=data/<source>_<tokenizer>] [--max_tokens=N] [--val_fraction=0.05] [--text_field=text] "
+             "[--seed=0]")
     args = {"source": "docstrings", "tokenizer": "cl100k_8k", "out_dir": None, "max_tokens": None,
             "val_fraction": "0.05", "text_field": "text", "seed": "0"}
     for arg in sys.argv[1:]:

@@ -477,9 +477,10 @@ def test_prepare_jsonl_text_field_seed_and_max_tokens(tmp_path):
     _write(tmp_path / "b.jsonl", "\n".join(json.dumps(r) for r in rows[30:]))
     tok = get_tokenizer("cl100k_8k")
     meta = prepare(str(tmp_path / "*.jsonl"), str(tmp_path / "out"), text_field="content", val_fraction=0.25)
-    docs = _decode_split(tmp_path / "out", "train", tok, np.uint16) + _decode_split(tmp_path / "out", "val", tok, np.uint16)
+    docs = [d for split in ("train", "val") for d in _decode_split(tmp_path / "out", split, tok, np.uint16)]
     assert sorted(docs) == sorted(r["content"] for r in rows)
-    other = prepare(str(tmp_path / "*.jsonl"), str(tmp_path / "out_seed"), text_field="content", val_fraction=0.25, seed=1)
+    other = prepare(str(tmp_path / "*.jsonl"), str(tmp_path / "out_seed"), text_field="content", val_fraction=0.25,
+                    seed=1)
     assert other["n_documents"] != meta["n_documents"] or \
         (tmp_path / "out" / "val.bin").read_bytes() != (tmp_path / "out_seed" / "val.bin").read_bytes()
     n_doc = len(tok.encode(rows[0]["content"])) + 1
@@ -641,7 +642,8 @@ def test_loader_resume(stream_dir):
 def test_loader_val_split_and_errors(stream_dir):
     val = BlockLoader(stream_dir, "val", T, 3)
     assert sorted(_blocks(val.next_batch())) == [0, 1, 2]
-    assert torch.equal(BlockLoader(stream_dir, "val", T, 3).next_batch(), BlockLoader(stream_dir, "val", T, 3).next_batch())
+    first, again = BlockLoader(stream_dir, "val", T, 3), BlockLoader(stream_dir, "val", T, 3)
+    assert torch.equal(first.next_batch(), again.next_batch())
     with pytest.raises(ValueError, match="fewer than one block"):
         BlockLoader(stream_dir, "val", 31, 1)
     with pytest.raises(ValueError, match="global batch of 4 .world_size 2 x batch_size 2"):
@@ -889,7 +891,8 @@ def test_bench_comparisons_scaling_and_report(tmp_path, capsys):
                 "--compare=objective,head,attention,loader", "--scaling=true", "--scaling_models=test",
                 "--scaling_contexts=16,32", f"--out={out}", f"--profile={trace}"])
     text = out.read_text()
-    for expected in ("mlm, dense head", "clm, manual attention", "MLM step vs CLM step", "MLM sparse head vs dense head",
+    for expected in ("mlm, dense head", "clm, manual attention", "MLM step vs CLM step",
+                     "MLM sparse head vs dense head",
                      "SDPA vs manual attention, MLM", "data loader alone", "command: python bench.py"):
         assert expected in text
     assert text.count("\nclm ") + text.count("\nmlm ") >= 2 + 4  # the two base rows and the 2 x 2 scaling rows
@@ -1117,8 +1120,8 @@ def test_parameter_sections_numpydoc_and_google():
                                    "axis : int, optional\n    Axis along\n    which to sum")
     assert {name: numpydoc[s:e] for name, s, e in params} == {"a": "Elements to sum.",
                                                               "axis": "Axis along\n    which to sum"}
-    google = ("Do it.\n\nArgs:\n    x (Tensor): the input. More text.\n    x1, x2: shared.\n    dim (int, optional): the\n"
-              "        dimension\n\nReturns:\n    y (Tensor): the output.")
+    google = ("Do it.\n\nArgs:\n    x (Tensor): the input. More text.\n    x1, x2: shared.\n"
+              "    dim (int, optional): the\n        dimension\n\nReturns:\n    y (Tensor): the output.")
     (start, end, params), = ft.parameter_sections(google)
     assert google[start:end] == ("Args:\n    x (Tensor): the input. More text.\n    x1, x2: shared.\n"
                                  "    dim (int, optional): the\n        dimension")
@@ -1375,8 +1378,9 @@ def test_bad_input_names_file_line_and_field(tmp_path):
     assert "test.jsonl, line 1" in message and "'text_pair'" in message and "sentence-pair" in message
     assert "split is empty" in run(good, [])
     (tmp_path / "bad.jsonl").write_text('{"text": "ok", "label": 1}\n{"text": oops}\n')
-    assert "bad.jsonl, line 2: invalid JSON" in error_of([f"--init_from={ckpt}", "--task=sc",
-                                                           f"--train={tmp_path}/bad.jsonl", f"--test={tmp_path}/bad.jsonl"])
+    bad = f"{tmp_path}/bad.jsonl"
+    assert "bad.jsonl, line 2: invalid JSON" in error_of([f"--init_from={ckpt}", "--task=sc", f"--train={bad}",
+                                                           f"--test={bad}"])
     message = run([{"words": ["a", "b"], "tags": ["O"]}] * 2, [{"words": ["a"], "tags": ["O"]}], task="tc")
     assert "train.jsonl, line 1" in message and "'tags'" in message
     message = run([{"words": ["a"], "tags": ["B-X"]}] * 2, [{"words": ["a"], "tags": ["B-Y"]}], task="tc")
