@@ -1002,9 +1002,8 @@ def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
     def row(cells):
         return "| " + " | ".join(cells) + " |"
 
-    def mean_of(values):
-        values = [v for v in values if v is not None]
-        return f"{statistics.mean(values):.2f}" if values else "-"
+    def mean_of(values):  # over every task, or none: a mean over fewer tasks would not compare with the others
+        return "-" if not values or None in values else f"{statistics.mean(values):.2f}"
 
     scores = [row(["run", "pretraining"] + [f"{t} {metric[t]}" for t in tasks] + ["mean"]),
               row(["---"] * (len(tasks) + 3))]
