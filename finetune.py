@@ -727,7 +727,8 @@ def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, i
             while j < len(lines) and (not lines[j].strip() or indent(lines[j]) > entry_indent):
                 j += 1
             end = line_start[j] - 1
-            first = re.compile(r"\S").search(text, line_start[i] + m.start("rest") if google else line_start[i + 1], end)
+            after = line_start[i] + m.start("rest") if google else line_start[i + 1]
+            first = re.compile(r"\S").search(text, after, end)
             if first and "," not in m[1]:  # "x1, x2 : array_like" shares one description: no single answer
                 sentence = re.match(r".+?(?:\.(?=\s)|$)", text[first.start():end], re.S)[0].rstrip()
                 params.append((m[1], first.start(), first.start() + len(sentence)))
