@@ -316,10 +316,9 @@ def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size
         kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     else:
         kind = device.split(":")[0]
-    chosen = torch.device(f"cuda:{local_rank}" if kind == "cuda" and world_size > 1 else
-                          device if device != "auto" else kind)
-    if chosen.type == "cuda" and chosen.index is None:
-        chosen = torch.device("cuda", local_rank)  # torch.cuda.set_device refuses a device without an index
+    chosen = torch.device(device if device != "auto" else kind)
+    if chosen.type == "cuda" and (world_size > 1 or chosen.index is None):
+        chosen = torch.device("cuda", local_rank)  # one GPU per torchrun process; set_device needs an index
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls outside autocast on tensor cores
