@@ -24,7 +24,7 @@ import re
 import sys
 import sysconfig
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import tiktoken
@@ -34,6 +34,7 @@ from tqdm import tqdm
 SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")  # appended after the ordinary tokens, in this order
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+HELDOUT_FILE = "heldout.jsonl"  # prepare(source="docstrings"): the held-out docstrings, one JSON Document a line
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -363,6 +364,16 @@ def split_of(doc: Document) -> str:
     u = _stable_fraction(f"{doc.module}:{doc.name}")
     return "train" if u < 0.85 else "val" if u < 0.90 else "heldout"
 
+@functools.lru_cache(maxsize=2)
+def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
+    """The docstrings split_of keeps out of pretraining: read from data_dir/heldout.jsonl when a docstrings prepare
+    wrote one there, otherwise parsed again from the installed sources (~20 s)."""
+    path = os.path.join(data_dir, HELDOUT_FILE)
+    if data_dir and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return tuple(Document(**json.loads(line)) for line in f)
+    return tuple(d for d in docstring_documents() if split_of(d) == "heldout")
+
 # -----------------------------------------------------------------------------
 # Other sources: local .txt/.jsonl files and FineWeb-Edu
 
@@ -450,8 +461,12 @@ def _commit(out_dir: str, meta: dict):
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)
-    for split in SPLITS:
-        os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+    heldout = os.path.join(out_dir, HELDOUT_FILE)
+    if os.path.exists(heldout):
+        os.remove(heldout)  # like meta.json, it describes the old data
+    names = [f"{split}.bin" for split in SPLITS] + ([HELDOUT_FILE] if os.path.exists(heldout + ".tmp") else [])
+    for name in names:
+        os.replace(os.path.join(out_dir, f"{name}.tmp"), os.path.join(out_dir, name))
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(meta_path + ".tmp", meta_path)
@@ -484,8 +499,16 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_toke
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     tok = get_tokenizer(tokenizer)
     if source == "docstrings":
-        labelled = ((split_of(d), d.text) for d in docstring_documents())
-        labelled = ((s, t) for s, t in labelled if s != "heldout")  # reserved for fine-tuning
+        docs = docstring_documents()
+        os.makedirs(out_dir, exist_ok=True)
+        # The held-out 10% are kept for fine-tuning (finetune.py's demo tasks), written here so no later run has to
+        # parse the ~3,000 source files again to find the very documents this pretraining data left out.
+        with open(os.path.join(out_dir, f"{HELDOUT_FILE}.tmp"), "w", encoding="utf-8") as f:
+            for d in docs:
+                if split_of(d) == "heldout":
+                    f.write(json.dumps(asdict(d)) + "\n")
+        labelled = ((split_of(d), d.text) for d in docs)
+        labelled = ((s, t) for s, t in labelled if s != "heldout")
     else:
         if source == "fineweb-edu" or source.startswith("fineweb-edu:"):
             if max_tokens is None:

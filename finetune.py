@@ -33,7 +33,6 @@ offline demo task per family built from docstrings that pretraining never saw (d
 trying the pipeline, not for comparison with the paper.
 """
 
-import functools
 import glob
 import hashlib
 import json
@@ -738,12 +737,6 @@ def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, i
     return sections
 
 
-@functools.lru_cache(maxsize=1)
-def heldout_documents() -> tuple:
-    """The docstrings data.split_of keeps out of pretraining: the only ones the demo tasks may use."""
-    return tuple(d for d in data.docstring_documents() if data.split_of(d) == "heldout")
-
-
 def demo_records(family: str, docs) -> list[tuple[object, dict]]:
     """(document, record) pairs of the demo task of a family; see demo_task."""
     if family == "sc":
@@ -778,7 +771,7 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
     return out
 
 
-def demo_task(family: str) -> tuple[list[dict], list[dict]]:
+def demo_task(family: str, data_dir: str = "") -> tuple[list[dict], list[dict]]:
     """(train, test) records of the offline demo task of a family, built from held-out docstrings and split by
     document (a stable hash of module and name: about 75% train, 25% test), so no docstring is in both:
       sc: which package (stdlib, numpy, torch) a docstring's summary paragraph comes from;
@@ -786,16 +779,18 @@ def demo_task(family: str) -> tuple[list[dict], list[dict]]:
       qa: "What is <param>?" answered by the first sentence of the parameter's description, the context being the
           docstring's parameter section (numpydoc "Parameters" or Google "Args:"); per section also one unanswerable
           question, about a parameter of the next docstring's section that this one never mentions;
-      ir: find a docstring's body (all but its first paragraph) from its summary paragraph."""
+      ir: find a docstring's body (all but its first paragraph) from its summary paragraph.
+    The docstrings are those data.split_of holds out of pretraining, read from data_dir when prepared there."""
     train, test = [], []
-    for d, record in demo_records(family, heldout_documents()):
+    for d, record in demo_records(family, data.heldout_documents(data_dir)):
         in_test = int(hashlib.sha256(f"demo:{d.module}:{d.name}".encode()).hexdigest()[:8], 16) < 2 ** 30
         (test if in_test else train).append(record)
     return train, test
 
 
-def load_task(cfg: FinetuneConfig) -> tuple[str, list, list, list]:
-    """(family, train rows, test rows, extra ir documents); rows are (where, record) pairs."""
+def load_task(cfg: FinetuneConfig, data_dir: str = "") -> tuple[str, list, list, list]:
+    """(family, train rows, test rows, extra ir documents); rows are (where, record) pairs. data_dir: the
+    checkpoint's pretraining data, where the demo tasks find their held-out docstrings."""
     if cfg.task in FAMILIES:
         family, train, test = cfg.task, read_jsonl(cfg.train), read_jsonl(cfg.test)
     elif cfg.task in HF_TASKS:
@@ -803,7 +798,7 @@ def load_task(cfg: FinetuneConfig) -> tuple[str, list, list, list]:
     else:
         family = cfg.task.removeprefix("demo_")
         train, test = ([(f"{cfg.task} {split}, record {i + 1}", r) for i, r in enumerate(records)]
-                       for split, records in zip(("train", "test"), demo_task(family)))
+                       for split, records in zip(("train", "test"), demo_task(family, data_dir)))
     for name, path, rows in (("training", cfg.train, train), ("test", cfg.test, test)):
         if not rows:
             raise ValueError(f"{path if cfg.task in FAMILIES else '--task=' + cfg.task}: the {name} split is empty")
@@ -1117,7 +1112,10 @@ def main(argv: list[str]) -> dict:
                 raise ValueError(f"{cfg.init_from} has no tokenizer description (key 'tokenizer'): not from train.py?")
             tok = data.get_tokenizer(ckpt["tokenizer"]["tokenizer"])
             data.check_tokenizer(tok.meta(), ckpt["tokenizer"])
-        family_name, train, test, extra = load_task(cfg)
+        pretraining = ckpt.get("train_config")
+        data_dir = (pretraining["data_dir"] or data.default_data_dir(pretraining["data"], pretraining["tokenizer"])
+                    if pretraining else "")
+        family_name, train, test, extra = load_task(cfg, data_dir)
         max_len = min(cfg.max_len, body.config.block_size)
         family = FAMILIES[family_name](cfg, tok, train, device, autocast, max_len)
         family.check(test)

@@ -438,6 +438,13 @@ def test_prepare_docstrings_excludes_heldout(tmp_path, monkeypatch, real_docs):
         assert texts == [d.text for d in subset if split_of(d) == split]
         assert meta["n_documents"][split] == len(texts) and meta["n_tokens"][split] == len(stream)
     assert meta["source"] == "docstrings"
+    # the held-out rest is saved beside the tokens, so fine-tuning reads it instead of parsing the sources again
+    heldout = [d for d in subset if split_of(d) == "heldout"]
+    monkeypatch.setattr(data, "docstring_documents", lambda: pytest.fail("parsed again"))
+    assert heldout and list(data.heldout_documents(str(tmp_path))) == heldout
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i}"} for i in range(20)])
+    prepare(str(tmp_path / "docs.jsonl"), str(tmp_path), "cl100k_8k", val_fraction=0.5)
+    assert not (tmp_path / data.HELDOUT_FILE).exists()  # re-prepared with other data: the old list is gone
 
 # prepare on local files
 
@@ -1439,11 +1446,19 @@ def test_demo_tasks_are_real_and_non_trivial(demo):
 
 
 def test_demo_task_end_to_end(tmp_path, demo, monkeypatch):
-    monkeypatch.setattr(ft, "demo_task", lambda family: demo[family])
+    asked = []
+    monkeypatch.setattr(ft, "demo_task", lambda family, data_dir: asked.append(data_dir) or demo[family])
     ckpt = make_checkpoint(tmp_path / "ckpt.pt", block_size=64)
-    rep = ft.main([f"--init_from={ckpt}", "--task=demo_sc", f"--out_dir={tmp_path}/out", "--lrs=1e-3", "--seeds=1",
-                   "--max_steps=2", "--batch_size=8", "--progress=False"])
+    args = ["--task=demo_sc", f"--out_dir={tmp_path}/out", "--lrs=1e-3", "--seeds=1", "--max_steps=2",
+            "--batch_size=8", "--progress=False"]
+    rep = ft.main([f"--init_from={ckpt}", *args])
     assert rep["family"] == "sc" and 0 <= rep["test_mean"] <= 100 and 50 < rep["trivial"]["test"] < 70
+    # a train.py checkpoint names its pretraining data: the demo tasks look there for the held-out docstrings
+    saved = torch.load(ckpt, weights_only=False)
+    saved["train_config"] = {"data": "docstrings", "tokenizer": "cl100k_8k", "data_dir": ""}
+    torch.save(saved, tmp_path / "trained.pt")
+    ft.main([f"--init_from={tmp_path}/trained.pt", *args])
+    assert asked == ["", os.path.join("data", "docstrings_cl100k_8k")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
