@@ -425,7 +425,7 @@ def _fineweb_texts(config: str, text_field: str):
     return (row[text_field] for row in rows)  # the only part that needs the network
 
 # -----------------------------------------------------------------------------
-# prepare: documents -> train.bin / val.bin / meta.json
+# prepare: documents -> train.bin / val.bin / meta.json (and heldout.jsonl for the docstrings)
 
 
 def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens: int | None, batch_docs: int = 1024):
@@ -488,7 +488,8 @@ def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) 
 
 def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_tokens: int | None = None,
             val_fraction: float = 0.05, text_field: str = "text", seed: int = 0) -> dict:
-    """Tokenizes a corpus into out_dir/{train,val}.bin and out_dir/meta.json; returns the meta.
+    """Tokenizes a corpus into out_dir/{train,val}.bin and out_dir/meta.json; returns the meta. For the docstrings
+    also writes out_dir/heldout.jsonl, the documents kept out of both splits for fine-tuning.
 
     source: "docstrings" (split by split_of, so val_fraction and seed do not apply),
     "fineweb-edu" or "fineweb-edu:<config>" (streamed, max_tokens required), or a path,
