@@ -364,6 +364,7 @@ def split_of(doc: Document) -> str:
     u = _stable_fraction(f"{doc.module}:{doc.name}")
     return "train" if u < 0.85 else "val" if u < 0.90 else "heldout"
 
+
 @functools.lru_cache(maxsize=2)
 def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
     """The docstrings split_of keeps out of pretraining: read from data_dir/heldout.jsonl when a docstrings prepare
@@ -500,16 +501,13 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_toke
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     tok = get_tokenizer(tokenizer)
     if source == "docstrings":
-        docs = docstring_documents()
+        docs = [(split_of(d), d) for d in docstring_documents()]
         os.makedirs(out_dir, exist_ok=True)
         # The held-out 10% are kept for fine-tuning (finetune.py's demo tasks), written here so no later run has to
         # parse the ~3,000 source files again to find the very documents this pretraining data left out.
         with open(os.path.join(out_dir, f"{HELDOUT_FILE}.tmp"), "w", encoding="utf-8") as f:
-            for d in docs:
-                if split_of(d) == "heldout":
-                    f.write(json.dumps(asdict(d)) + "\n")
-        labelled = ((split_of(d), d.text) for d in docs)
-        labelled = ((s, t) for s, t in labelled if s != "heldout")
+            f.writelines(json.dumps(asdict(d)) + "\n" for split, d in docs if split == "heldout")
+        labelled = ((split, d.text) for split, d in docs if split != "heldout")
     else:
         if source == "fineweb-edu" or source.startswith("fineweb-edu:"):
             if max_tokens is None:
@@ -605,8 +603,7 @@ class BlockLoader:
         global_batch = world_size * batch_size
         if self.n_blocks < global_batch:
             raise ValueError(f"{self.path} has {self.n_blocks:,} blocks of {block_size} tokens, fewer than one "
-                             f"global batch "
-                             f"of {global_batch} (world_size {world_size} x batch_size {batch_size}): "
+                             f"global batch of {global_batch} (world_size {world_size} x batch_size {batch_size}): "
                              "use a smaller batch_size or block_size, or prepare more data")
         self.position = 0
         self._orders = {}  # epoch -> permutation; a batch spans at most two epochs

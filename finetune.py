@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 import data
 from model import configure_optimizer, load_checkpoint, load_hf
-from train import TrainConfig, configure, device_and_autocast, switch_step
+from train import TrainConfig, configure, data_dir_of, device_and_autocast, switch_step
 
 
 @dataclass
@@ -1112,9 +1112,7 @@ def main(argv: list[str]) -> dict:
                 raise ValueError(f"{cfg.init_from} has no tokenizer description (key 'tokenizer'): not from train.py?")
             tok = data.get_tokenizer(ckpt["tokenizer"]["tokenizer"])
             data.check_tokenizer(tok.meta(), ckpt["tokenizer"])
-        pretraining = ckpt.get("train_config")
-        data_dir = (pretraining["data_dir"] or data.default_data_dir(pretraining["data"], pretraining["tokenizer"])
-                    if pretraining else "")
+        data_dir = data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""  # hf: bodies have none
         family_name, train, test, extra = load_task(cfg, data_dir)
         max_len = min(cfg.max_len, body.config.block_size)
         family = FAMILIES[family_name](cfg, tok, train, device, autocast, max_len)

@@ -177,6 +177,12 @@ def validate(cfg: TrainConfig):
         raise SystemExit("error: " + "; ".join(problems))
 
 
+def data_dir_of(config: dict) -> str:
+    """Where a run's token files are, from its TrainConfig as a dict (a checkpoint's train_config): its data_dir, or
+    the default directory of its data and tokenizer."""
+    return config.get("data_dir") or default_data_dir(config.get("data", ""), config.get("tokenizer", ""))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The schedule and the objective switch
 
@@ -390,7 +396,7 @@ def main(argv: list[str]):
         raise SystemExit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or pick another --out_dir")
 
     # Data: prepared once (by one process), then memory-mapped by all.
-    data_dir = cfg.data_dir or default_data_dir(cfg.data, cfg.tokenizer)
+    data_dir = data_dir_of(asdict(cfg))
     if master and not os.path.exists(os.path.join(data_dir, "meta.json")):
         say(f"preparing {cfg.data} with {cfg.tokenizer} into {data_dir}")
         prepare(cfg.data, data_dir, cfg.tokenizer, max_tokens=cfg.data_tokens or None)
@@ -414,9 +420,8 @@ def main(argv: list[str]):
         # Continued pretraining on the data its source was trained on reads on from where that run stopped, so its
         # steps see new blocks, as the paper's CPT (steps 42k-64k of one data stream) does.
         saved = source.get("train_config", {})
-        source_dir = saved.get("data_dir") or default_data_dir(saved.get("data", ""), saved.get("tokenizer", ""))
-        same_stream = (os.path.realpath(source_dir) == os.path.realpath(data_dir) and saved.get("seed") == cfg.seed
-                       and saved.get("block_size") == cfg.block_size and "data" in source)
+        same_stream = (os.path.realpath(data_dir_of(saved)) == os.path.realpath(data_dir) and "data" in source
+                       and saved.get("seed") == cfg.seed and saved.get("block_size") == cfg.block_size)
         continue_data = source["data"] if same_stream else None
         del source
     elif cfg.init_from == "scratch":
