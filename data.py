@@ -31,6 +31,9 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
+import files
+from settings import configure
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")  # appended after the ordinary tokens, in this order
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -399,22 +402,29 @@ def _local_texts(source: str, text_field: str):
 
 def _read_files(paths, text_field):
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".txt"):
-                yield f.read()
-                continue
+        if path.endswith(".txt"):
+            yield _read_text(path)
+            continue
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {lineno}: invalid JSON ({e})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                    keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(f"{path}, line {lineno}: no string field {text_field!r} (found {keys}); "
+                obj = files.parse_json_line(path, lineno, line)
+                if not isinstance(obj.get(text_field), str):
+                    raise ValueError(f"{path}, line {lineno}: no string field {text_field!r} (found {list(obj)}); "
                                      "set text_field / --text_field to the field holding the text")
                 yield obj[text_field]
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): convert the file to "
+                         "UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _fineweb_texts(config: str, text_field: str):
@@ -437,7 +447,7 @@ def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens:
     dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
     n_tokens, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     labelled_texts = iter(labelled_texts)  # islice below must resume, not restart
-    files = {s: open(os.path.join(out_dir, f"{s}.bin.tmp"), "wb") for s in SPLITS}
+    outs = {s: open(os.path.join(out_dir, f"{s}.bin.tmp"), "wb") for s in SPLITS}
     try:
         with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing") as bar:
             while batch := list(itertools.islice(labelled_texts, batch_docs)):
@@ -446,13 +456,13 @@ def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens:
                     ids.append(tok.eot_id)
                     if max_tokens is not None and sum(n_tokens.values()) + len(ids) > max_tokens:
                         return dtype, n_tokens, n_docs
-                    files[split].write(np.array(ids, dtype=dtype).tobytes())
+                    outs[split].write(np.array(ids, dtype=dtype).tobytes())
                     n_tokens[split] += len(ids)
                     n_docs[split] += 1
                     bar.update(len(ids))
         return dtype, n_tokens, n_docs
     finally:
-        for f in files.values():
+        for f in outs.values():
             f.close()
 
 
@@ -488,7 +498,7 @@ def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) 
 
 
 def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_tokens: int | None = None,
-            val_fraction: float = 0.05, text_field: str = "text", seed: int = 0) -> dict:
+            val_fraction: float = 0.05, text_field: str = "text", seed: int = 0, reuse: bool = False) -> dict:
     """Tokenizes a corpus into out_dir/{train,val}.bin and out_dir/meta.json; returns the meta. For the docstrings
     also writes out_dir/heldout.jsonl, the documents kept out of both splits for fine-tuning.
 
@@ -496,13 +506,32 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_toke
     "fineweb-edu" or "fineweb-edu:<config>" (streamed, max_tokens required), or a path,
     directory or glob of .txt/.jsonl files. For the last two a document goes to val when
     a hash of (seed, its text) falls below val_fraction, so duplicates share a split.
+
+    One process at a time prepares a directory (the others wait); reuse=True returns the meta of a directory that
+    is already prepared instead of preparing it again (what train.py does).
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    with files.exclusive(os.path.join(out_dir, ".lock"), f"preparing {out_dir}", wait=True):
+        if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):
+            return load_meta(out_dir)
+        print(f"preparing {source} with {tokenizer} into {out_dir}")
+        try:
+            meta = _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, seed)
+        finally:  # a failure (a bad file, a full disk) leaves the previous data, if any, and no partial files
+            for name in (*(f"{split}.bin" for split in SPLITS), HELDOUT_FILE, "meta.json"):
+                if os.path.exists(tmp := os.path.join(out_dir, name + ".tmp")):
+                    os.remove(tmp)
+    print(f"{out_dir}: {source} / {tokenizer}: train {meta['n_tokens']['train']:,} tokens "
+          f"({meta['n_documents']['train']:,} docs), val {meta['n_tokens']['val']:,} tokens "
+          f"({meta['n_documents']['val']:,} docs), {meta['dtype']}")
+    return meta
+
+
+def _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, seed) -> dict:
     tok = get_tokenizer(tokenizer)
     if source == "docstrings":
         docs = [(split_of(d), d) for d in docstring_documents()]
-        os.makedirs(out_dir, exist_ok=True)
         # The held-out 10% are kept for fine-tuning (finetune.py's demo tasks), written here so no later run has to
         # parse the ~3,000 source files again to find the very documents this pretraining data left out.
         with open(os.path.join(out_dir, f"{HELDOUT_FILE}.tmp"), "w", encoding="utf-8") as f:
@@ -517,7 +546,6 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_toke
             texts = _local_texts(source, text_field)
         labelled = (("val" if _stable_fraction(f"{seed}:{t}") < val_fraction else "train", t)
                     for t in texts if t.strip())
-    os.makedirs(out_dir, exist_ok=True)
     dtype, n_tokens, n_docs = _write_token_files(labelled, tok, out_dir, max_tokens)
     for split in SPLITS:
         if n_docs[split] == 0:
@@ -526,8 +554,6 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *, max_toke
     meta = {**tok.meta(), "dtype": np.dtype(dtype).name, "source": source, "n_tokens": n_tokens,
             "n_documents": n_docs, "format_version": FORMAT_VERSION}
     _commit(out_dir, meta)
-    print(f"{out_dir}: {source} / {tokenizer}: train {n_tokens['train']:,} tokens ({n_docs['train']:,} docs), "
-          f"val {n_tokens['val']:,} tokens ({n_docs['val']:,} docs), {meta['dtype']}")
     return meta
 
 
@@ -537,16 +563,23 @@ def default_data_dir(source: str, tokenizer: str) -> str:
 
 
 def load_meta(data_dir: str) -> dict:
-    """Reads data_dir/meta.json and checks that the token files it describes are complete."""
+    """Reads data_dir/meta.json, checks its fields, and checks that the token files it describes are complete."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path} not found: prepare the data first, e.g. "
                                 f"`python data.py --source=docstrings --out_dir={data_dir}` (or data.prepare)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format_version {meta.get('format_version')}, "
-                         f"this code reads {FORMAT_VERSION}: re-run prepare")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): prepare the data again") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_path} has format_version {version}, this code reads {FORMAT_VERSION}: prepare "
+                         "the data again")
+    problem = _meta_problem(meta)
+    if problem:
+        raise ValueError(f"{meta_path}: {problem}: prepare the data again")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         path = os.path.join(data_dir, f"{split}.bin")
@@ -560,16 +593,41 @@ def load_meta(data_dir: str) -> dict:
     return meta
 
 
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the fields of a meta.json, or None."""
+    def count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if not count(meta.get("n_vocab")) or meta["n_vocab"] < 1:
+        return f"field 'n_vocab' must be a positive integer, got {meta.get('n_vocab')!r}"
+    for key in ("eot_id", "mask_id", "pad_id"):
+        if not count(meta.get(key)) or meta[key] >= meta["n_vocab"]:
+            return f"field {key!r} must be a token id below n_vocab={meta['n_vocab']}, got {meta.get(key)!r}"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"field 'dtype' must be 'uint16' or 'uint32', got {meta.get('dtype')!r}"
+    if np.iinfo(meta["dtype"]).max < meta["n_vocab"] - 1:
+        return f"dtype {meta['dtype']} cannot hold the ids of a {meta['n_vocab']}-token vocabulary"
+    counts = meta.get("n_tokens")
+    if not isinstance(counts, dict) or not all(count(counts.get(split)) for split in SPLITS):
+        return f"field 'n_tokens' must give a token count for each of {SPLITS}, got {counts!r}"
+    if not isinstance(meta.get("tokenizer"), str):
+        return f"field 'tokenizer' must be a tokenizer name, got {meta.get('tokenizer')!r}"
+    return None
+
+
 TOKENIZER_FIELDS = ("tokenizer", "n_vocab", "eot_id", "mask_id", "pad_id", "digest")  # digest: hf: tokenizers only
 
 
-def check_tokenizer(meta: dict, expected: dict) -> None:
-    """Raises if the data was tokenized differently from what a model/checkpoint expects."""
-    diffs = [f"{k}: data has {meta.get(k)!r}, expected {expected.get(k)!r}" for k in TOKENIZER_FIELDS
+def check_tokenizer(meta: dict, expected: dict, where: str = "the model", data: str = "the data") -> None:
+    """Raises if `data` (a meta.json) was tokenized differently from what `where` (a checkpoint, the named
+    tokenizer) expects: token ids would silently mean other tokens."""
+    if meta.get("tokenizer") != expected.get("tokenizer"):
+        raise ValueError(f"{data} was prepared with {meta.get('tokenizer')}, but {where} uses "
+                         f"{expected.get('tokenizer')}: prepare the data with --tokenizer={expected.get('tokenizer')}")
+    diffs = [f"{k} {meta.get(k)!r} against {expected.get(k)!r}" for k in TOKENIZER_FIELDS
              if meta.get(k) != expected.get(k)]
     if diffs:
-        raise ValueError("tokenizer mismatch (" + "; ".join(diffs) + "): re-prepare the data with the matching "
-                         "--tokenizer")
+        raise ValueError(f"{data} does not match the tokenizer of {where} ({'; '.join(diffs)}): prepare the data "
+                         "again with the matching --tokenizer")
 
 # -----------------------------------------------------------------------------
 # BlockLoader: fixed blocks in an order that only (seed, epoch) decides
@@ -652,20 +710,27 @@ class BlockLoader:
 # -----------------------------------------------------------------------------
 # CLI: python data.py [--source=docstrings] [--tokenizer=cl100k_8k] [--out_dir=...] [--max_tokens=...]
 
+
+@dataclass
+class PrepareConfig:
+    source: str = "docstrings"  # "docstrings" (offline), "fineweb-edu[:config]", or a .txt/.jsonl path or glob
+    tokenizer: str = "cl100k_8k"  # "cl100k", "cl100k_<N>k" or "hf:DIR" (a Hugging Face checkpoint's own)
+    out_dir: str = ""  # where the token files go; "" = data/<source>_<tokenizer>
+    max_tokens: int = 0  # stop before the first document past this many tokens; 0 = all (fineweb-edu needs one)
+    val_fraction: float = 0.05  # share of the documents held out for validation (not for "docstrings")
+    text_field: str = "text"  # .jsonl sources: the field holding the text
+    seed: int = 0  # decides which documents go to validation
+
+
+def main(argv: list[str]):
+    cfg = configure(PrepareConfig, argv)
+    try:
+        prepare(cfg.source, cfg.out_dir or default_data_dir(cfg.source, cfg.tokenizer), cfg.tokenizer,
+                max_tokens=cfg.max_tokens or None, val_fraction=cfg.val_fraction, text_field=cfg.text_field,
+                seed=cfg.seed)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 if __name__ == "__main__":
-    usage = ("usage: python data.py [--source=docstrings|fineweb-edu[:config]|PATH_OR_GLOB] [--tokenizer=cl100k_8k] "
-             "[--out_dir=data/<source>_<tokenizer>] [--max_tokens=N] [--val_fraction=0.05] [--text_field=text] "
-             "[--seed=0]")
-    args = {"source": "docstrings", "tokenizer": "cl100k_8k", "out_dir": None, "max_tokens": None,
-            "val_fraction": "0.05", "text_field": "text", "seed": "0"}
-    for arg in sys.argv[1:]:
-        if arg in ("-h", "--help"):
-            print(usage)
-            sys.exit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in args:
-            sys.exit(f"unknown argument {arg!r}\n{usage}")
-        args[key] = value
-    prepare(args["source"], args["out_dir"] or default_data_dir(args["source"], args["tokenizer"]), args["tokenizer"],
-            max_tokens=None if args["max_tokens"] is None else int(float(args["max_tokens"])),
-            val_fraction=float(args["val_fraction"]), text_field=args["text_field"], seed=int(args["seed"]))
+    main(sys.argv[1:])

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import configure_optimizer, load_checkpoint, load_hf
+import files
+from model import configure_optimizer, load_checkpoint, load_hf, read_checkpoint
 from train import TrainConfig, configure, data_dir_of, device_and_autocast, switch_step
 
 
@@ -114,6 +115,7 @@ def validate(cfg: FinetuneConfig):
         (not cfg.corpus or cfg.task in ("ir", "demo_ir", "msmarco"), "--corpus is for retrieval tasks only"),
         (cfg.seeds >= 1 and cfg.batch_size >= 1 and cfg.max_steps >= 1, "seeds, batch_size, max_steps must be >= 1"),
         (0 <= cfg.warmup < 1 and 0 < cfg.val_fraction < 1, "warmup must be in [0, 1), val_fraction in (0, 1)"),
+        (cfg.grad_clip >= 0, "grad_clip must be >= 0 (0 = off; a negative bound would turn clipping into ascent)"),
         (cfg.pooling in ("mean", "first", "last"), "pooling must be mean, first or last"),
         (cfg.max_len >= 8 and cfg.max_answer_tokens >= 1 and cfg.doc_stride >= 0 and cfg.temperature > 0,
          "max_len >= 8, max_answer_tokens >= 1, doc_stride >= 0, temperature > 0"),
@@ -599,16 +601,10 @@ def read_jsonl(path: str) -> list[tuple[str, dict]]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
         for n, line in enumerate(f, start=1):
             if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
-                rows.append((f"{path}, line {n}", record))
+                rows.append((f"{path}, line {n}", files.parse_json_line(path, n, line)))
     return rows
 
 
@@ -845,12 +841,14 @@ def finetune_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: f
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, steps, warmup_steps)
         loss = family.loss(body, head, [items[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]])
-        if not torch.isfinite(loss):
-            diverged = step  # a real outcome at a high learning rate: score the weights of the last finite step
-            break
         loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(both.parameters(), cfg.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(both.parameters(), cfg.grad_clip or float("inf"))
+        if not torch.isfinite(torch.stack([loss.detach(), grad_norm])).all():
+            # A real outcome at a high learning rate: the update is not applied, and the cell is scored with the
+            # weights of its last finite step. A finite loss can come with a non-finite gradient.
+            diverged = step
+            optimizer.zero_grad(set_to_none=True)  # the body is reused by the next cell
+            break
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     both.eval()
@@ -864,23 +862,9 @@ def finetune_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: f
 
 
 def read_results(path: str, key: str) -> dict:
-    """(lr, seed) -> result of the cells already in path for this configuration (the key)."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        complete, _, partial = f.read().rpartition("\n")
-    if partial:  # the last line of a run killed mid-write: drop it, and that cell is simply done again
-        with open(path, "w") as f:
-            f.write(complete + "\n" if complete else "")
-    done = {}
-    for n, line in enumerate(complete.split("\n") if complete else [], start=1):
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}, line {n}: not JSON; delete that line (its cell will be redone)") from None
-        if result.get("key") == key:
-            done[result["lr"], result["seed"]] = result
-    return done
+    """(lr, seed) -> result of the cells already in path for this configuration (the key). The torn last line of a
+    sweep killed mid-write is cut from the file; that cell is simply done again."""
+    return {(r["lr"], r["seed"]): r for r in files.read_json_lines(path, repair=True) if r.get("key") == key}
 
 
 def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> list[dict]:
@@ -896,8 +880,8 @@ def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> 
         t0 = time.perf_counter()
         result = {"key": key, "lr": lr, "seed": seed, **finetune_cell(family, body, splits, cfg, lr, seed),
                   "seconds": round(time.perf_counter() - t0, 1)}
-        with open(path, "a") as f:
-            f.write(json.dumps(result) + "\n")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(files.json_line(result))
         done[lr, seed] = result
     body.load_state_dict(initial)
     return [done[cell] for cell in cells]
@@ -947,11 +931,10 @@ def read_run(ckpt_path: str) -> dict:
     """A train.py run: its settings (from the checkpoint; mmap reads them without loading the weights), its
     validation losses, and the report.json of every sweep in a subdirectory of its out_dir."""
     run_dir = os.path.dirname(ckpt_path)
-    ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+    ckpt = read_checkpoint(ckpt_path)
     if "train_config" not in ckpt:
         raise ValueError(f"{ckpt_path} has no train_config: not written by train.py")
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "val_clm" in r]
+    evals = [r for r in files.read_json_lines(os.path.join(run_dir, "log.jsonl")) if "val_clm" in r]
     reports = {}
     for path in sorted(glob.glob(os.path.join(run_dir, "*", "report.json"))):
         with open(path) as f:
@@ -1084,12 +1067,12 @@ def summarize(cfg: FinetuneConfig) -> dict:
         raise SystemExit(f"error: no run in {cfg.summarize}: expected train.py out_dirs {cfg.summarize}/<run>/ckpt.pt")
     try:
         runs = describe_runs([read_run(p) for p in paths])
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except KeyError as e:
+        raise ValueError(f"a checkpoint or report.json under {cfg.summarize} lacks the field {e}: not written by "
+                         "this project?") from None
     tasks, tables = summary_tables(runs)
     print(tables)
-    with open(os.path.join(cfg.summarize, "summary.md"), "w") as f:
-        f.write(tables + "\n")
+    files.write_text_atomically(os.path.join(cfg.summarize, "summary.md"), tables + "\n")
     figures = draw_figures(runs, tasks, cfg.figures) if cfg.figures else []
     for path in [os.path.join(cfg.summarize, "summary.md"), *figures]:
         print(f"wrote {path}")
@@ -1099,29 +1082,31 @@ def summarize(cfg: FinetuneConfig) -> dict:
 def main(argv: list[str]) -> dict:
     cfg = configure(FinetuneConfig, argv)
     validate(cfg)
-    if cfg.summarize:
-        return summarize(cfg)
-    device, autocast = device_and_autocast(cfg.device, cfg.dtype)
     try:
-        if cfg.init_from.startswith("hf:"):  # a Hugging Face decoder as it is, with its own tokenizer
-            tok = data.get_tokenizer(cfg.init_from)
-            body, ckpt = load_hf(cfg.init_from.removeprefix("hf:"), tok).to(device), {}
-        else:
-            body, ckpt = load_checkpoint(cfg.init_from, device)
-            if "tokenizer" not in ckpt:
-                raise ValueError(f"{cfg.init_from} has no tokenizer description (key 'tokenizer'): not from train.py?")
-            tok = data.get_tokenizer(ckpt["tokenizer"]["tokenizer"])
-            data.check_tokenizer(tok.meta(), ckpt["tokenizer"])
-        data_dir = data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""  # hf: bodies have none
-        family_name, train, test, extra = load_task(cfg, data_dir)
-        max_len = min(cfg.max_len, body.config.block_size)
-        family = FAMILIES[family_name](cfg, tok, train, device, autocast, max_len)
-        family.check(test)
-        train, val = hold_out(train, family_name, cfg.val_fraction)
-        splits = {"train": family.encode(train), "val": family.encode(val),
-                  "test": family.encode(test, extra) if extra else family.encode(test)}
-    except (ValueError, FileNotFoundError) as e:
+        return summarize(cfg) if cfg.summarize else finetune(cfg)
+    except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    device, autocast = device_and_autocast(cfg.device, cfg.dtype)
+    if cfg.init_from.startswith("hf:"):  # a Hugging Face decoder as it is, with its own tokenizer
+        tok = data.get_tokenizer(cfg.init_from)
+        body, ckpt = load_hf(cfg.init_from.removeprefix("hf:"), tok).to(device), {}
+    else:
+        body, ckpt = load_checkpoint(cfg.init_from, device)
+        if "tokenizer" not in ckpt:
+            raise ValueError(f"{cfg.init_from} has no tokenizer description (key 'tokenizer'): not from train.py?")
+        tok = data.get_tokenizer(ckpt["tokenizer"]["tokenizer"])
+        data.check_tokenizer(tok.meta(), ckpt["tokenizer"], cfg.init_from, f"the tokenizer {tok.name} here")
+    data_dir = data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""  # hf: bodies have none
+    family_name, train, test, extra = load_task(cfg, data_dir)
+    max_len = min(cfg.max_len, body.config.block_size)
+    family = FAMILIES[family_name](cfg, tok, train, device, autocast, max_len)
+    family.check(test)
+    train, val = hold_out(train, family_name, cfg.val_fraction)
+    splits = {"train": family.encode(train), "val": family.encode(val),
+              "test": family.encode(test, extra) if extra else family.encode(test)}
     print(f"{cfg.task} ({family_name}): {len(train):,} train / {len(val):,} validation / {len(test):,} test records"
           f" -> {len(splits['train'].items):,} training items; body {cfg.init_from} on {device}, max_len {max_len}")
     del ckpt  # the body holds the weights
@@ -1130,17 +1115,18 @@ def main(argv: list[str]) -> dict:
     stat = os.stat(cfg.init_from.removeprefix("hf:"))
     fingerprint = json.dumps([settings, stat.st_size, stat.st_mtime_ns, train, test, extra], sort_keys=True)
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    results = sweep(family, body, splits, cfg, key)
-    rep = {"task": cfg.task, "family": family_name, "init_from": cfg.init_from, "key": key, **report(results,
-           family.metric)}
-    if family.trivial_rule:
-        rep["trivial"] = {"rule": family.trivial_rule, "test": 100 * family.trivial(splits["test"])[family.metric]}
-    rep["settings"] = asdict(cfg)
-    print_report(rep)
-    with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
-        json.dump(rep, f, indent=1)
-    print(f"wrote {os.path.join(cfg.out_dir, 'report.json')}")
+    # One sweep at a time in an out_dir: two would do the same cells twice and interleave results.jsonl.
+    with files.exclusive(os.path.join(cfg.out_dir, ".lock"), f"fine-tuning in {cfg.out_dir}"):
+        results = sweep(family, body, splits, cfg, key)
+        rep = {"task": cfg.task, "family": family_name, "init_from": cfg.init_from, "key": key,
+               **report(results, family.metric)}
+        if family.trivial_rule:
+            rep["trivial"] = {"rule": family.trivial_rule, "test": 100 * family.trivial(splits["test"])[family.metric]}
+        rep["settings"] = asdict(cfg)
+        print_report(rep)
+        path = os.path.join(cfg.out_dir, "report.json")
+        files.write_text_atomically(path, json.dumps(files.strict(rep), indent=1))
+    print(f"wrote {path}")
     return rep
 
 

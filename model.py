@@ -13,7 +13,9 @@ The forward pass stops at the final hidden states; `logits()` is a separate step
 import json
 import math
 import os
+import pickle
 import re
+import zipfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -285,24 +287,44 @@ def checkpoint_payload(model: "Transformer", state_dict: dict | None = None, **e
             "model": model.state_dict() if state_dict is None else state_dict, **extra}
 
 
-def load_checkpoint(path: str, device="cpu"):
-    """Rebuild a model from one of our checkpoints; returns (model, the whole checkpoint dict)."""
+def read_checkpoint(path: str, device="cpu") -> dict:
+    """The dict in one of our checkpoint files, memory-mapped (its tensors are read when used), checked to be ours.
+    Only tensors and plain containers are unpickled (weights_only=True): a checkpoint someone hands you cannot run
+    code on your machine."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive whose directory is at its very end
+        raise ValueError(f"{path} is not a complete PyTorch checkpoint (no zip directory at its end): a truncated "
+                         "copy, or not a checkpoint at all; give a ckpt.pt that train.py wrote")
     try:
         # mmap: under FSDP every process loads the full checkpoint; mapped, they share one copy in the page cache
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    except Exception as e:  # a pickle with arbitrary objects, a truncated file, not a torch file at all
-        raise ValueError(f"{path} is not a readable checkpoint of this project ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds Python objects other than tensors and plain containers; they were not "
+                         "loaded, since unpickling them could run code: only checkpoints train.py wrote are read") \
+            from None
+    except Exception as e:  # noqa: BLE001: a damaged archive fails in many ways, all with one cure
+        raise ValueError(f"{path} is a damaged checkpoint ({str(e).splitlines()[0][:100]}): copy it again, or "
+                         "use an earlier one") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a checkpoint of this project (no format tag {CHECKPOINT_FORMAT!r}); "
                          f"train.py writes them as out_dir/ckpt.pt")
+    return ckpt
+
+
+def load_checkpoint(path: str, device="cpu"):
+    """Rebuild a model from one of our checkpoints; returns (model, the whole checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
     known = {f.name for f in fields(ModelConfig)}
     unknown = set(ckpt["model_config"]) - known
     if unknown:
         raise ValueError(f"{path} has model config fields this code does not know: {sorted(unknown)}")
-    model = Transformer(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = Transformer(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:  # an edited file: its config and weights no longer agree
+        raise ValueError(f"{path}: its weights do not fit its model config ({str(e).splitlines()[0][:160]})") \
+            from None
     return model.to(device), ckpt
 
 
@@ -457,7 +479,8 @@ def export_hf(ckpt_path: str, out_dir: str) -> str:
     model, ckpt = load_checkpoint(ckpt_path)
     cfg = model.config
     tok = get_tokenizer(ckpt["tokenizer"]["tokenizer"])
-    check_tokenizer(tok.meta(), ckpt["tokenizer"])  # an hf: tokenizer's files may have changed since training
+    # an hf: tokenizer's files may have changed since training
+    check_tokenizer(tok.meta(), ckpt["tokenizer"], ckpt_path, f"the tokenizer {tok.name} here")
     os.makedirs(out_dir, exist_ok=True)
     state = {hf_name(name): (w[:cfg.vocab_size] if name in ("embed.weight", "lm_head.weight") else w).contiguous()
              for name, w in model.state_dict().items() if not (cfg.tie_embeddings and name == "lm_head.weight")}

@@ -17,15 +17,13 @@ becomes bidirectional (or causal, for MLM -> CLM) and the learning rate continue
 warmup; the only decay is at the end of the whole budget.
 """
 
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -34,10 +32,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import files
 from data import TOKENIZER_FIELDS, BlockLoader, check_tokenizer, default_data_dir, get_tokenizer, load_meta, prepare
 from model import (Transformer, checkpoint_payload, configure_optimizer, export_hf, load_checkpoint, load_hf,
                    model_config)
 from objectives import MASK_REPLACE, OBJECTIVES, Vocab, pretraining_loss
+from settings import configure
 
 
 @dataclass
@@ -87,74 +87,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Settings: defaults < config files < --key=value
-
-
-def field_help(cls) -> dict:
-    """Each field's trailing comment in the class source, for --help."""
-    return dict(re.findall(r"^\s+(\w+): [^=]+= .*?  # (.*)$", inspect.getsource(cls), re.M))
-
-
-def parse_value(kind, text: str):
-    if kind is bool:
-        return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            number = float(text)  # 1e9, 2.5e6: integers written the short way
-            if number != int(number):
-                raise
-            return int(number)
-    return kind(text)
-
-
-def configure(cls, argv: list[str]):
-    """Build a settings dataclass from argv: config file paths and --key=value. Unknown keys and values of the wrong
-    type are errors, raised before any work starts."""
-    cfg, names = cls(), [f.name for f in fields(cls)]
-    if "--help" in argv or "-h" in argv:
-        helps = field_help(cls)
-        print("settings (defaults shown; override with a config file or --key=value):")
-        for name in names:
-            setting = f"--{name}={getattr(cfg, name)!r}"
-            print(f"  {setting:<40} {helps.get(name, '')}")
-        sys.exit(0)
-
-    def set_value(key, value, where):
-        if key not in names:
-            close = [n for n in names if n[:4] == key[:4]]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise SystemExit(f"error: unknown setting {key!r} in {where}{hint}; see --help")
-        kind = type(getattr(cfg, key))
-        if isinstance(value, str) and kind is not str:
-            try:
-                value = parse_value(kind, value)
-            except (KeyError, ValueError):
-                raise SystemExit(f"error: --{key} must be of type {kind.__name__}, got {value!r} in {where}") from None
-        if kind is float and type(value) is int:
-            value = float(value)
-        if type(value) is not kind:
-            raise SystemExit(f"error: --{key} must be of type {kind.__name__}, got {value!r} in {where}")
-        setattr(cfg, key, value)
-
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, value = arg[2:].partition("=")
-            if not sep:
-                raise SystemExit(f"error: write settings as --{key}=VALUE")
-            set_value(key, value, "the command line")
-        elif arg.endswith(".py"):
-            if not os.path.isfile(arg):
-                raise SystemExit(f"error: config file {arg} not found")
-            scope = {}
-            exec(open(arg).read(), scope)
-            for key, value in scope.items():
-                if not key.startswith("_"):
-                    set_value(key, value, arg)
-        else:
-            raise SystemExit(f"error: unexpected argument {arg!r}: give config files (.py) and --key=value settings")
-    return cfg
+# Settings: defaults < config files < --key=value (settings.py)
 
 
 def validate(cfg: TrainConfig):
@@ -168,11 +101,17 @@ def validate(cfg: TrainConfig):
         (cfg.max_steps > 0 and cfg.batch_size > 0 and cfg.block_size > 1, "max_steps, batch_size, block_size > 0"),
         (cfg.warmup_steps + cfg.decay_steps <= cfg.max_steps, "warmup_steps + decay_steps must fit in max_steps"),
         (cfg.lr > 0, "lr must be positive"),
+        (cfg.grad_clip >= 0, "grad_clip must be >= 0 (0 = off; a negative bound would turn clipping into ascent)"),
         (cfg.dtype in ("auto", "bfloat16", "float32"), "dtype must be auto, bfloat16 or float32"),
         (cfg.compile in ("auto", "true", "false"), "compile must be auto, true or false"),
-        (cfg.stop_at >= 0 and cfg.eval_interval >= 0 and cfg.eval_batches > 0, "stop_at, eval_interval >= 0"),
+        (cfg.stop_at >= 0 and cfg.eval_interval >= 0, "stop_at and eval_interval must be >= 0"),
+        (cfg.eval_batches > 0, "eval_batches must be >= 1"),
     ]
     problems = [message for ok, message in checks if not ok]
+    switch = switch_step(cfg) if not problems and cfg.switch_to != "none" else None
+    if switch is not None and not 0 < switch < cfg.max_steps:
+        problems.append(f"switch_at={cfg.switch_at:g} puts the switch at step {switch} of {cfg.max_steps}, which "
+                        "leaves one phase empty: choose a switch inside the run, or --switch_to=none")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -252,9 +191,11 @@ def train_step(model, optimizer, next_batch, cfg: TrainConfig, vocab: Vocab, ste
     torch._foreach_mul_(grads, world_size / n_total)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-    # The one host sync of the step: never let a non-finite loss reach the weights.
-    if not torch.isfinite(mean_loss):
-        raise FloatingPointError(f"loss is {mean_loss.item()} at step {step} ({objective})")
+    # The one host sync of the step: a non-finite loss or gradient never reaches the weights. A finite loss can
+    # come with an infinite gradient (a huge learning rate overflows the backward pass first).
+    if not torch.isfinite(torch.stack([mean_loss, grad_norm.to(mean_loss.dtype)])).all():
+        raise FloatingPointError(f"step {step + 1} ({objective}) has loss {mean_loss.item():.4g} and gradient norm "
+                                 f"{grad_norm.item():.4g}; its update was not applied")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return mean_loss, grad_norm
@@ -345,22 +286,47 @@ def setup_device(cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and logs
+# Checkpoints and logs: written atomically (files.py), never with a non-finite tensor in them
 
 
-def save_atomically(payload: dict, path: str):
-    """Write to a temporary file, then rename: a crash mid-save leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def first_non_finite(tree, name: str = "") -> str | None:
+    """The name of the first floating-point tensor in nested dicts and lists that holds a NaN or an inf."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for key, value in items:
+        bad = first_non_finite(value, f"{name}.{key}" if name else str(key))
+        if bad is not None:
+            return bad
+    return None
 
 
-def log_records(path: str, up_to_step: int):
-    """The log of a run being resumed, without what an interrupted run wrote after its last checkpoint."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [line for line in f if json.loads(line)["step"] <= up_to_step]
+def save_checkpoint(payload: dict, path: str) -> None:
+    bad = first_non_finite(payload)
+    if bad is not None:
+        raise FloatingPointError(f"{bad} holds non-finite values at step {payload['step']}, so it was not saved")
+    files.write_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
+def last_good(ckpt_path: str, step: int | None) -> str:
+    if step is None:
+        return f"No checkpoint of this run was written yet ({ckpt_path} does not exist)"
+    return f"The last good checkpoint is {ckpt_path} (step {step}): resume from it with --init_from=resume"
+
+
+def open_log(path: str, resumed_step: int | None):
+    """log.jsonl for appending. A resumed run keeps its records up to the checkpoint's step (what an interrupted run
+    wrote after it is redone); a new run starts an empty log. Either way the file is replaced atomically, so a crash
+    here loses nothing."""
+    records = files.read_json_lines(path) if resumed_step is not None else []
+    kept = [r for r in records if r.get("step", math.inf) <= resumed_step]
+    files.write_text_atomically(path, "".join(files.json_line(r) for r in kept))
+    return open(path, "a", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,22 +335,44 @@ def log_records(path: str, up_to_step: int):
 def main(argv: list[str]):
     cfg = configure(TrainConfig, argv)
     validate(cfg)
-    if cfg.export:
-        if cfg.export != "hf":
-            raise SystemExit(f"error: --export={cfg.export!r}: the only export format is 'hf'")
-        print(f"wrote {export_hf(os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'hf'))}")
-        return
+    try:
+        if cfg.export:
+            export(cfg)
+        else:
+            pretrain(cfg, argv)
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def export(cfg: TrainConfig):
+    if cfg.export != "hf":
+        raise SystemExit(f"error: --export={cfg.export!r}: the only export format is 'hf'")
+    print(f"wrote {export_hf(os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'hf'))}")
+
+
+def pretrain(cfg: TrainConfig, argv: list[str]):
     if cfg.init_from.startswith("hf:") and cfg.tokenizer != cfg.init_from:
         raise SystemExit(f"error: --init_from={cfg.init_from} needs its own tokenizer, so that its embedding rows keep "
                          f"their meaning: add --tokenizer={cfg.init_from}")
     device, autocast, rank, local_rank, world_size = setup_device(cfg)
     master = rank == 0
-    say = print if master else (lambda *a, **k: None)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    # One run at a time in an out_dir: a second one would interleave the log and race on the checkpoint.
+    with files.exclusive(os.path.join(cfg.out_dir, ".lock"), f"training in {cfg.out_dir}") if master \
+            else nullcontext():
+        run(cfg, argv, device, autocast, rank, local_rank, world_size)
+
+
+def run(cfg: TrainConfig, argv: list[str], device, autocast, rank: int, local_rank: int, world_size: int):
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     resumed, continue_data = None, None
     if cfg.init_from == "resume":
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"--init_from=resume: there is no {ckpt_path} to resume (the run wrote no "
+                                    "checkpoint yet): start it again without --init_from=resume")
         raw_model, resumed = load_checkpoint(ckpt_path)
         explicit = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
         # The run continues with its own settings; only what is given explicitly now (say, eval_interval) changes,
@@ -397,26 +385,24 @@ def main(argv: list[str]):
 
     # Data: prepared once (by one process), then memory-mapped by all.
     data_dir = data_dir_of(asdict(cfg))
-    if master and not os.path.exists(os.path.join(data_dir, "meta.json")):
-        say(f"preparing {cfg.data} with {cfg.tokenizer} into {data_dir}")
-        prepare(cfg.data, data_dir, cfg.tokenizer, max_tokens=cfg.data_tokens or None)
+    if master:  # a no-op when prepared; when two runs start at once, one prepares and the other waits for it
+        prepare(cfg.data, data_dir, cfg.tokenizer, max_tokens=cfg.data_tokens or None, reuse=True)
     if world_size > 1:
         dist.barrier()
     meta = load_meta(data_dir)
     tokenizer_meta = {k: meta.get(k) for k in TOKENIZER_FIELDS}
-    if meta["tokenizer"] != cfg.tokenizer:
-        raise SystemExit(f"error: {data_dir} was prepared with {meta['tokenizer']}, not --tokenizer={cfg.tokenizer}")
+    # meta.json is a file like any other: its vocabulary and special ids must be the named tokenizer's
+    meta_path = os.path.join(data_dir, "meta.json")
+    check_tokenizer(tokenizer_meta, get_tokenizer(cfg.tokenizer).meta(), f"--tokenizer={cfg.tokenizer}", meta_path)
     vocab = Vocab(meta["n_vocab"], meta["mask_id"], (meta["eot_id"], meta["mask_id"], meta["pad_id"]), meta["pad_id"])
 
     # Model: from scratch, from this run's checkpoint, or from another run's weights (continued pretraining).
     torch.manual_seed(cfg.seed)
     if cfg.init_from.startswith("hf:"):
-        tok = get_tokenizer(cfg.tokenizer)
-        check_tokenizer(tokenizer_meta, tok.meta())
-        raw_model = load_hf(cfg.init_from.removeprefix("hf:"), tok)
+        raw_model = load_hf(cfg.init_from.removeprefix("hf:"), get_tokenizer(cfg.tokenizer))
     elif cfg.init_from not in ("scratch", "resume"):
         raw_model, source = load_checkpoint(cfg.init_from)
-        check_tokenizer(tokenizer_meta, source["tokenizer"])
+        check_tokenizer(tokenizer_meta, source["tokenizer"], cfg.init_from, meta_path)
         # Continued pretraining on the data its source was trained on reads on from where that run stopped, so its
         # steps see new blocks, as the paper's CPT (steps 42k-64k of one data stream) does.
         saved = source.get("train_config", {})
@@ -448,15 +434,16 @@ def main(argv: list[str]):
     step = 0
     loader = BlockLoader(data_dir, "train", cfg.block_size, cfg.batch_size, seed=cfg.seed, rank=rank,
                          world_size=world_size, device=device)
+    saved_step = None  # the step of the checkpoint in ckpt_path, the last good one
     if resumed is not None:
-        check_tokenizer(tokenizer_meta, resumed["tokenizer"])
+        check_tokenizer(tokenizer_meta, resumed["tokenizer"], ckpt_path, meta_path)
         if cfg.fsdp:  # a full (gathered) optimizer state, keyed by parameter name: each rank keeps its shard
             set_optimizer_state_dict(raw_model, optimizer, resumed["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(resumed["optimizer"])
         loader.load_state_dict(resumed["data"])
-        step = resumed["step"]
+        step = saved_step = resumed["step"]
         say(f"resuming {ckpt_path} at step {step}")
     elif continue_data is not None:
         loader.load_state_dict(continue_data)
@@ -486,15 +473,11 @@ def main(argv: list[str]):
     peak = peak_flops(device) * world_size
     generator = torch.Generator(device=device)
 
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    kept = log_records(log_path, step)
-    log = open(log_path, "w") if master else None
-    if log:
-        log.writelines(kept)
+    log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), saved_step) if master else None
 
     def write(record):
         if log:
-            log.write(json.dumps(record) + "\n")
+            log.write(files.json_line(record))
             log.flush()
 
     def checkpoint(val=None):
@@ -507,7 +490,7 @@ def main(argv: list[str]):
         optimizer_state = get_optimizer_state_dict(raw_model, optimizer, options=full) if cfg.fsdp \
             else optimizer.state_dict()
         if master:
-            save_atomically(checkpoint_payload(raw_model, weights, optimizer=optimizer_state, step=step,
+            save_checkpoint(checkpoint_payload(raw_model, weights, optimizer=optimizer_state, step=step,
                                                tokenizer=tokenizer_meta, train_config=asdict(cfg),
                                                data=loader.state_dict(), objective=objective_at(step - 1, cfg),
                                                val=val), ckpt_path)
@@ -536,7 +519,7 @@ def main(argv: list[str]):
             loss, grad_norm = train_step(model, optimizer, loader.next_batch, cfg, vocab, step, grad_accum,
                                          generator, autocast, rank, world_size)
         except FloatingPointError as e:
-            raise SystemExit(f"error: {e}; stopping. The last good checkpoint is {ckpt_path}") from None
+            raise FloatingPointError(f"{e}; stopping. {last_good(ckpt_path, saved_step)}") from None
         dt = time.perf_counter() - t0
         step += 1
         tokens_seen += tokens_per_step
@@ -554,7 +537,11 @@ def main(argv: list[str]):
             val = run_eval()
             if bar:
                 bar.write(f"step {step}: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f} ({objective} phase)")
-            checkpoint(val)
+            try:
+                checkpoint(val)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e}. {last_good(ckpt_path, saved_step)}") from None
+            saved_step = step
     if bar:
         bar.close()
 
@@ -563,8 +550,8 @@ def main(argv: list[str]):
     if master:
         summary = {"steps": step, "max_steps": cfg.max_steps, "switch_step": switch, "tokens": tokens_seen,
                    "val_clm": val["clm"], "val_mlm": val["mlm"], "seconds": elapsed, "checkpoint": ckpt_path}
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        files.write_text_atomically(os.path.join(cfg.out_dir, "summary.json"), json.dumps(files.strict(summary),
+                                                                                            indent=1))
         done = "finished" if step == cfg.max_steps else f"stopped at step {step} (resume with --init_from=resume)"
         say(f"{done} in {elapsed:.0f}s: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f} | {ckpt_path}")
     if world_size > 1:

@@ -1,0 +1,152 @@
+"""
+Files that survive a crash. Everything train.py, data.py and finetune.py write goes through here:
+
+- `write_atomically`: write a temporary file, flush it to disk, rename it over the old one. A crash
+  or a full disk leaves the previous version whole and no temporary file behind.
+- JSON lines (`log.jsonl`, `results.jsonl`): strict JSON, a NaN or an infinity written as null;
+  `read_json_lines` drops a torn last line (what a crash in the middle of a write leaves).
+- `exclusive`: one process at a time in an output directory. The lock is the kernel's (flock), so
+  a run that crashes, or is killed with -9, never leaves it stuck.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+
+def write_atomically(path: str, write) -> None:
+    """write(tmp_path) writes the new content; it replaces `path` once complete and on disk."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename must not reach the disk before the data it points to
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save: a full disk is a RuntimeError
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
+            reason = str(e).splitlines()[0][:120]
+            raise OSError(f"could not write {path} ({reason}; {free:,.0f} MiB free on its disk): "
+                          "the previous version of the file, if any, is intact") from None
+        raise
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomically(path, write)
+
+
+def strict(value):
+    """value with every non-finite float replaced by None: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    return json.dumps(strict(record), allow_nan=False) + "\n"
+
+
+def read_json_lines(path: str, repair: bool = False) -> list[dict]:
+    """The records of a JSON-lines file. A last line that is not whole (no newline, not valid JSON)
+    is what a crash mid-write leaves: it is dropped with a warning, and with repair=True cut from
+    the file, so that the next append starts on a line of its own. Any other bad line stops with
+    its file and line number."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = lines.pop()  # b"" when the file ends with a newline
+    records = [parse_json_line(path, n, line)
+               for n, line in enumerate(lines, start=1) if line.strip()]
+    if last.strip():
+        try:
+            records.append(parse_json_line(path, len(lines) + 1, last))
+        except ValueError:
+            print(f"warning: {path}, line {len(lines) + 1}: dropped a torn last line "
+                  "(a crash mid-write)", file=sys.stderr)
+    if repair and last:
+        write_text_atomically(path, "".join(json_line(r) for r in records))
+    return records
+
+
+def parse_json_line(path: str, n: int, line: bytes) -> dict:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}, line {n}: not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                         f"{e.start + 1}): save the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {n}: invalid JSON ({e.msg}, column {e.colno}): "
+                         "fix or delete that line") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+class Busy(OSError):
+    """Another process holds the lock."""
+
+
+@contextmanager
+def exclusive(lock_path: str, what: str, wait: bool = False):
+    """Hold an exclusive lock on lock_path for the body of the with block. wait=False: raise Busy
+    at once if another process holds it; wait=True: wait for it (saying so). `what` names the
+    work, for the messages."""
+    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+    with open(lock_path, "a+") as f:
+        if not _try_lock(f):
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            if not wait:
+                raise Busy(f"{what}: process {holder} is already working there ({lock_path} is "
+                           "locked); wait for it to finish or choose another directory")
+            print(f"waiting for process {holder}, which is already {what} ({lock_path})",
+                  file=sys.stderr)
+            _lock(f)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")  # for the message another process gets
+        f.flush()
+        yield
+
+
+def _try_lock(f) -> bool:
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
+
+
+def _lock(f) -> None:
+    if fcntl:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return
+    while not _try_lock(f):  # msvcrt has no blocking lock without a time limit
+        time.sleep(1)

@@ -1,0 +1,109 @@
+"""
+The one settings parser of every script (train.py, finetune.py, data.py, bench.py):
+
+    defaults (a dataclass at the top of the script) < config files (config/610m.py) < --key=value
+
+A config file is plain Python that assigns some of the names, as in nanoGPT; it is executed, so
+only run config files you wrote or read. Unknown names, values of the wrong type and non-finite
+numbers stop the script before any work starts, with the setting and where it came from; `--help`
+lists every setting with its default and meaning (each field's trailing comment in the dataclass).
+"""
+
+import difflib
+import inspect
+import math
+import os
+import re
+import sys
+import traceback
+from dataclasses import fields
+
+
+def field_help(cls) -> dict:
+    """Each field's trailing comment in the class source, for --help."""
+    return dict(re.findall(r"^\s+(\w+): [^=]+= .*?  # (.*)$", inspect.getsource(cls), re.M))
+
+
+def parse_value(kind, text: str):
+    if kind is bool:
+        return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            number = float(text)  # 1e9, 2.5e6: integers written the short way
+            if number != int(number):
+                raise
+            return int(number)
+    return kind(text)
+
+
+def print_help(cls) -> None:
+    cfg, helps = cls(), field_help(cls)
+    print("settings (defaults shown; override with a config file or --key=value):")
+    for f in fields(cls):
+        setting = f"--{f.name}={getattr(cfg, f.name)!r}"
+        print(f"  {setting:<40} {helps.get(f.name, '')}")
+
+
+def run_config_file(path: str) -> dict:
+    """The names a config file assigns, or one line naming the file and line of what is wrong."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: config file {path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            code = compile(f.read(), path, "exec")
+        scope = {}
+        exec(code, scope)
+    except SyntaxError as e:
+        raise SystemExit(f"error: {path}, line {e.lineno}: {e.msg} (config files are Python)") \
+            from None
+    except Exception as e:  # noqa: BLE001: whatever the file does wrong, name the file and its line
+        line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
+                     if frame.filename == path), None)
+        where = f"{path}, line {line}" if line else path
+        raise SystemExit(f"error: {where}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in scope.items() if not k.startswith("_") and not inspect.ismodule(v)}
+
+
+def configure(cls, argv: list[str]):
+    """Build a settings dataclass from argv: config file paths and --key=value. Unknown keys and
+    values of the wrong type are errors, raised before any work starts."""
+    cfg, names = cls(), [f.name for f in fields(cls)]
+    if "--help" in argv or "-h" in argv:
+        print_help(cls)
+        sys.exit(0)
+
+    def set_value(key, value, where):
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise SystemExit(f"error: unknown setting {key!r} in {where}{hint}; see --help")
+        kind = type(getattr(cfg, key))
+        wrong_type = f"error: --{key} must be of type {kind.__name__}, got {value!r} in {where}"
+        if isinstance(value, str) and kind is not str:
+            try:
+                value = parse_value(kind, value)
+            except (KeyError, ValueError):
+                raise SystemExit(wrong_type) from None
+        if kind is float and type(value) is int:
+            value = float(value)
+        if type(value) is not kind:
+            raise SystemExit(wrong_type)
+        if kind is float and not math.isfinite(value):  # inf passes every "> 0" check downstream
+            raise SystemExit(f"error: --{key} must be a finite number, got {value!r} in {where}")
+        setattr(cfg, key, value)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                raise SystemExit(f"error: write settings as --{key}=VALUE")
+            set_value(key, value, "the command line")
+        elif arg.endswith(".py"):
+            for key, value in run_config_file(arg).items():
+                set_value(key, value, arg)
+        else:
+            raise SystemExit(f"error: unexpected argument {arg!r}: give config files (.py) and "
+                             "--key=value settings")
+    return cfg
