@@ -1,9 +1,10 @@
 """
-The two pretraining objectives the paper compares, and nothing else: this is the only file that masks tokens or
-computes a pretraining loss.
+The two pretraining objectives the paper compares, and nothing else: this is the only file that
+masks tokens or computes a pretraining loss.
 
 CLM (causal language modeling): predict every next token, attention looking left only.
-MLM (masked language modeling): hide a random `mask_ratio` of the tokens and predict them from both sides.
+MLM (masked language modeling): hide a random `mask_ratio` of the tokens and predict them from
+    both sides.
 
     loss, n_predicted = pretraining_loss(model, tokens, "mlm", vocab, generator=g)
 
@@ -26,39 +27,49 @@ class Vocab:
     size: int  # number of token ids the tokenizer produces (ids 0 .. size-1)
     mask_id: int  # <|mask|>
     special_ids: tuple  # never masked, never a random replacement, never a CLM target if pad
-    pad_id: int | None = None  # padding, ignored as a target (pretraining blocks are packed and have none)
+    pad_id: int | None = None  # padding, ignored as a target
+                               # (pretraining blocks are packed and have none)
 
 
 def check_tokens(tokens, vocab: Vocab, min_length: int):
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 \
+            or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tokens must be a (batch, length) integer tensor, got "
-                         f"{getattr(tokens, 'dtype', type(tokens))} of shape {tuple(getattr(tokens, 'shape', ()))}")
+                         f"{getattr(tokens, 'dtype', type(tokens))} of shape "
+                         f"{tuple(getattr(tokens, 'shape', ()))}")
     if tokens.size(1) < min_length:
-        raise ValueError(f"tokens has length {tokens.size(1)}; at least {min_length} are needed to predict anything")
+        raise ValueError(f"tokens has length {tokens.size(1)}; at least {min_length} are needed to "
+                         "predict anything")
     if tokens.device.type != "cpu":
-        # Here the check would cost a host sync per micro-batch; data.BlockLoader has already checked every batch
-        # on the host before copying it over.
+        # Here the check would cost a host sync per micro-batch; data.BlockLoader has already
+        # checked every batch on the host before copying it over.
         return
     lo, hi = tokens.aminmax()
-    if lo < 0 or hi >= vocab.size:  # an id past the vocabulary would silently read an untrained padding row
-        raise ValueError(f"tokens holds ids in [{lo.item()}, {hi.item()}] but the vocabulary has {vocab.size} "
-                         f"(ids 0..{vocab.size - 1}): was the data prepared with another tokenizer?")
+    if lo < 0 or hi >= vocab.size:  # an id past the vocabulary would silently read
+                                    # an untrained padding row
+        raise ValueError(f"tokens holds ids in [{lo.item()}, {hi.item()}] but the vocabulary has "
+                         f"{vocab.size} (ids 0..{vocab.size - 1}): was the data prepared with "
+                         "another tokenizer?")
 
 
-def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str = "mask", generator=None):
-    """The MLM corruption. Each non-special token is selected independently with probability mask_ratio (the paper's
-    default 0.4; BERT used 0.15). A selected token is replaced by <|mask|> ("mask", the rule of the paper's code),
-    or, BERT's rule ("bert"), by <|mask|> 80% of the time, a random ordinary token 10%, and left unchanged 10%.
-    Returns (inputs, labels), both (B, T): labels hold the original token at selected positions and IGNORE
-    everywhere else, so the loss is over the selected positions only."""
+def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str = "mask",
+                generator=None):
+    """The MLM corruption. Each non-special token is selected independently with probability
+    mask_ratio (the paper's default 0.4; BERT used 0.15). A selected token is replaced by <|mask|>
+    ("mask", the rule of the paper's code), or, BERT's rule ("bert"), by <|mask|> 80% of the time, a
+    random ordinary token 10%, and left unchanged 10%. Returns (inputs, labels), both (B, T): labels
+    hold the original token at selected positions and IGNORE everywhere else, so the loss is over
+    the selected positions only."""
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
     if mask_replace not in MASK_REPLACE:
         raise ValueError(f"mask_replace must be one of {MASK_REPLACE}, got {mask_replace!r}")
     device = tokens.device
 
-    def uniform(shape):  # drawn on the generator's device so that a seed gives the same batch on any device
-        return torch.rand(shape, generator=generator, device=generator.device if generator else device).to(device)
+    def uniform(shape):  # drawn on the generator's device so that
+                         # a seed gives the same batch on any device
+        return torch.rand(shape, generator=generator,
+                          device=generator.device if generator else device).to(device)
 
     is_special = torch.isin(tokens, torch.tensor(vocab.special_ids, device=device))
     selected = (uniform(tokens.shape) < mask_ratio) & ~is_special  # (B, T) bool
@@ -78,28 +89,32 @@ def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str
 
 
 def cross_entropy(model, hidden, labels, sparse: bool):
-    """Mean cross-entropy over the positions whose label is not IGNORE; returns (loss, number of predictions).
-    sparse=True runs the LM head on the predicted positions only: with 40% masking that skips 60% of the largest
-    matmul of the step (the vocabulary projection) and of its (B, T, vocab) logits, for the same result. CLM predicts
-    every position, where gathering them first would only add a copy."""
+    """Mean cross-entropy over the positions whose label is not IGNORE; returns (loss, number of
+    predictions). sparse=True runs the LM head on the predicted positions only: with 40% masking
+    that skips 60% of the largest matmul of the step (the vocabulary projection) and of its
+    (B, T, vocab) logits, for the same result. CLM predicts every position, where gathering them
+    first would only add a copy."""
     head = getattr(model, "module", model).logits  # the LM head, also when model is wrapped in DDP
     keep = labels != IGNORE  # (B, T)
     n = keep.sum()
     if not sparse:
         logits = head(hidden)  # (B, T, vocab)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE), n
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                               ignore_index=IGNORE), n
     logits = head(hidden[keep])  # (N, vocab)
-    if logits.size(0) == 0:  # nothing selected (a tiny batch at a low ratio): a zero loss that still has a graph
+    if logits.size(0) == 0:  # nothing selected (a tiny batch at a low ratio):
+                             # a zero loss that still has a graph
         return hidden.sum() * 0.0, n
     return F.cross_entropy(logits.float(), labels[keep]), n
 
 
 def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio: float = 0.4,
                      mask_replace: str = "mask", generator=None, sparse_head: bool = True):
-    """The one entry point of the training loop. Returns (mean loss over predicted tokens, number of predicted
-    tokens), the count as a tensor so that no host sync is forced: the loop multiplies the two back into a sum to
-    average exactly over micro-batches and ranks that predict different numbers of tokens. sparse_head=False runs
-    MLM's LM head on every position, only to measure what the sparse head saves (bench.py)."""
+    """The one entry point of the training loop. Returns (mean loss over predicted tokens, number of
+    predicted tokens), the count as a tensor so that no host sync is forced: the loop multiplies the
+    two back into a sum to average exactly over micro-batches and ranks that predict different
+    numbers of tokens. sparse_head=False runs MLM's LM head on every position, only to measure what
+    the sparse head saves (bench.py)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "clm":

@@ -58,7 +58,7 @@ def run_config_file(path: str) -> dict:
     except SyntaxError as e:
         raise SystemExit(f"error: {path}, line {e.lineno}: {e.msg} (config files are Python)") \
             from None
-    except Exception as e:  # noqa: BLE001: whatever the file does wrong, name the file and its line
+    except Exception as e:  # whatever the file does wrong, name the file and its line
         line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
                      if frame.filename == path), None)
         where = f"{path}, line {line}" if line else path

@@ -1,8 +1,10 @@
-# The paper's 1b run: ~2.36M-token steps (1,152 sequences of 2,048 tokens), 42k steps, warmup-stable-decay with
-# 2k warmup and 2k decay, peak LR 5e-4, 40% masking. Written for 8 GPUs; on fewer, the same total_batch_size is
-# reached with more gradient accumulation. The micro-batch is a starting point, not yet measured on a GPU:
-# bench.py reports what fits (see the README's speed section).
-#   torchrun --nproc_per_node=8 train.py config/1b.py --objective=clm --switch_to=mlm --switch_at=0.25 --out_dir=out/1b-clm25-mlm
+# The paper's 1b run: ~2.36M-token steps (1,152 sequences of 2,048 tokens), 42k steps,
+# warmup-stable-decay with 2k warmup and 2k decay, peak LR 5e-4, 40% masking. Written for 8 GPUs; on
+# fewer, the same total_batch_size is reached with more gradient accumulation. The micro-batch is a
+# starting point, not yet measured on a GPU: bench.py reports what fits (see the README's speed
+# section).
+#   torchrun --nproc_per_node=8 train.py config/1b.py --objective=clm --switch_to=mlm \
+#       --switch_at=0.25 --out_dir=out/1b-clm25-mlm
 model = "1b"
 block_size = 2048
 batch_size = 2  # sequences per GPU per micro-batch

@@ -1,0 +1,280 @@
+"""
+The offline default corpus, and the fine-tuning demo tasks built from it: the English docstrings of
+the Python standard library and of the installed numpy and torch, read with ast (nothing imported).
+
+Every machine with the requirements has it, so `python train.py` runs with nothing downloaded. Each
+docstring goes by a stable hash of its module and name to pretraining (85%), validation (5%) or a
+held-out 10% that pretraining never sees; the four demo tasks of finetune.py (demo_sc, demo_tc,
+demo_qa, demo_ir) are built from the held-out ones, their labels read from the docstrings
+themselves.
+"""
+
+import ast
+import functools
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import sysconfig
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+from data import HELDOUT_FILE, stable_fraction
+
+# Test suites are code, not prose. Everything else is kept, IDLE and lib2to3 included:
+# their docstrings are ordinary English. site-packages inside the stdlib dir is other
+# people's code (numpy and torch are added explicitly below).
+SKIP_DIRS = {"tests", "test", "testing", "idle_test", "site-packages", "__pycache__"}
+MIN_DOCSTRING_CHARS = 64  # shorter ones are mostly "Return self." style fragments, not prose
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # "stdlib", "numpy" or "torch"
+    module: str  # dotted module name, e.g. "json.decoder"
+    name: str    # qualified name inside the module, e.g. "JSONDecoder.decode";
+                 # "" for the module docstring
+    text: str
+
+
+def _python_files(source: str, base: str, root: str) -> list[tuple[str, str, str]]:
+    """(source, module, path) for every .py file under root, in sorted walk order."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in SKIP_DIRS)  # in place: prunes and orders the walk
+        for filename in sorted(f for f in filenames if f.endswith(".py")):
+            path = os.path.join(dirpath, filename)
+            module = os.path.relpath(path, base)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+            files.append((source, module, path))
+    return files
+
+
+def _file_docstrings(item: tuple[str, str, str]) -> list[Document]:
+    source, module, path = item
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []  # e.g. lib2to3 test data written in Python 2
+    docs = []
+
+    def visit(node, prefix):  # source order; also finds defs nested in if/try/with blocks
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = prefix + child.name
+                text = ast.get_docstring(child, clean=True)
+                if text and len(text) >= MIN_DOCSTRING_CHARS:
+                    docs.append(Document(source, module, name, text))
+                visit(child, name + ".")
+            elif isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
+                visit(child, prefix)  # defs are statements: not walking expressions (most nodes)
+                                      # saves ~2/3 of the time
+
+    text = ast.get_docstring(tree, clean=True)
+    if text and len(text) >= MIN_DOCSTRING_CHARS:
+        docs.append(Document(source, module, "", text))
+    visit(tree, "")
+    return docs
+
+
+def docstring_documents() -> list[Document]:
+    """English docstrings of the stdlib, numpy and torch, parsed with ast (nothing is imported)."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    files = _python_files("stdlib", stdlib, stdlib)
+    for package in ("numpy", "torch"):
+        for root in importlib.util.find_spec(package).submodule_search_locations:
+            files += _python_files(package, os.path.dirname(root), root)
+    # ast.parse of ~3,000 files (~60 MB) is CPU bound: one process per core; map keeps the order
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        per_file = pool.map(_file_docstrings, files, chunksize=16)
+        docs, seen = [], set()
+        for doc in itertools.chain.from_iterable(per_file):
+            if doc.text not in seen:  # copied docstrings: keep the first,
+                                      # so no text is in two splits
+                seen.add(doc.text)
+                docs.append(doc)
+    return docs
+
+
+def split_of(doc: Document) -> str:
+    """'train' (85%), 'val' (5%) or 'heldout' (10%, reserved for fine-tuning tasks, never pretrained
+    on)."""
+    u = stable_fraction(f"{doc.module}:{doc.name}")
+    return "train" if u < 0.85 else "val" if u < 0.90 else "heldout"
+
+
+@functools.lru_cache(maxsize=2)
+def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
+    """The docstrings split_of keeps out of pretraining: read from data_dir/heldout.jsonl when a
+    docstrings prepare wrote one there, otherwise parsed again from the installed sources
+    (~20 s)."""
+    path = os.path.join(data_dir, HELDOUT_FILE)
+    if data_dir and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return tuple(Document(**json.loads(line)) for line in f)
+    return tuple(d for d in docstring_documents() if split_of(d) == "heldout")
+
+
+def pretraining_texts(heldout_path: str) -> list[tuple[str, str]]:
+    """(split, text) of every docstring for data.prepare: "train" and "val" go to the token files,
+    and the held-out ones to heldout_path (one JSON Document a line), so that no later run has to
+    parse the ~3,000 source files again to find the very documents pretraining left out."""
+    docs = [(split_of(d), d) for d in docstring_documents()]
+    with open(heldout_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(asdict(d)) + "\n" for split, d in docs if split == "heldout")
+    return [(split, d.text) for split, d in docs if split != "heldout"]
+
+
+# -----------------------------------------------------------------------------
+# The demo tasks of finetune.py, one per family, from the held-out docstrings
+
+
+def paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+# reST markup that marks code: ``literal``, :role:`target` and the default role `target`
+CODE_MARKUP = re.compile(r"``(?P<literal>[^`]+?)``|:(?P<role>[\w:]+):`(?P<target>[^`]+)`"
+                         r"|(?<![\w`])`(?P<default>[^`]+)`(?![\w`])")
+PYTHON_ROLES = {"func", "meth", "class", "attr", "mod", "obj", "data", "const", "exc"}
+
+
+def markup_to_bio(paragraph: str) -> tuple[list[str], list[str]]:
+    """Strip the code markup of a reST paragraph into words with BIO tags: LIT for ``literals``, REF
+    for references to Python objects (:func:`x`, :class:`x`, `x`); other roles (:math:, :ref:)
+    become plain words."""
+    words, tags, pos = [], [], 0
+
+    def add(text, kind):
+        for i, word in enumerate(text.split()):
+            words.append(word)
+            tags.append("O" if kind is None else ("B-" if i == 0 else "I-") + kind)
+
+    for m in CODE_MARKUP.finditer(paragraph):
+        add(paragraph[pos:m.start()], None)
+        if m["literal"] is not None:
+            add(m["literal"], "LIT")
+        else:  # what Sphinx shows: the title of "title <target>", the last component of "~a.b.c"
+            raw = m["target"] if m["target"] is not None else m["default"]
+            shown = re.sub(r"\s*<[^>]*>$", "", raw) or raw
+            shown = shown[1:].rsplit(".", 1)[-1] if shown.startswith("~") else shown.lstrip("!")
+            add(shown, "REF" if m["default"] is not None or m["role"].split(":")[-1] in PYTHON_ROLES
+                else None)
+        pos = m.end()
+    add(paragraph[pos:], None)
+    return words, tags
+
+
+def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, int]]]]:
+    """(start, end, parameters) of each numpydoc "Parameters" or Google-style "Args:" section of a
+    docstring: text[start:end] is the section, header included; a parameter is (name, start, end),
+    text[start:end] being the first sentence of its description."""
+    lines = text.split("\n")
+    line_start = [0]
+    for line in lines:
+        line_start.append(line_start[-1] + len(line) + 1)
+    indent = lambda line: len(line) - len(line.lstrip())  # noqa: E731
+    entry = re.compile(r"\s*(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*)\s*(?:\([^)]*\))?\s*:(?P<rest>.*)")
+    sections, i = [], 0
+    while i < len(lines):
+        numpy = (lines[i].strip() == "Parameters" and i + 1 < len(lines)
+                 and re.fullmatch(r"\s*-{3,}", lines[i + 1]))
+        google = lines[i].strip() in ("Args:", "Arguments:")
+        if not (numpy or google):
+            i += 1
+            continue
+        # numpydoc entries sit at the header's indentation, Google ones one level deeper
+        start, params, entry_indent = line_start[i], [], indent(lines[i]) if numpy else None
+        i += 2 if numpy else 1
+        while i < len(lines):
+            if not lines[i].strip():
+                i += 1
+                continue
+            entry_indent = indent(lines[i]) if entry_indent is None else entry_indent
+            m = entry.fullmatch(lines[i])
+            if indent(lines[i]) != entry_indent or not m:
+                break  # the next section, or a dedent: the parameters are over
+            j = i + 1  # the description: the deeper-indented lines below
+                       # (and, Google-style, the rest of this one)
+            while j < len(lines) and (not lines[j].strip() or indent(lines[j]) > entry_indent):
+                j += 1
+            end = line_start[j] - 1
+            after = line_start[i] + m.start("rest") if google else line_start[i + 1]
+            first = re.compile(r"\S").search(text, after, end)
+            if first and "," not in m[1]:  # "x1, x2 : array_like" shares one description:
+                                           # no single answer
+                sentence = re.match(r".+?(?:\.(?=\s)|$)", text[first.start():end], re.S)[0].rstrip()
+                params.append((m[1], first.start(), first.start() + len(sentence)))
+            i = j
+        if params:
+            sections.append((start, len(text[:line_start[i] - 1].rstrip()), params))
+    return sections
+
+
+def demo_records(family: str, docs) -> list[tuple[object, dict]]:
+    """(document, record) pairs of the demo task of a family; see demo_task."""
+    if family == "sc":
+        return [(d, {"text": " ".join(paragraphs(d.text)[0].split()), "label": d.source})
+                for d in docs]
+    if family == "tc":
+        tagged = [(d, markup_to_bio(p)) for d in docs for p in paragraphs(d.text)]
+        return [(d, {"words": words, "tags": tags})
+                for d, (words, tags) in tagged if set(tags) - {"O"}]
+    if family == "ir":
+        pairs = [(d, {"query": " ".join(ps[0].split()), "document": "\n\n".join(ps[1:])})
+                 for d in docs if len(ps := paragraphs(d.text)) >= 2]
+        counts = Counter(r["query"] for _, r in pairs)  # a summary shared by several docstrings
+                                                        # ("Deprecated.")
+        return [(d, r) for d, r in pairs if counts[r["query"]] == 1]  # does not single out
+                                                                      # one body: left out
+    with_params, used = [], set()
+    for d in docs:  # a section copied into several docstrings is used once:
+                    # never in both train and test
+        sections = parameter_sections(d.text)
+        if sections and (section := d.text[sections[0][0]:sections[0][1]]) not in used:
+            used.add(section)
+            with_params.append((d, sections[0]))
+    out = []
+    for n, (d, (start, end, params)) in enumerate(with_params):
+        context, seen = d.text[start:end], set()
+        for name, s, e in params:
+            if name not in seen:  # a name documented twice (overloads):
+                                  # the first description answers
+                seen.add(name)
+                out.append((d, {"id": f"{d.module}:{d.name}:{name}", "question": f"What is {name}?",
+                                "context": context,
+                                "answers": {"text": [d.text[s:e]], "answer_start": [s - start]}}))
+        _, (_, _, next_params) = with_params[(n + 1) % len(with_params)]
+        absent = [name for name, _, _ in next_params
+                  if not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", context)]
+        if absent:
+            out.append((d, {"id": f"{d.module}:{d.name}:{absent[0]}",
+                            "question": f"What is {absent[0]}?",
+                            "context": context, "answers": {"text": [], "answer_start": []}}))
+    return out
+
+
+def demo_task(family: str, data_dir: str = "") -> tuple[list[dict], list[dict]]:
+    """(train, test) records of the offline demo task of a family, built from held-out docstrings
+    and split by document (a stable hash of module and name: about 75% train, 25% test), so no
+    docstring is in both:
+      sc: which package (stdlib, numpy, torch) a docstring's summary paragraph comes from;
+      tc: the code spans reST markup marks in a paragraph, markup stripped: LIT ``literal``,
+          REF :func:`reference`;
+      qa: "What is <param>?" answered by the first sentence of the parameter's description, the
+          context being the docstring's parameter section (numpydoc "Parameters" or Google "Args:");
+          per section also one unanswerable question, about a parameter of the next docstring's
+          section that this one never mentions;
+      ir: find a docstring's body (all but its first paragraph) from its summary paragraph.
+    The docstrings are those data.split_of holds out of pretraining, read from data_dir when
+    prepared there."""
+    train, test = [], []
+    for d, record in demo_records(family, heldout_documents(data_dir)):
+        in_test = (int(hashlib.sha256(f"demo:{d.module}:{d.name}".encode()).hexdigest()[:8], 16)
+                   < 2 ** 30)
+        (test if in_test else train).append(record)
+    return train, test

@@ -1,0 +1,318 @@
+"""
+The paper's experiment at small scale, in one command, and the summary of any experiment: several
+pretraining runs, each fine-tuned on several tasks, in one table and two figures, as the paper
+reports them.
+
+    python experiment.py                                      # the CPU experiment (about an hour)
+    python experiment.py --jobs=4 --out_dir=out/exp4          # more cores
+    python finetune.py --summarize=out/exp --figures=assets   # the table (and figures) of out/exp
+
+The CPU experiment: the `tiny` model pretrained on the same ordered docstring blocks with pure CLM,
+pure MLM and CLM then MLM at 25/75, 50/50 and 75/25; continued pretraining (more MLM steps) of the
+decayed CLM and MLM models, reading on in the same data stream; every checkpoint fine-tuned on the
+four demo tasks over a small learning-rate x seed grid. It runs `jobs` processes at a time, one
+thread each, and picks up where it stopped: finished runs and sweeps are reused, an interrupted run
+is resumed.
+"""
+
+import glob
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import files
+from checkpoints import read_checkpoint
+from settings import configure
+from tasks import FAMILIES
+from train import TrainConfig, switch_step
+
+
+def read_run(ckpt_path: str) -> dict:
+    """A train.py run: its settings (from the checkpoint; mmap reads them without loading the
+    weights), its validation losses, and the report.json of every sweep in a subdirectory of
+    its out_dir."""
+    run_dir = os.path.dirname(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
+    if "train_config" not in ckpt:
+        raise ValueError(f"{ckpt_path} has no train_config: not written by train.py")
+    evals = [r for r in files.read_json_lines(os.path.join(run_dir, "log.jsonl")) if "val_clm" in r]
+    reports = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "*", "report.json"))):
+        with open(path) as f:
+            rep = json.load(f)
+        if os.path.realpath(rep["init_from"]) != os.path.realpath(ckpt_path):
+            raise ValueError(f"{path} fine-tuned {rep['init_from']}, not this run's {ckpt_path}; "
+                             f"move it out of {run_dir}")
+        results = files.read_json_lines(os.path.join(os.path.dirname(path), "results.jsonl"))
+        rep["cells"] = [r for r in results if r.get("key") == rep["key"]]
+        reports[rep["task"]] = rep
+    return {"name": os.path.basename(run_dir), "ckpt": ckpt_path, "config": ckpt["train_config"],
+            "evals": evals, "reports": reports}
+
+
+def describe_runs(runs: list[dict]) -> list[dict]:
+    """Each run's pretraining in words ("CLM 100 -> MLM 300"), its CPT source (the run whose
+    checkpoint it started from, if any) and its share of CLM steps; sorted as the paper's tables
+    are: CLM first, then more and more MLM, then continued pretraining."""
+    by_ckpt = {os.path.realpath(r["ckpt"]): r for r in runs}
+    for run in runs:
+        cfg = TrainConfig(**run["config"])
+        switch = switch_step(cfg)
+        phases = [(cfg.objective, cfg.max_steps)] if switch is None else \
+            [(cfg.objective, switch), (cfg.switch_to, cfg.max_steps - switch)]
+        run["pretraining"] = " -> ".join(f"{objective.upper()} {steps}"
+                                         for objective, steps in phases)
+        run["clm_share"] = sum(steps for objective, steps in phases
+                               if objective == "clm") / cfg.max_steps
+        run["source"] = None
+        if cfg.init_from not in ("scratch", "resume"):
+            source = by_ckpt.get(os.path.realpath(cfg.init_from))
+            run["source"] = source
+            run["pretraining"] = (f"{source['name'] if source else cfg.init_from} + "
+                                  f"{run['pretraining']}")
+    depth = lambda run: 0 if run["source"] is None else 1 + depth(run["source"])  # noqa: E731
+    return sorted(runs, key=lambda run: (depth(run), -run["clm_share"], run["name"]))
+
+
+def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
+    """The tasks, and two markdown tables: the test score at the learning rate chosen on validation
+    (mean ± 95% CI over seeds) per run and task, as the paper reports; then the stability figure
+    (sd across the learning-rate grid, points) and the final validation losses of pretraining."""
+    tasks = sorted({t for run in runs for t in run["reports"]},
+                   key=lambda t: (list(FAMILIES).index(next(r["reports"][t]["family"] for r in runs
+                                                           if t in r["reports"])), t))
+    metric = {t: next(r["reports"][t]["metric"] for r in runs if t in r["reports"]) for t in tasks}
+
+    def row(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    # over every task, or none: a mean over fewer tasks would not compare with the others
+    def mean_of(values):
+        return "-" if not values or None in values else f"{statistics.mean(values):.2f}"
+
+    scores = [row(["run", "pretraining"] + [f"{t} {metric[t]}" for t in tasks] + ["mean"]),
+              row(["---"] * (len(tasks) + 3))]
+    stability = [row(["run"] + [t for t in tasks] + ["mean", "final val CLM", "final val MLM"]),
+                 row(["---"] * (len(tasks) + 4))]
+    for run in runs:
+        reps = [run["reports"].get(t) for t in tasks]
+        scores.append(row([run["name"], run["pretraining"]]
+                          + [("-" if rep is None else f"{rep['test_mean']:.2f}"
+                              + (f" ± {rep['test_ci95']:.2f}" if rep["test_ci95"] is not None
+                                 else "")) for rep in reps]
+                          + [mean_of([rep and rep["test_mean"] for rep in reps])]))
+        sds = [rep and rep["stability_sd"] for rep in reps]
+        last = run["evals"][-1] if run["evals"] else {}
+        stability.append(row([run["name"]] + ["-" if sd is None else f"{sd:.2f}" for sd in sds]
+                             + [mean_of(sds)]
+                             + [f"{last[k]:.4f}" if k in last else "-"
+                                for k in ("val_clm", "val_mlm")]))
+    return tasks, "\n".join(scores) + "\n\n" + "\n".join(stability)
+
+
+def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
+    """Two PNGs: the validation losses of both objectives over pretraining for every run (a
+    continued-pretraining run drawn after its source's steps; a dotted line where the objective
+    changes), and the test score against the learning rate per task: the seed mean as a line, each
+    seed as a dot (with a few seeds, the dots say more than a t interval, which is wide)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --figures needs matplotlib: pip install matplotlib") from None
+    os.makedirs(out_dir, exist_ok=True)
+    colors = {run["name"]: f"C{i}" for i, run in enumerate(runs)}
+
+    def offset(run):  # the step a run's step 0 stands at: after everything its source ran
+        return (0 if run["source"] is None
+                else offset(run["source"]) + run["source"]["config"]["max_steps"])
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in zip(axes, ("val_clm", "val_mlm"),
+                              ("validation CLM loss", "validation MLM loss")):
+        for run in runs:
+            start = offset(run)
+            ax.plot([start + e["step"] for e in run["evals"]], [e[key] for e in run["evals"]],
+                    color=colors[run["name"]], label=f"{run['name']}: {run['pretraining']}")
+            cfg = TrainConfig(**run["config"])
+            changes = [start + s for s in (switch_step(cfg), 0 if run["source"] else None)
+                       if s is not None]
+            for x in changes:
+                ax.axvline(x, color=colors[run["name"]], linestyle=":", linewidth=1)
+        ax.set(title=title, xlabel="pretraining step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats per token)")
+    fig.legend(*axes[0].get_legend_handles_labels(),
+               loc="lower center", ncol=4, fontsize=8)  # below: curves fill both
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(runs) / 4), 1, 1))
+    losses = os.path.join(out_dir, "experiment_losses.png")
+    fig.savefig(losses, dpi=120)
+    plt.close(fig)
+
+    if not tasks:  # no sweeps yet: the losses are all there is to draw
+        return [losses]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        reports = [(run, run["reports"][task]) for run in runs if task in run["reports"]]
+        for run, rep in reports:
+            ax.plot([row["lr"] for row in rep["per_lr"]],
+                    [row["test_mean"] for row in rep["per_lr"]],
+                    color=colors[run["name"]], marker="o", label=run["name"])
+            ax.scatter([c["lr"] for c in rep["cells"]],
+                       [c["test"][rep["metric"]] for c in rep["cells"]],
+                       color=colors[run["name"]], s=10, alpha=0.4)
+        ax.set(xscale="log", title=task, xlabel="fine-tuning learning rate",
+               ylabel=f"test {reports[0][1]['metric']}")
+        lrs = sorted({row["lr"] for _, rep in reports for row in rep["per_lr"]})
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    sweep_path = os.path.join(out_dir, "experiment_lr.png")
+    fig.savefig(sweep_path, dpi=120)
+    plt.close(fig)
+    return [losses, sweep_path]
+
+
+def summarize(directory: str, figures_dir: str = "") -> dict:
+    """--summarize=DIR: the table (printed, and DIR/summary.md) and figures of every run in DIR."""
+    paths = sorted(glob.glob(os.path.join(directory, "*", "ckpt.pt")))
+    if not paths:
+        raise SystemExit(f"error: no run in {directory}: expected train.py out_dirs "
+                         f"{directory}/<run>/ckpt.pt")
+    try:
+        runs = describe_runs([read_run(p) for p in paths])
+    except KeyError as e:
+        raise ValueError(f"a checkpoint or report.json under {directory} lacks the field {e}: "
+                         "not written by this project?") from None
+    tasks, tables = summary_tables(runs)
+    print(tables)
+    files.write_text_atomically(os.path.join(directory, "summary.md"), tables + "\n")
+    figures = draw_figures(runs, tasks, figures_dir) if figures_dir else []
+    for path in [os.path.join(directory, "summary.md"), *figures]:
+        print(f"wrote {path}")
+    return {"runs": [run["name"] for run in runs], "tasks": tasks, "tables": tables,
+            "figures": figures}
+
+
+# ----------------------------------------------------------------------------------------------
+# The CPU experiment, end to end
+
+
+@dataclass
+class ExperimentConfig:
+    out_dir: str = "out/exp"  # one train.py out_dir per run below it, each with its sweeps
+    figures: str = "assets"  # where the two figures go; "" = none
+    jobs: int = 2  # processes at a time, one thread each (one per core)
+    steps: int = 400  # pretraining steps of every run (8 x 128 tokens a step)
+    cpt_steps: int = 200  # continued pretraining: MLM steps added to the decayed CLM and MLM runs
+    eval_interval: int = 20  # pretraining steps between validations (the loss curves)
+    tasks: str = "sc,tc,qa,ir"  # demo tasks to fine-tune every run on (demo_<family>); "" = none
+    lrs: str = "1e-3,3e-3,1e-2"  # fine-tuning learning-rate grid
+    seeds: int = 2  # fine-tuning seeds at each learning rate
+    ft_batch_size: int = 16  # fine-tuning batch
+    ft_steps: int = 40  # fine-tuning steps per cell (640 examples at batch 16)
+
+
+# name: (train.py settings of the run, the run it continues, or None)
+RUNS = {
+    "clm": (["--objective=clm", "--switch_to=none"], None),
+    "mlm": (["--objective=mlm", "--switch_to=none"], None),
+    "clm25-mlm": (["--switch_at=0.25"], None),
+    "clm50-mlm": (["--switch_at=0.5"], None),
+    "clm75-mlm": (["--switch_at=0.75"], None),
+    "clm-cpt": (["--objective=mlm", "--switch_to=none"], "clm"),
+    "mlm-cpt": (["--objective=mlm", "--switch_to=none"], "mlm"),
+}
+
+
+def run_command(args: list[str], log_path: str) -> None:
+    """One python process of the experiment, its output in log_path; stops the experiment with the
+    log's last line if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), args[0])
+    with open(log_path, "w") as log:
+        code = subprocess.call([sys.executable, script, *args[1:]], stdout=log,
+                               stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        with open(log_path) as log:
+            last = (log.read().strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{' '.join(args[:1])} failed (exit {code}); see {log_path}: {last}")
+
+
+def finished(run_dir: str, steps: int) -> bool:
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("steps") == steps
+
+
+def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
+    """One pretraining run, once the run it continues (the future `after`) is done."""
+    if after is not None:
+        after.result()
+    settings, source = RUNS[name]
+    run_dir = os.path.join(cfg.out_dir, name)
+    steps = cfg.cpt_steps if source else cfg.steps
+    if finished(run_dir, steps):
+        return
+    args = ["train.py", f"--max_steps={steps}", f"--eval_interval={cfg.eval_interval}",
+            "--progress=False", f"--out_dir={run_dir}", *settings]
+    if source:
+        args.append(f"--init_from={os.path.join(cfg.out_dir, source, 'ckpt.pt')}")
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # interrupted: continue it
+        args = ["train.py", f"--out_dir={run_dir}", "--init_from=resume", "--progress=False"]
+    run_command(args, os.path.join(cfg.out_dir, f"{name}.log"))
+
+
+def sweep(name: str, task: str, cfg: ExperimentConfig) -> None:
+    """A learning-rate x seed sweep of one run on one demo task; cells already done are reused."""
+    out = os.path.join(cfg.out_dir, name, f"demo_{task}")
+    os.makedirs(out, exist_ok=True)
+    run_command(["finetune.py", f"--init_from={os.path.join(cfg.out_dir, name, 'ckpt.pt')}",
+                 f"--task=demo_{task}", f"--lrs={cfg.lrs}", f"--seeds={cfg.seeds}",
+                 f"--batch_size={cfg.ft_batch_size}", f"--max_steps={cfg.ft_steps}",
+                 "--progress=False", f"--out_dir={out}"], os.path.join(out, "log.txt"))
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    # Every run reads the same blocks in the same order (seed 0); the first to start prepares the
+    # data, the others wait for it.
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        runs = {}
+        for name, (_, source) in RUNS.items():  # a source comes before the runs that continue it
+            runs[name] = pool.submit(pretrain, name, cfg, runs.get(source))
+        for future in runs.values():
+            future.result()
+        print(f"pretraining done ({time.perf_counter() - t0:.0f} s)")
+        sweeps = [pool.submit(sweep, name, task, cfg) for name in RUNS
+                  for task in cfg.tasks.split(",") if task]
+        for future in sweeps:
+            future.result()
+    print(f"fine-tuning done ({time.perf_counter() - t0:.0f} s)")
+    return summarize(cfg.out_dir, cfg.figures)
+
+
+def main(argv: list[str]) -> dict:
+    cfg = configure(ExperimentConfig, argv)
+    if cfg.jobs < 1 or cfg.steps < 1 or cfg.cpt_steps < 1 or cfg.seeds < 1:
+        raise SystemExit("error: jobs, steps, cpt_steps and seeds must be >= 1")
+    try:
+        return run_experiment(cfg)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

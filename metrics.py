@@ -1,0 +1,119 @@
+"""
+The paper's metrics, written out and checked against the reference scorers (seqeval/conlleval for
+entities, the SQuAD v2 script, trec_eval for nDCG), and the 95% confidence interval of a seed mean.
+Each metric returns fractions; finetune.py's report multiplies by 100.
+"""
+
+import math
+import re
+import statistics
+import string
+from collections import Counter
+
+import torch
+
+
+def accuracy(predicted: list, gold: list) -> float:
+    return sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
+
+
+def bio_entities(tags: list[str]) -> set[tuple[int, int, str]]:
+    """(start, end exclusive, type) of the entities in one sentence's BIO tags, read as conlleval
+    reads them: B-X starts an entity, and so does an I-X that does not continue an entity of type X
+    (after O, or after another type)."""
+    entities, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, _, tag_type = tag.partition("-")
+        continues = prefix == "I" and start is not None and tag_type == kind
+        if start is not None and not continues:
+            entities.add((start, i, kind))
+            start = None
+        if prefix in ("B", "I") and not continues:
+            start, kind = i, tag_type
+    return entities
+
+
+def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict:
+    """Micro precision, recall and F1 over entities:
+    a prediction counts only if its span and type both match."""
+    correct = n_gold = n_pred = 0
+    for g, p in zip(gold, predicted, strict=True):
+        g, p = bio_entities(g), bio_entities(p)
+        correct, n_gold, n_pred = correct + len(g & p), n_gold + len(g), n_pred + len(p)
+    precision = correct / n_pred if n_pred else 0.0
+    recall = correct / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's: lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
+    """(exact match, token F1) of one prediction, the best over the gold answers, as SQuAD v2's
+    script scores it: the empty string is the no-answer, and it scores 1 exactly when the question
+    is unanswerable."""
+    answers = [a for a in answers if normalize_answer(a)] or [""]
+    pred = normalize_answer(predicted).split()
+    exact = f1 = 0.0
+    for answer in answers:
+        gold = normalize_answer(answer).split()
+        exact = max(exact, float(pred == gold))
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if not pred or not gold:
+            f1 = max(f1, float(pred == gold))
+        elif common:
+            precision, recall = common / len(pred), common / len(gold)
+            f1 = max(f1, 2 * precision * recall / (precision + recall))
+    return exact, f1
+
+
+def rank_documents(scores: torch.Tensor, k: int) -> list[list[int]]:
+    """The k best documents of each row of scores (queries, documents). Equal scores keep corpus
+    order (a stable sort): the earlier document ranks first, so a ranking never depends on the sort
+    implementation."""
+    return torch.sort(scores.float().cpu(), dim=1, descending=True,
+                      stable=True).indices[:, :k].tolist()
+
+
+def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10) -> dict:
+    """Mean nDCG@k with linear gain (grade / log2(rank + 1), trec_eval's and BEIR's convention) and
+    MRR@k (1 / rank of the first document with grade > 0, 0 if none in the top k). Queries without a
+    relevant document have no ideal ranking and are left out of both means, as BEIR does."""
+    ndcgs, rrs = [], []
+    for docs, rel in zip(ranked, relevance, strict=True):
+        ideal = sorted((g for g in rel.values() if g > 0), reverse=True)[:k]
+        if not ideal:
+            continue
+        dcg = sum(rel.get(d, 0) / math.log2(r + 2) for r, d in enumerate(docs[:k]))
+        ndcgs.append(dcg / sum(g / math.log2(r + 2) for r, g in enumerate(ideal)))
+        rrs.append(next((1 / (r + 1) for r, d in enumerate(docs[:k]) if rel.get(d, 0) > 0), 0.0))
+    if not ndcgs:
+        raise ValueError("no query has a relevant document (grade > 0)")
+    return {f"ndcg@{k}": statistics.fmean(ndcgs), f"mrr@{k}": statistics.fmean(rrs)}
+
+
+# t_{0.975, df} for df = 1..30 (Student's t, to 4 decimals);
+# beyond, the Cornish-Fisher expansion is within 1e-4.
+T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+        2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+        2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
+
+
+def t975(df: int) -> float:
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_ci(scores: list[float]) -> tuple[float, float | None]:
+    """The mean and the half-width of its 95% confidence interval, t_{0.975, n-1} * sd / sqrt(n)
+    (None for n = 1)."""
+    if len(scores) < 2:
+        return scores[0], None
+    return (statistics.fmean(scores),
+            t975(len(scores) - 1) * statistics.stdev(scores) / math.sqrt(len(scores)))

@@ -1,0 +1,116 @@
+"""
+An experiment (experiment.py, finetune.py --summarize): the summary table and figures of several
+pretraining runs, each fine-tuned.
+"""
+
+import importlib.util
+import os
+import shutil
+
+import pytest
+
+import finetune as ft
+import train
+from conftest import read_log, run_args, sc_files
+
+
+@pytest.mark.slow
+def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
+    """--summarize reads runs and their sweeps from disk: rows in the paper's order, one column per
+    task, the chosen learning rate's mean ± 95% CI, the stability figure, and the two figures when
+    matplotlib is there."""
+    root = tmp_path / "exp"
+    runs = {"mlm": dict(objective="mlm", switch_to="none"),
+            "clm": dict(objective="clm", switch_to="none"),
+            "half": dict(objective="clm", switch_to="mlm", switch_at=0.5),
+            "clm-cpt": dict(init_from=root / "clm" / "ckpt.pt", objective="mlm", switch_to="none",
+                            max_steps=4)}
+    for name, settings in runs.items():
+        train.main(run_args(tiny_data, str(root / name), **settings))
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    early = ft.main([f"--summarize={root}"] +
+                    ([f"--figures={tmp_path / 'early'}"] if has_matplotlib else []))
+    assert early["tasks"] == [] and \
+        early["tables"].splitlines()[0] == "| run | pretraining | mean |"
+    if has_matplotlib:  # before any fine-tuning, the losses are the one figure to draw
+        assert [os.path.basename(p) for p in early["figures"]] == ["experiment_losses.png"]
+    sc_train, sc_test = sc_files(tmp_path)
+    reports = {}
+    for name in runs:
+        reports[name] = ft.main([f"--init_from={root / name / 'ckpt.pt'}", "--task=sc",
+                                 f"--train={sc_train}", f"--test={sc_test}", "--lrs=1e-3,4e-3",
+                                 "--seeds=2", "--batch_size=8", "--max_steps=2",
+                                 "--progress=False", f"--out_dir={root / name / 'sc'}"])
+    figures = tmp_path / "figures"
+    summary = ft.main([f"--summarize={root}"] +
+                      ([f"--figures={figures}"] if has_matplotlib else []))
+
+    # CLM share falling, then continued pretraining
+    assert summary["runs"] == ["clm", "half", "mlm", "clm-cpt"]
+    lines = summary["tables"].splitlines()
+    assert lines[0] == "| run | pretraining | sc accuracy | mean |"
+    rep = reports["half"]
+    assert f"| half | CLM 4 -> MLM 4 | {rep['test_mean']:.2f} ± {rep['test_ci95']:.2f} | " \
+           f"{rep['test_mean']:.2f} |" in lines
+    assert any(line.startswith("| clm-cpt | clm + MLM 4 |") for line in lines)
+    last = read_log(str(root / "mlm"))[1][-1]
+    sd = reports["mlm"]["stability_sd"]
+    assert f"| mlm | {sd:.2f} | {sd:.2f} | {last['val_clm']:.4f} | {last['val_mlm']:.4f} |" in lines
+    assert (root / "summary.md").read_text() == summary["tables"] + "\n"
+    if has_matplotlib:
+        assert sorted(p.name for p in figures.iterdir()) == \
+            ["experiment_losses.png", "experiment_lr.png"]
+        assert all(p.read_bytes()[:4] == b"\x89PNG" for p in figures.iterdir())
+
+    # a sweep filed under the wrong run would put its scores in the wrong row
+    shutil.copytree(root / "mlm" / "sc", root / "clm" / "sc_of_mlm")
+    with pytest.raises(SystemExit, match="not this run's"):
+        ft.main([f"--summarize={root}"])
+    with pytest.raises(SystemExit, match="no run in"):
+        ft.main([f"--summarize={tmp_path / 'empty'}"])
+    with pytest.raises(SystemExit, match="--figures goes with --summarize"):
+        ft.main(["--init_from=x.pt", "--figures=out"])
+
+
+def test_cpu_experiment_runs_every_step_in_order_and_picks_up_where_it_stopped(tmp_path,
+                                                                               monkeypatch):
+    """experiment.py's orchestration, with the commands recorded instead of run: the seven
+    pretraining runs (each CPT run after its source), then one sweep per run and task with the
+    grid settings, then the summary; a second call reuses finished runs and resumes an
+    interrupted one."""
+    import experiment
+    commands, summaries = [], []
+
+    def out_dir_of(args):
+        return next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
+
+    def fake_command(args, log_path):
+        commands.append(args)
+        out_dir = out_dir_of(args)
+        if args[0] == "train.py":  # a finished run leaves its summary.json, as train.py does
+            steps = next((a.split("=")[1] for a in args if a.startswith("--max_steps=")), "?")
+            os.makedirs(out_dir, exist_ok=True)
+            (tmp_path / "exp" / os.path.basename(out_dir) / "summary.json").write_text(
+                f'{{"steps": {steps}}}')
+    monkeypatch.setattr(experiment, "run_command", fake_command)
+    monkeypatch.setattr(experiment, "summarize", lambda *a: summaries.append(a))
+    argv = [f"--out_dir={tmp_path / 'exp'}", "--jobs=1", "--tasks=sc,qa", "--steps=40",
+            "--cpt_steps=20", "--figures="]
+    experiment.main(argv)
+    pretraining = [a for a in commands if a[0] == "train.py"]
+    names = [os.path.basename(out_dir_of(a)) for a in pretraining]
+    assert names == list(experiment.RUNS)  # jobs=1: in order, each CPT run after its source
+    cpt = next(a for a in pretraining if "--out_dir=" + str(tmp_path / "exp" / "clm-cpt") in a)
+    assert f"--init_from={tmp_path / 'exp' / 'clm' / 'ckpt.pt'}" in cpt and "--max_steps=20" in cpt
+    sweeps = [a for a in commands if a[0] == "finetune.py"]
+    assert len(sweeps) == 7 * 2 and all("--lrs=1e-3,3e-3,1e-2" in a and "--seeds=2" in a
+                                        for a in sweeps)
+    assert summaries == [(str(tmp_path / "exp"), "")]
+
+    commands.clear()
+    (tmp_path / "exp" / "mlm" / "summary.json").unlink()  # mlm was interrupted after a checkpoint
+    (tmp_path / "exp" / "mlm" / "ckpt.pt").write_bytes(b"")
+    experiment.main(argv)
+    assert [a for a in commands if a[0] == "train.py"] == [
+        ["train.py", f"--out_dir={tmp_path / 'exp' / 'mlm'}", "--init_from=resume",
+         "--progress=False"]]

@@ -1,0 +1,309 @@
+"""
+Faults and bad input: nothing executed, nothing lost, every error names its cause. Crashes (a
+process killed mid-step, a torn log line, a full disk), non-finite numbers, hostile or broken
+files, and settings that would silently do the wrong thing.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import checkpoints
+import files
+import finetune as ft
+import train
+from conftest import (HERE, error_of, make_checkpoint, make_family, read_log, rows, run_args,
+                      sc_files, tiny_body)
+from data import load_meta, prepare
+
+
+def train_in_subprocess(args, crash_at_step=None, timeout=120):
+    """train.py in its own process; crash_at_step=N: the process dies (os._exit, no cleanup, no
+    buffers flushed, like kill -9) when step N starts."""
+    crash = "" if crash_at_step is None else textwrap.dedent(f"""
+        real = train.train_step
+        def train_step(*a, **k):
+            if a[5] == {crash_at_step}:
+                os._exit(9)
+            return real(*a, **k)
+        train.train_step = train_step
+        """)
+    code = f"import os, sys, train\n{crash}\ntrain.main(sys.argv[1:])\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          cwd=HERE, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def strict_json_lines(path):
+    def reject(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+    with open(path) as f:
+        return [json.loads(line, parse_constant=reject) for line in f]
+
+
+def test_summarize_never_unpickles_code(tmp_path):
+    class Payload:  # what a hostile checkpoint carries: unpickling it would create `marker`
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "marker"),)
+    (tmp_path / "exp" / "run").mkdir(parents=True)
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "train_config": {}, "x": Payload()},
+               tmp_path / "exp/run/ckpt.pt")
+    (tmp_path / "exp/run/log.jsonl").write_text("")
+    message = error_of([f"--summarize={tmp_path / 'exp'}"])
+    assert "ckpt.pt holds Python objects" in message and "not loaded" in message
+    assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.slow
+def test_a_non_finite_gradient_is_never_applied_nor_saved(tiny_data, tmp_path):
+    """lr=1e9: step 2's loss is finite but its gradient is not. That update must not be applied, no
+    checkpoint may hold a NaN, and the message names the real last good checkpoint, or says there is
+    none."""
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(tiny_data, out, lr=1e9, max_steps=20, eval_interval=2))
+    assert "gradient norm nan" in str(e.value) and \
+        "No checkpoint of this run was written yet" in str(e.value)
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+    train.main(run_args(tiny_data, out, max_steps=20, eval_interval=2, stop_at=2))
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(tiny_data, out, init_from="resume", lr=1e9))
+    assert f"last good checkpoint is {out}/ckpt.pt (step 2)" in str(e.value)
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 2 and checkpoints.first_non_finite(ckpt) is None
+    strict_json_lines(os.path.join(out, "log.jsonl"))
+
+
+def test_a_non_finite_checkpoint_is_refused_and_the_old_one_kept(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoints.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, path)
+    with pytest.raises(FloatingPointError, match=r"model\.w holds non-finite values at step 2"):
+        inf = torch.tensor([1.0, float("inf"), 0.0])
+        checkpoints.save_checkpoint({"step": 2, "model": {"w": inf}}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    nan_state = {"optimizer": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}}
+    assert checkpoints.first_non_finite(nan_state) == "optimizer.state.0.exp_avg"
+
+
+def test_finetuning_stops_before_a_non_finite_update(tmp_path):
+    """A loss that is finite with a NaN gradient (sqrt at 0 in the backward pass) from step 2 on:
+    the cell is flagged as diverged at step 2 and scored with the weights of step 2, which are
+    finite."""
+    family, cfg = make_family("sc", [{"text": f"text {i}", "label": i % 2} for i in range(64)],
+                              batch_size=8, max_steps=6)
+    real, calls = family.loss, []
+
+    def loss(body, head, batch):
+        calls.append(1)
+        value = real(body, head, batch)
+        w = head.weight
+        return value + ((w - w.detach()).pow(2).sum().sqrt() if len(calls) > 2 else 0)
+    family.loss = loss
+    body = tiny_body()
+    splits = {"train": family.encode(rows([{"text": f"text {i}", "label": i % 2}
+                                           for i in range(64)])),
+              "test": family.encode(rows([{"text": "text 1", "label": 1}]))}
+    result = ft.finetune_cell(family, body, splits, cfg, 1e-3, seed=0)
+    assert result["diverged_at"] == 2 and math.isfinite(result["test"]["accuracy"])
+    assert all(torch.isfinite(p).all() and p.grad is None for p in body.parameters())
+
+
+@pytest.mark.slow
+def test_resume_rewrites_the_log_atomically_and_drops_a_torn_line(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(run_args(tiny_data, out, stop_at=4))
+    log = os.path.join(out, "log.jsonl")
+    kept = open(log).read()
+    # The process dies as the first resumed step starts: on main, the log was truncated and its
+    # lines buffered.
+    died = train_in_subprocess(run_args(tiny_data, out, init_from="resume"), crash_at_step=4)
+    assert died.returncode == 9 and open(log).read() == kept
+    with open(log, "a") as f:
+        f.write('{"step": 5, "objective": "ml')  # a crash in the middle of a write
+    train.main(run_args(tiny_data, out, init_from="resume"))
+    steps, evals = read_log(out)
+    assert [r["step"] for r in steps] == list(range(1, 9)) and \
+        [e["step"] for e in evals] == [0, 4, 8]
+
+
+@pytest.mark.slow
+def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_step_0_once(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    assert train_in_subprocess(run_args(tiny_data, out), crash_at_step=1).returncode == 9
+    train.main(run_args(tiny_data, out))
+    assert [e["step"] for e in read_log(out)[1]] == [0, 4, 8]
+
+
+def test_log_is_strict_json_when_a_figure_is_not_finite(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "peak_flops", lambda device: float("nan"))  # unknown GPU: MFU NaN
+    out = str(tmp_path / "run")
+    train.main(run_args(tiny_data, out, max_steps=2, switch_at=1, warmup_steps=1, decay_steps=1))
+    records = strict_json_lines(os.path.join(out, "log.jsonl"))
+    assert [r["mfu"] for r in records if "mfu" in r] == [None, None]
+
+
+@pytest.mark.slow
+def test_one_run_per_out_dir_and_a_crashed_run_leaves_no_stuck_lock(tiny_data, tmp_path):
+    out = str(tmp_path / "run")
+    with files.exclusive(os.path.join(out, ".lock"), "a test"):
+        with pytest.raises(SystemExit, match=f"process {os.getpid()} is already working there"):
+            train.main(run_args(tiny_data, out))
+    assert not os.path.exists(os.path.join(out, "log.jsonl"))  # the refused run touched nothing
+    assert train_in_subprocess(run_args(tiny_data, out), crash_at_step=1).returncode == 9
+    train.main(run_args(tiny_data, out))  # the lock died with its process
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    train_file, test_file = sc_files(tmp_path)
+    with files.exclusive(str(tmp_path / "ft" / ".lock"), "a test"):
+        assert "already working there" in error_of([f"--init_from={ckpt}", "--task=sc",
+                                                    f"--train={train_file}", f"--test={test_file}",
+                                                    f"--out_dir={tmp_path / 'ft'}"])
+
+
+@pytest.mark.slow
+def test_two_preparations_of_one_directory_run_one_after_the_other(tmp_path, capsys):
+    """Another process is preparing the directory (held at its tokenizer until told to go on); a
+    prepare(reuse=True) started meanwhile waits for it, then reuses its files instead of writing the
+    same files at the same time."""
+    import threading
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n"
+                                              for i in range(50)))
+    out, source = str(tmp_path / "data"), str(tmp_path / "c.jsonl")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, data
+        real = data._write_token_files
+        def held(*args):
+            print("held", flush=True)
+            sys.stdin.readline()
+            return real(*args)
+        data._write_token_files = held
+        data.prepare({source!r}, {out!r}, "cl100k_8k", val_fraction=0.2)
+        """)], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().startswith("preparing ") and \
+        holder.stdout.readline() == "held\n"
+    result = {}
+    waiting = threading.Thread(target=lambda: result.update(
+        meta=prepare(source, out, val_fraction=0.2, reuse=True)))
+    waiting.start()
+    for _ in range(600):
+        if "waiting for process" in capsys.readouterr().err:
+            break
+        waiting.join(0.1)
+    else:
+        pytest.fail("prepare did not wait for the process preparing the directory")
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    waiting.join(60)
+    assert holder.wait(timeout=60) == 0
+    assert result["meta"] == load_meta(out) and sum(result["meta"]["n_documents"].values()) == 50
+    assert "preparing" not in capsys.readouterr().out  # reused, not prepared a second time
+    assert not any(name.endswith(".tmp") for name in os.listdir(out))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grad_clip=-1"], "grad_clip must be >= 0"),
+    (["--lr=inf"], "lr must be a finite number"),
+    (["--switch_at=0.001", "--max_steps=40", "--decay_steps=4"],
+     "switch_at=0.001 puts the switch at step 0 of 40"),
+    (["--switch_at=0.99", "--max_steps=40", "--decay_steps=4"],
+     "switch_at=0.99 puts the switch at step 40 of 40"),
+    (["--eval_batches=0"], "eval_batches must be >= 1"),
+])
+def test_settings_that_would_silently_do_the_wrong_thing(argv, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train.main(argv + [f"--out_dir={tmp_path}"])
+    if "grad_clip" in message:
+        assert "grad_clip must be >= 0" in error_of(["--init_from=x.pt", "--grad_clip=-1"])
+
+
+def test_meta_json_is_checked_against_the_tokenizer(tiny_data, tmp_path):
+    edited = tmp_path / "data"
+    shutil.copytree(tiny_data, edited)
+    meta = json.loads((edited / "meta.json").read_text())
+    (edited / "meta.json").write_text(json.dumps({**meta, "n_vocab": 9000}))
+    with pytest.raises(SystemExit, match=r"meta.json does not match the tokenizer of "
+                                         r"--tokenizer=cl100k_8k \(n_vocab 9000 against 8195\)"):
+        train.main(run_args(str(edited), str(tmp_path / "run")))
+    (edited / "meta.json").write_text('{"tokenizer": "cl100k_8k", ')
+    with pytest.raises(SystemExit, match="meta.json is not valid JSON"):
+        train.main(run_args(str(edited), str(tmp_path / "run")))
+    (edited / "meta.json").write_text(json.dumps({**meta, "mask_id": "8193"}))
+    with pytest.raises(SystemExit, match="meta.json: field 'mask_id' must be a token id"):
+        train.main(run_args(str(edited), str(tmp_path / "run")))
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("lr = 1e-3\nmax_steps = = 5\n")
+    with pytest.raises(SystemExit, match=r"broken.py, line 2: invalid syntax"):
+        train.main([str(broken)])
+    failing = tmp_path / "failing.py"
+    failing.write_text("lr = 1e-3\n\nmax_steps = steps * 2\n")
+    with pytest.raises(SystemExit,
+                       match=r"failing.py, line 3: NameError: name 'steps' is not defined"):
+        train.main([str(failing)])
+
+
+def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes("first line\ncaf\xe9 in latin-1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"a.txt, line 2: not UTF-8 text \(byte 0xe9\)"):
+        prepare(str(tmp_path / "a.txt"), str(tmp_path / "out"))
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl, line 2: not UTF-8 text \(byte 0xe9"):
+        prepare(str(tmp_path / "b.jsonl"), str(tmp_path / "out"))
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "train.jsonl").write_bytes(b'{"text": "fine", "label": 1}\n'
+                                           b'{"text": "caf\xe9", "label": 0}\n')
+    assert "train.jsonl, line 2: not UTF-8 text" in error_of([f"--init_from={ckpt}", "--task=sc",
+                                                              f"--train={tmp_path}/train.jsonl",
+                                                              f"--test={tmp_path}/train.jsonl"])
+
+
+def one_line_error(command, args, cwd):
+    result = subprocess.run([sys.executable, os.path.join(HERE, command), *args],
+                            capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_bad_files_stop_with_one_line_that_names_them(tiny_data, tmp_path):
+    assert "--max_tokens must be of type int, got 'abc'" in \
+        one_line_error("data.py", ["--max_tokens=abc"], tmp_path)
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    good = tmp_path / "good" / "ckpt.pt"
+    train.main(run_args(tiny_data, str(good.parent), max_steps=2, switch_at=1, warmup_steps=1,
+                        decay_steps=1))
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:5000])
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    for name, message in [("notes.txt", "is not a complete PyTorch checkpoint"),
+                          ("truncated.pt", "is not a complete PyTorch checkpoint"),
+                          ("foreign.pt", "is not a checkpoint of this project")]:
+        line = one_line_error("train.py", run_args(tiny_data, str(tmp_path / name[:-3]),
+                                                   init_from=tmp_path / name), tmp_path)
+        assert f"{tmp_path / name} {message}" in line
+    line = one_line_error("train.py", run_args(tiny_data, str(tmp_path / "never"),
+                                               init_from="resume"), tmp_path)
+    assert f"there is no {tmp_path / 'never' / 'ckpt.pt'} to resume" in line
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_data, tmp_path):
+    """/dev/full answers every write with ENOSPC, as a full disk does: the checkpoint write fails,
+    the message says so with the path, no temporary file is left behind, and the previous checkpoint
+    still loads."""
+    out = tmp_path / "run"
+    train.main(run_args(tiny_data, str(out), stop_at=4))
+    os.symlink("/dev/full", out / "ckpt.pt.tmp")  # where the next checkpoint is written first
+    with pytest.raises(SystemExit, match=f"could not write {out / 'ckpt.pt'}"
+                                         ".*the previous version of the file"):
+        train.main(run_args(tiny_data, str(out), init_from="resume"))
+    assert not os.path.lexists(out / "ckpt.pt.tmp")
+    assert checkpoints.load_checkpoint(str(out / "ckpt.pt"))[1]["step"] == 4
