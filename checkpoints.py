@@ -125,3 +125,23 @@ def open_log(path: str, resumed_step: int | None):
     kept = [r for r in records if r.get("step", math.inf) <= resumed_step]
     files.write_text_atomically(path, "".join(files.json_line(r) for r in kept))
     return open(path, "a", encoding="utf-8")
+
+
+def kept_steps(spec: str, max_steps: int) -> set[int]:
+    """The steps whose weights are kept as ckpt_<step>.pt besides the resumable ckpt.pt: the
+    paper's intermediate checkpoints (610m-clm-42k-1000 is step 1,000 of a 42k CLM run), which
+    its data-efficiency figure fine-tunes."""
+    text, spec = spec, spec.replace(" ", "")
+    try:
+        if spec.startswith("every:"):
+            every = int(spec.removeprefix("every:"))
+            steps = set(range(every, max_steps + 1, every)) if every > 0 else {0}
+        else:
+            steps = {int(float(x)) for x in spec.split(",") if x}
+    except ValueError:
+        raise ValueError(f"keep_checkpoints={text!r} must be steps, "
+                         "\"1000,5000\", or \"every:N\"") from None
+    if any(not 0 < step <= max_steps for step in steps):
+        raise ValueError(f"keep_checkpoints={text!r} must name steps in "
+                         f"[1, max_steps={max_steps}]")
+    return steps

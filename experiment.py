@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import files
 from checkpoints import read_checkpoint
 from settings import configure
-from tasks import FAMILIES
+from tasks import FAMILY_NAMES
 from train import TrainConfig, switch_step
 
 
@@ -42,18 +43,25 @@ def read_run(ckpt_path: str) -> dict:
     if "train_config" not in ckpt:
         raise ValueError(f"{ckpt_path} has no train_config: not written by train.py")
     evals = [r for r in files.read_json_lines(os.path.join(run_dir, "log.jsonl")) if "val_clm" in r]
-    reports = {}
+    reports, by_step = {}, {}  # task -> report of ckpt.pt; step -> task -> report of ckpt_<step>.pt
     for path in sorted(glob.glob(os.path.join(run_dir, "*", "report.json"))):
         with open(path) as f:
             rep = json.load(f)
-        if os.path.realpath(rep["init_from"]) != os.path.realpath(ckpt_path):
-            raise ValueError(f"{path} fine-tuned {rep['init_from']}, not this run's {ckpt_path}; "
-                             f"move it out of {run_dir}")
         results = files.read_json_lines(os.path.join(os.path.dirname(path), "results.jsonl"))
         rep["cells"] = [r for r in results if r.get("key") == rep["key"]]
-        reports[rep["task"]] = rep
+        source = os.path.realpath(rep["init_from"])
+        kept = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(source))
+        if source == os.path.realpath(ckpt_path):
+            reports[rep["task"]] = rep
+        elif kept and os.path.dirname(source) == os.path.realpath(run_dir):
+            by_step.setdefault(int(kept[1]), {})[rep["task"]] = rep
+        else:
+            raise ValueError(f"{path} fine-tuned {rep['init_from']}, not this run's ckpt.pt or "
+                             f"one of its ckpt_<step>.pt; move it out of {run_dir}")
+    if by_step and reports:  # the final checkpoint is the last point of the data-efficiency curve
+        by_step[ckpt["step"]] = reports
     return {"name": os.path.basename(run_dir), "ckpt": ckpt_path, "config": ckpt["train_config"],
-            "evals": evals, "reports": reports}
+            "evals": evals, "reports": reports, "by_step": by_step}
 
 
 def describe_runs(runs: list[dict]) -> list[dict]:
@@ -83,10 +91,10 @@ def describe_runs(runs: list[dict]) -> list[dict]:
 def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
     """The tasks, and two markdown tables: the test score at the learning rate chosen on validation
     (mean ± 95% CI over seeds) per run and task, as the paper reports; then the stability figure
-    (sd across the learning-rate grid, points) and the final validation losses of pretraining."""
-    tasks = sorted({t for run in runs for t in run["reports"]},
-                   key=lambda t: (list(FAMILIES).index(next(r["reports"][t]["family"] for r in runs
-                                                           if t in r["reports"])), t))
+    (sd across the learning-rate grid, points; its mean also over the learning rates where no seed
+    diverged) and the final validation losses of pretraining."""
+    family = {t: r["reports"][t]["family"] for r in runs for t in r["reports"]}
+    tasks = sorted(family, key=lambda t: (FAMILY_NAMES.index(family[t]), t))
     metric = {t: next(r["reports"][t]["metric"] for r in runs if t in r["reports"]) for t in tasks}
 
     def row(cells):
@@ -98,8 +106,9 @@ def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
 
     scores = [row(["run", "pretraining"] + [f"{t} {metric[t]}" for t in tasks] + ["mean"]),
               row(["---"] * (len(tasks) + 3))]
-    stability = [row(["run"] + [t for t in tasks] + ["mean", "final val CLM", "final val MLM"]),
-                 row(["---"] * (len(tasks) + 4))]
+    stability = [row(["run"] + [t for t in tasks] + ["mean", "mean, lrs with no divergence",
+                                                      "final val CLM", "final val MLM"]),
+                 row(["---"] * (len(tasks) + 5))]
     for run in runs:
         reps = [run["reports"].get(t) for t in tasks]
         scores.append(row([run["name"], run["pretraining"]]
@@ -108,12 +117,35 @@ def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
                                  else "")) for rep in reps]
                           + [mean_of([rep and rep["test_mean"] for rep in reps])]))
         sds = [rep and rep["stability_sd"] for rep in reps]
+        converged = [rep and rep.get("stability_sd_converged") for rep in reps]
         last = run["evals"][-1] if run["evals"] else {}
         stability.append(row([run["name"]] + ["-" if sd is None else f"{sd:.2f}" for sd in sds]
-                             + [mean_of(sds)]
+                             + [mean_of(sds), mean_of(converged)]
                              + [f"{last[k]:.4f}" if k in last else "-"
                                 for k in ("val_clm", "val_mlm")]))
-    return tasks, "\n".join(scores) + "\n\n" + "\n".join(stability)
+    tables = "\n".join(scores) + "\n\n" + "\n".join(stability)
+    efficiency = efficiency_table(runs)
+    return tasks, tables + ("\n\n" + efficiency if efficiency else "")
+
+
+def efficiency_table(runs: list[dict]) -> str:
+    """The paper's data-efficiency view: the test score (at the learning rate chosen on
+    validation) of checkpoints taken along a run, against the tokens it had seen; "" when no
+    intermediate checkpoint was fine-tuned."""
+    curves = [run for run in runs if run["by_step"]]
+    if not curves:
+        return ""
+    tasks = sorted({t for run in curves for reps in run["by_step"].values() for t in reps})
+    lines = ["| run | step | tokens | " + " | ".join(tasks) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
+    for run in curves:
+        cfg = run["config"]
+        tokens_per_step = ((cfg.get("total_batch_size") or cfg["batch_size"]) * cfg["block_size"])
+        for step in sorted(run["by_step"]):
+            reps = run["by_step"][step]
+            lines.append(f"| {run['name']} | {step} | {step * tokens_per_step:,} | " + " | ".join(
+                f"{reps[t]['test_mean']:.2f}" if t in reps else "-" for t in tasks) + " |")
+    return "\n".join(lines)
 
 
 def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
@@ -174,12 +206,44 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
         ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
+    sweep_path = save_figure(plt, fig, axes, os.path.join(out_dir, "experiment_lr.png"))
+    steps_path = draw_efficiency(plt, runs, colors, out_dir)
+    return [losses, sweep_path] + ([steps_path] if steps_path else [])
+
+
+def draw_efficiency(plt, runs: list[dict], colors: dict, out_dir: str) -> str | None:
+    """The data-efficiency figure: per task, the test score of each checkpoint fine-tuned along a
+    run against its pretraining step (the seed mean, with each seed as a dot)."""
+    curves = [run for run in runs if run["by_step"]]
+    tasks = sorted({t for run in curves for reps in run["by_step"].values() for t in reps})
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for run in curves:
+            points = [(step, reps[task]) for step, reps in sorted(run["by_step"].items())
+                      if task in reps]
+            ax.plot([step for step, _ in points], [rep["test_mean"] for _, rep in points],
+                    color=colors[run["name"]], marker="o", label=run["name"])
+            for step, rep in points:
+                chosen = [c["test"][rep["metric"]] for c in rep["cells"]
+                          if c["lr"] == rep["chosen_lr"]]
+                ax.scatter([step] * len(chosen), chosen, color=colors[run["name"]], s=10,
+                           alpha=0.4)
+        metric = next(reps[task]["metric"] for run in curves for reps in run["by_step"].values()
+                      if task in reps)
+        ax.set(title=task, xlabel="pretraining step", ylabel=f"test {metric}")
+        ax.grid(alpha=0.3)
+    return save_figure(plt, fig, axes, os.path.join(out_dir, "experiment_steps.png"))
+
+
+def save_figure(plt, fig, axes, path: str) -> str:
+    """A row of per-task panels, the legend in the last one."""
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    sweep_path = os.path.join(out_dir, "experiment_lr.png")
-    fig.savefig(sweep_path, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [losses, sweep_path]
+    return path
 
 
 def summarize(directory: str, figures_dir: str = "") -> dict:
@@ -210,7 +274,7 @@ def summarize(directory: str, figures_dir: str = "") -> dict:
 @dataclass
 class ExperimentConfig:
     out_dir: str = "out/exp"  # one train.py out_dir per run below it, each with its sweeps
-    figures: str = "assets"  # where the two figures go; "" = none
+    figures: str = "assets"  # where the figures go; "" = none
     jobs: int = 2  # processes at a time, one thread each (one per core)
     steps: int = 400  # pretraining steps of every run (8 x 128 tokens a step)
     cpt_steps: int = 200  # continued pretraining: MLM steps added to the decayed CLM and MLM runs
@@ -220,6 +284,8 @@ class ExperimentConfig:
     seeds: int = 2  # fine-tuning seeds at each learning rate
     ft_batch_size: int = 16  # fine-tuning batch
     ft_steps: int = 40  # fine-tuning steps per cell (640 examples at batch 16)
+    keep: str = "100,200"  # clm and mlm steps also fine-tuned (data efficiency); "" = none
+    keep_tasks: str = "sc,tc,ir"  # demo tasks of those checkpoints (demo_qa sits at its floor)
 
 
 # name: (train.py settings of the run, the run it continues, or None)
@@ -232,6 +298,7 @@ RUNS = {
     "clm-cpt": (["--objective=mlm", "--switch_to=none"], "clm"),
     "mlm-cpt": (["--objective=mlm", "--switch_to=none"], "mlm"),
 }
+KEPT = ("clm", "mlm")  # the runs whose intermediate checkpoints draw the data-efficiency figure
 
 
 def run_command(args: list[str], log_path: str) -> None:
@@ -267,18 +334,24 @@ def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
         return
     args = ["train.py", f"--max_steps={steps}", f"--eval_interval={cfg.eval_interval}",
             "--progress=False", f"--out_dir={run_dir}", *settings]
-    if source:
-        args.append(f"--init_from={os.path.join(cfg.out_dir, source, 'ckpt.pt')}")
+    if source:  # config/cpt.py's schedule: a 1% warmup, the pretraining runs' decay (40 steps)
+        args += [f"--init_from={os.path.join(cfg.out_dir, source, 'ckpt.pt')}",
+                 f"--warmup_steps={max(1, steps // 100)}"]
+    if name in KEPT and cfg.keep:
+        args.append(f"--keep_checkpoints={cfg.keep}")
     if os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # interrupted: continue it
         args = ["train.py", f"--out_dir={run_dir}", "--init_from=resume", "--progress=False"]
     run_command(args, os.path.join(cfg.out_dir, f"{name}.log"))
 
 
-def sweep(name: str, task: str, cfg: ExperimentConfig) -> None:
-    """A learning-rate x seed sweep of one run on one demo task; cells already done are reused."""
-    out = os.path.join(cfg.out_dir, name, f"demo_{task}")
+def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) -> None:
+    """A learning-rate x seed sweep of one run (or of its checkpoint at `step`) on one demo task;
+    cells already done are reused."""
+    ckpt = "ckpt.pt" if step is None else f"ckpt_{step}.pt"
+    out = os.path.join(cfg.out_dir, name, f"demo_{task}" if step is None else
+                       f"step{step}_demo_{task}")
     os.makedirs(out, exist_ok=True)
-    run_command(["finetune.py", f"--init_from={os.path.join(cfg.out_dir, name, 'ckpt.pt')}",
+    run_command(["finetune.py", f"--init_from={os.path.join(cfg.out_dir, name, ckpt)}",
                  f"--task=demo_{task}", f"--lrs={cfg.lrs}", f"--seeds={cfg.seeds}",
                  f"--batch_size={cfg.ft_batch_size}", f"--max_steps={cfg.ft_steps}",
                  "--progress=False", f"--out_dir={out}"], os.path.join(out, "log.txt"))
@@ -298,6 +371,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         print(f"pretraining done ({time.perf_counter() - t0:.0f} s)")
         sweeps = [pool.submit(sweep, name, task, cfg) for name in RUNS
                   for task in cfg.tasks.split(",") if task]
+        sweeps += [pool.submit(sweep, name, task, cfg, int(step)) for name in KEPT
+                   for step in cfg.keep.split(",") if step
+                   for task in cfg.keep_tasks.split(",") if task]
         for future in sweeps:
             future.result()
     print(f"fine-tuning done ({time.perf_counter() - t0:.0f} s)")

@@ -9,27 +9,33 @@ Fine-tune a pretraining checkpoint on one task and evaluate it the way the paper
                                                    # a paper dataset (pip install datasets; network)
     python finetune.py --help                      # every setting
 
-The protocol (the paper's): bidirectional attention whatever the pretraining objective
-(--causal=True is an ablation); AdamW (0.9, 0.95), eps 1e-5, weight decay 0.1; 10% linear warmup,
-then linear decay to 0; batch 32; at most 1,000 steps or one epoch, whichever is smaller; 5% of
-the training file held out as validation; the test file is the dataset's official validation
-split. Every (learning rate, seed) cell of the grid is fine-tuned from the same checkpoint and
-appended to out_dir/results.jsonl as soon as it finishes, so an interrupted sweep restarts where
-it stopped. The report (printed, and out_dir/report.json) gives per learning rate the seed mean
-and its 95% confidence interval, the learning rate chosen on validation with its test score, and
-the stability figure.
+The protocol (the paper's, as its authors' evaluation code EncodEval runs it): bidirectional
+attention whatever the pretraining objective (--causal=True is an ablation); AdamW (0.9, 0.95),
+eps 1e-5, weight decay 0.1; 10% linear warmup, then linear decay to 0; batch 32; at most 1,000
+steps or one epoch, whichever is smaller; on CUDA the whole model in bfloat16 under bf16 autocast
+(--weights). Splits: sc and qa hold 5% of the training data out as validation and test on the
+official validation split; tc uses the dataset's own validation and test splits; the ir tasks train
+on MS MARCO pairs and are validated and tested on the judged queries of MS MARCO, NQ or MLDR
+(task_data.py). Inputs are labelled texts ending with end-of-text, the authors' format
+(--input_format, tasks.py). Every (learning rate, seed) cell of the grid is fine-tuned from the
+same checkpoint and appended to out_dir/results.jsonl as soon as it finishes, so an interrupted
+sweep restarts where it stopped. The report (printed, and out_dir/report.json) gives per learning
+rate the seed mean and its 95% confidence interval, the learning rate chosen on validation with its
+test score, and the stability figure: how much the score varies across the learning-rate grid.
+--save_model=true also saves the chosen model to out_dir/model.pt.
 
 The four task families (tasks.py) put a small head on the pretrained body:
 
-  sc  sequence classification   pooled hidden states + linear           accuracy
+  sc  sequence classification   pooled -> dense -> GELU -> linear (EuroBERT's)  accuracy
   tc  token classification      linear on each word's first sub-token   entity F1 (conlleval)
   qa  extractive QA             start/end logits per token              SQuAD F1 (and exact match)
   ir  retrieval                 pooled, normalised embedding (InfoNCE)  nDCG@10 (and MRR@10)
 
-Scores are in points (0-100). Task records come from JSON-lines files in the schemas of
-task_data.py, from the paper's datasets through the optional `datasets` package
-(task_data.HF_TASKS), or from the offline demo tasks built from docstrings that pretraining never
-saw (docstrings.py) - those are for trying the pipeline, not for comparison with the paper.
+Scores are in points (0-100), by the standard scorers (metrics.py says where EncodEval's differ).
+Task records come from JSON-lines files in the schemas of task_data.py, from the paper's datasets
+through the optional `datasets` package (task_data.HF_TASKS), or from the offline demo tasks built
+from docstrings that pretraining never saw (docstrings.py) - those are for trying the pipeline, not
+for comparison with the paper.
 """
 
 import hashlib
@@ -47,16 +53,22 @@ from tqdm import tqdm
 
 import data
 import files
+from checkpoints import checkpoint_payload, load_checkpoint, save_checkpoint
 from device import device_and_autocast
 from experiment import summarize
 from hf import load_hf
 from metrics import mean_ci
-from checkpoints import load_checkpoint
 from model import configure_optimizer
+from qa import QuestionAnswering
 from settings import configure
 from task_data import HF_TASKS, hold_out, load_task
-from tasks import FAMILIES, Family
+from tasks import INPUT_FORMATS, Family, Retrieval, SequenceClassification, TokenClassification
 from train import lr_at
+
+# The paper's four task families (tasks.py, qa.py): each a head on the pretrained body, a loss and
+# a metric.
+FAMILIES = {"sc": SequenceClassification, "tc": TokenClassification, "qa": QuestionAnswering,
+            "ir": Retrieval}
 
 
 @dataclass
@@ -64,7 +76,8 @@ class FinetuneConfig:
     # what to fine-tune, on what
     init_from: str = ""  # pretraining checkpoint (train.py writes out_dir/ckpt.pt); required
     task: str = "demo_sc"  # sc/tc/qa/ir (+ --train/--test), demo_sc/tc/qa/ir (offline), or HF_TASKS
-    train: str = ""  # JSONL training file (sc|tc|qa|ir); val_fraction of it held out as validation
+    train: str = ""  # JSONL training file (sc|tc|qa|ir); val_fraction held out unless --val
+    val: str = ""  # JSONL validation file (sc|tc|qa|ir); "" = hold out val_fraction of --train
     test: str = ""  # JSONL test file for sc|tc|qa|ir (the paper: the official validation split)
     corpus: str = ""  # ir only: JSONL {"text": str} of extra documents ranked with the test split's
     out_dir: str = "out/finetune"  # results.jsonl (one line per finished cell) and report.json
@@ -80,18 +93,26 @@ class FinetuneConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     # the model
     causal: bool = False  # fine-tune with causal attention (ablation: the paper is bidirectional)
-    pooling: str = "mean"  # sc/ir sequence vector: mean of real tokens, first, or last real token
+    input_format: str = "paper"  # paper (labelled text + <eot>, the authors') or eot (a <eot> b)
+    pooling: str = "mean"  # sc/ir: mean of real tokens, first (EuroBERT's "bos"), last real token
     max_len: int = 512  # tokens per input, at most block_size; longer inputs are cut (qa: windowed)
     doc_stride: int = 128  # qa: tokens shared by consecutive windows over a long context
     max_answer_tokens: int = 30  # qa: longest answer span considered at prediction
     temperature: float = 0.05  # ir: InfoNCE softmax temperature on cosine similarities
+    empty_queries: str = "skip"  # ir: a query without relevant document: skip (EncodEval) or zero
     # system
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, else float32), bfloat16, float32
+    weights: str = "auto"  # auto (bf16 on CUDA, else fp32), fp32 (float32 master), bf16 (pure bf16)
     progress: bool = True  # tqdm progress bars
+    save_model: bool = False  # retrain the chosen cell and save it to out_dir/model.pt
     # summarising an experiment instead of fine-tuning
     summarize: str = ""  # dir of train.py out_dirs (sweeps in subdirectories): print their table
-    figures: str = ""  # with --summarize: directory for two figures (needs matplotlib); "" = none
+    figures: str = ""  # with --summarize: directory for the figures (needs matplotlib); "" = none
+
+
+# Settings that do not change a cell's result: a sweep run with other values reuses its cells
+NOT_IN_KEY = ("lrs", "seeds", "out_dir", "device", "progress", "save_model")
 
 
 def learning_rates(cfg: FinetuneConfig) -> list[float]:
@@ -104,21 +125,35 @@ def learning_rates(cfg: FinetuneConfig) -> list[float]:
     return lrs
 
 
+def family_of(task: str) -> str | None:
+    if task in HF_TASKS:
+        return HF_TASKS[task].family
+    name = task.removeprefix("demo_")
+    return name if name in FAMILIES else None
+
+
+def weights_dtype(weights: str, device: torch.device) -> torch.dtype:
+    """--weights: bf16 casts the whole model, body and new head, to bfloat16, so AdamW keeps its
+    state in bfloat16 too (the authors'); fp32 keeps float32 weights under bf16 autocast; auto is
+    the authors' bf16 on CUDA and fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    if weights == "auto":
+        weights = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if weights == "bf16" else torch.float32
+
+
 def validate(cfg: FinetuneConfig):
     checks = [
         (cfg.init_from != "" or cfg.summarize != "",
          "--init_from (a pretraining checkpoint) is required"),
         (not cfg.figures or cfg.summarize, "--figures goes with --summarize"),
-        ((cfg.task in FAMILIES or cfg.task in HF_TASKS
-          or cfg.task in [f"demo_{f}" for f in FAMILIES]),
+        (family_of(cfg.task) is not None,
          f"--task must be one of {', '.join(FAMILIES)} (with --train/--test), "
          f"{', '.join('demo_' + f for f in FAMILIES)}, or {', '.join(HF_TASKS)}"),
         (cfg.task not in FAMILIES or (cfg.train and cfg.test),
          f"--task={cfg.task} needs --train and --test files"),
-        (cfg.task in FAMILIES or not (cfg.train or cfg.test),
-         "--train/--test are for --task=sc|tc|qa|ir only"),
-        (not cfg.corpus or cfg.task in ("ir", "demo_ir", "msmarco"),
-         "--corpus is for retrieval tasks only"),
+        (cfg.task in FAMILIES or not (cfg.train or cfg.val or cfg.test),
+         "--train/--val/--test are for --task=sc|tc|qa|ir only"),
+        (not cfg.corpus or family_of(cfg.task) == "ir", "--corpus is for retrieval tasks only"),
         (cfg.seeds >= 1 and cfg.batch_size >= 1 and cfg.max_steps >= 1,
          "seeds, batch_size, max_steps must be >= 1"),
         (0 <= cfg.warmup < 1 and 0 < cfg.val_fraction < 1,
@@ -126,6 +161,10 @@ def validate(cfg: FinetuneConfig):
         (cfg.grad_clip >= 0,
          "grad_clip must be >= 0 (0 = off; a negative bound would turn clipping into ascent)"),
         (cfg.pooling in ("mean", "first", "last"), "pooling must be mean, first or last"),
+        (cfg.input_format in INPUT_FORMATS,
+         f"input_format must be {' or '.join(INPUT_FORMATS)}"),
+        (cfg.weights in ("auto", "fp32", "bf16"), "weights must be auto, fp32 or bf16"),
+        (cfg.empty_queries in ("skip", "zero"), "empty_queries must be skip or zero"),
         ((cfg.max_len >= 8 and cfg.max_answer_tokens >= 1 and cfg.doc_stride >= 0
           and cfg.temperature > 0),
          "max_len >= 8, max_answer_tokens >= 1, doc_stride >= 0, temperature > 0"),
@@ -145,8 +184,15 @@ def finetune_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: f
                   seed: int) -> dict:
     """Trains body (in place) and a new head;
     returns the scores of each split in `splits` other than "train"."""
+    return train_cell(family, body, splits, cfg, lr, seed)[0]
+
+
+def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: float,
+               seed: int) -> tuple[dict, nn.Module]:
+    """finetune_cell's result, and the trained head. The head takes the body's dtype: float32, or
+    bfloat16 for --weights=bf16, where the whole model is bfloat16."""
     torch.manual_seed(seed)
-    head = family.head(body.config.n_embd).to(family.device)
+    head = family.head(body.config.n_embd).to(family.device, next(body.parameters()).dtype)
     both = nn.ModuleDict({"body": body, "head": head})
     optimizer = configure_optimizer(both, lr, cfg.weight_decay, device_type=family.device.type)
     items = splits["train"].items
@@ -163,7 +209,7 @@ def finetune_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: f
                                         order[step * cfg.batch_size:(step + 1) * cfg.batch_size]])
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(both.parameters(), cfg.grad_clip or float("inf"))
-        if not torch.isfinite(torch.stack([loss.detach(), grad_norm])).all():
+        if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):
             # A real outcome at a high learning rate: the update is not applied, and the cell is
             # scored with the weights of its last finite step. A finite loss can come with a
             # non-finite gradient.
@@ -176,7 +222,7 @@ def finetune_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: f
     with torch.no_grad():
         scores = {name: {k: 100 * v for k, v in family.evaluate(body, head, split).items()}
                   for name, split in splits.items() if name != "train"}
-    return {**scores, "steps": steps, "diverged_at": diverged}
+    return {**scores, "steps": steps, "diverged_at": diverged}, head
 
 # --------------------------------------------------------------------------------------------------
 # The sweep and its report
@@ -215,9 +261,14 @@ def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> 
 def report(results: list[dict], metric: str) -> dict:
     """Per learning rate: the seed mean of the validation and test scores with their 95% intervals.
     The chosen learning rate has the best mean validation score (the smaller one on a tie).
-    Stability: the standard deviation (n - 1) across the learning rates of the grid of the seed-mean
-    test score, in points - how far the score moves when the learning rate is mis-set; lower is more
-    stable (the paper's finding 2: CLM-pretrained models move less)."""
+
+    Stability, the paper's second finding (CLM-pretrained models fine-tune more stably): how much
+    the score varies across the learning-rate grid, which the paper reads off its score against
+    learning rate figure over the whole grid. stability_sd is the standard deviation (n - 1) across
+    the whole grid of the seed-mean test score, in points: how far the score moves when the
+    learning rate is mis-set; lower is more stable. stability_sd_converged is the same over the
+    learning rates where no seed diverged (stability_lrs_converged), so that a few diverged cells
+    do not decide the figure alone."""
     per_lr = []
     for lr in dict.fromkeys(r["lr"] for r in results):
         cells = [r for r in results if r["lr"] == lr]
@@ -227,10 +278,16 @@ def report(results: list[dict], metric: str) -> dict:
                        "test_mean": test_mean, "test_ci95": test_ci,
                        "diverged": sum(r["diverged_at"] is not None for r in cells)})
     chosen = max(per_lr, key=lambda row: (row["val_mean"], -row["lr"]))
-    test_means = [row["test_mean"] for row in per_lr]
+    converged = [row for row in per_lr if not row["diverged"]]
     return {"metric": metric, "per_lr": per_lr, "chosen_lr": chosen["lr"],
             "test_mean": chosen["test_mean"], "test_ci95": chosen["test_ci95"],
-            "stability_sd": statistics.stdev(test_means) if len(test_means) > 1 else None}
+            "stability_sd": sd_of([row["test_mean"] for row in per_lr]),
+            "stability_sd_converged": sd_of([row["test_mean"] for row in converged]),
+            "stability_lrs_converged": [row["lr"] for row in converged]}
+
+
+def sd_of(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def print_report(rep: dict):
@@ -248,6 +305,10 @@ def print_report(rep: dict):
     if rep["stability_sd"] is not None:
         print(f"stability: sd of the seed-mean test score across the lr grid = "
               f"{rep['stability_sd']:.2f} points")
+    n_converged = len(rep["stability_lrs_converged"])
+    if n_converged < len(rep["per_lr"]) and rep["stability_sd_converged"] is not None:
+        print(f"  over the {n_converged} learning rates where no seed diverged: "
+              f"{rep['stability_sd_converged']:.2f} points")
     if "trivial" in rep:
         print(f"a constant prediction ({rep['trivial']['rule']}) scores "
               f"{rep['trivial']['test']:.2f} on test")
@@ -262,55 +323,105 @@ def main(argv: list[str]) -> dict:
         raise SystemExit(f"error: {e}") from None
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    device, autocast = device_and_autocast(cfg.device, cfg.dtype)
+def load_body(cfg: FinetuneConfig, device):
+    """(body, tokenizer, the checkpoint dict: {} for an hf: body)."""
     if cfg.init_from.startswith("hf:"):  # a Hugging Face decoder as it is, with its own tokenizer
         tok = data.get_tokenizer(cfg.init_from)
-        body, ckpt = load_hf(cfg.init_from.removeprefix("hf:"), tok).to(device), {}
+        return load_hf(cfg.init_from.removeprefix("hf:"), tok).to(device), tok, {}
+    body, ckpt = load_checkpoint(cfg.init_from, device)
+    if "tokenizer" not in ckpt:
+        raise ValueError(f"{cfg.init_from} has no tokenizer description (key 'tokenizer'): "
+                         f"not from train.py?")
+    tok = data.get_tokenizer(ckpt["tokenizer"]["tokenizer"])
+    data.check_tokenizer(tok.meta(), ckpt["tokenizer"], cfg.init_from,
+                         f"the tokenizer {tok.name} here")
+    return body, tok, ckpt
+
+
+def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict]:
+    """The encoded train / val / test splits, and their record counts. Validation is the task's
+    own split when it has one, else val_fraction of train held out."""
+    family.check(task.test)
+    if task.val is not None:
+        family.check(task.val)
+        train, val = task.train, task.val
     else:
-        body, ckpt = load_checkpoint(cfg.init_from, device)
-        if "tokenizer" not in ckpt:
-            raise ValueError(f"{cfg.init_from} has no tokenizer description (key 'tokenizer'): "
-                             f"not from train.py?")
-        tok = data.get_tokenizer(ckpt["tokenizer"]["tokenizer"])
-        data.check_tokenizer(tok.meta(), ckpt["tokenizer"], cfg.init_from,
-                             f"the tokenizer {tok.name} here")
+        train, val = hold_out(task.train, family.name, cfg.val_fraction)
+    rows = {"train": train, "val": val, "test": task.test}
+    splits = {name: family.encode(r, task.documents[name]) if name in task.documents
+              else family.encode(r) for name, r in rows.items()}
+    return splits, {name: len(r) for name, r in rows.items()}
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    device, autocast = device_and_autocast(cfg.device, cfg.dtype)
+    body, tok, ckpt = load_body(cfg, device)
+    body = body.to(weights_dtype(cfg.weights, device))
     # hf: bodies have none
     data_dir = data.data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""
-    family_name, train, test, extra = load_task(cfg, data_dir)
-    max_len = min(cfg.max_len, body.config.block_size)
-    family = FAMILIES[family_name](cfg, tok, train, device, autocast, max_len)
-    family.check(test)
-    train, val = hold_out(train, family_name, cfg.val_fraction)
-    splits = {"train": family.encode(train), "val": family.encode(val),
-              "test": family.encode(test, extra) if extra else family.encode(test)}
-    print(f"{cfg.task} ({family_name}): {len(train):,} train / {len(val):,} validation / "
-          f"{len(test):,} test records -> {len(splits['train'].items):,} training items; "
-          f"body {cfg.init_from} on {device}, max_len {max_len}")
     del ckpt  # the body holds the weights
+    task = load_task(cfg, data_dir)
+    max_len = min(cfg.max_len, body.config.block_size)
+    family = FAMILIES[task.family](cfg, tok, task.train, device, autocast, max_len)
+    splits, counts = encode_splits(family, task, cfg)
+    held = "its own" if task.val is not None else f"{cfg.val_fraction:.0%} of train"
+    print(f"{cfg.task} ({task.family}): {counts['train']:,} train / {counts['val']:,} validation "
+          f"({held}) / {counts['test']:,} test records -> {len(splits['train'].items):,} training "
+          f"items; body {cfg.init_from} on {device} in {next(body.parameters()).dtype}, "
+          f"max_len {max_len}, input format {cfg.input_format}")
     # A cell is only reused when everything that decides its result is the same: settings,
     # checkpoint and data.
-    settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("lrs", "seeds", "out_dir", "device", "progress")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     stat = os.stat(cfg.init_from.removeprefix("hf:"))
-    fingerprint = json.dumps([settings, stat.st_size, stat.st_mtime_ns, train, test, extra],
-                             sort_keys=True)
+    fingerprint = json.dumps([settings, stat.st_size, stat.st_mtime_ns, task.train, task.val,
+                              task.test, task.documents], sort_keys=True)
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     # One sweep at a time in an out_dir:
     # two would do the same cells twice and interleave results.jsonl.
     with files.exclusive(os.path.join(cfg.out_dir, ".lock"), f"fine-tuning in {cfg.out_dir}"):
         results = sweep(family, body, splits, cfg, key)
-        rep = {"task": cfg.task, "family": family_name, "init_from": cfg.init_from, "key": key,
+        rep = {"task": cfg.task, "family": task.family, "init_from": cfg.init_from, "key": key,
                **report(results, family.metric)}
         if family.trivial_rule:
             rep["trivial"] = {"rule": family.trivial_rule,
                               "test": 100 * family.trivial(splits["test"])[family.metric]}
+        if cfg.save_model:
+            rep["saved_model"] = save_model(family, body, splits, cfg, results, rep, tok)
         rep["settings"] = asdict(cfg)
         print_report(rep)
         path = os.path.join(cfg.out_dir, "report.json")
         files.write_text_atomically(path, json.dumps(files.strict(rep), indent=1))
     print(f"wrote {path}")
     return rep
+
+# --------------------------------------------------------------------------------------------------
+# Saving the fine-tuned model
+
+
+def save_model(family: Family, body, splits: dict, cfg: FinetuneConfig, results: list[dict],
+               rep: dict, tok) -> dict:
+    """Trains the cell with the best validation score at the chosen learning rate once more (a
+    sweep keeps no weights: cells can come from an earlier run's results.jsonl, and holding the
+    best body so far would double the memory) and saves body and head to out_dir/model.pt, a
+    checkpoint of this project whose "finetuned" entry describes the head (docs/finetuning.md).
+    Returns what report.json records of it."""
+    cells = [r for r in results if r["lr"] == rep["chosen_lr"]]
+    best = max(cells, key=lambda r: (r["val"][family.metric], -r["seed"]))
+    print(f"saving the model: training lr {best['lr']:.1e} seed {best['seed']} again")
+    result, head = train_cell(family, body, splits, cfg, best["lr"], best["seed"])
+    finetuned = {"task": cfg.task, "family": family.name, **family.export(),
+                 "pooling": cfg.pooling, "input_format": cfg.input_format,
+                 "head": dict(head.state_dict()), "lr": best["lr"], "seed": best["seed"],
+                 "val": result["val"], "test": result["test"], "source": cfg.init_from,
+                 "causal": cfg.causal, "max_len": family.max_len}
+    path = os.path.join(cfg.out_dir, "model.pt")
+    save_checkpoint(checkpoint_payload(body, tokenizer=tok.meta(), finetuned=finetuned, step=0),
+                    path)
+    if result["test"] != best["test"]:  # nondeterministic GPU kernels can differ a little
+        print(f"note: the saved model scores {result['test']} on test; the sweep's cell scored "
+              f"{best['test']}")
+    return {"path": path, "lr": best["lr"], "seed": best["seed"], "val": result["val"],
+            "test": result["test"]}
 
 
 if __name__ == "__main__":

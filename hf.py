@@ -1,26 +1,45 @@
 """
-Hugging Face checkpoints in and out, without transformers at run time (safetensors only).
+Hugging Face checkpoints in and out, without transformers at run time (safetensors and JSON only).
 
 In: a local Llama-architecture checkpoint directory (config.json + model.safetensors, or shards with
-their model.safetensors.index.json): Llama 2/3/3.1, SmolLM-style small Llamas, EuroBERT and the
-paper's released MLMvsCLM checkpoints. Out: any of our checkpoints as a Llama directory that
-transformers loads without custom code. The tokenizer side is in hf_tokenizer.py.
+their model.safetensors.index.json): Llama 2/3/3.1, SmolLM-style small Llamas, EuroBERT (the paper's
+released MLMvsCLM checkpoints, and our own exports) and Mistral without a sliding window. Out
+(hf_export.py): any of our checkpoints as an encoder (EuroBertForMaskedLM, with
+sentence-transformers files), a decoder (LlamaForCausalLM) or a fine-tuned model with its head. The
+tokenizer side is in hf_tokenizer.py.
 
-    python train.py --init_from=hf:DIR --tokenizer=hf:DIR ...   # continued pretraining
-                                                                  from a decoder
-    python train.py --out_dir=out/run --export=hf               # out/run/hf/
+    python train.py --init_from=hf:DIR --tokenizer=hf:DIR ...   # continued pretraining from it
+    python train.py --out_dir=out/run --export=hf               # out/run/hf/, kind from the run
+    python hf.py --init_from=out/run/ckpt_2000.pt --out_dir=out/run/hf_2000 [--kind=encoder]
+    python hf.py --init_from=out/run/sst2/model.pt              # a fine-tuned model, with its head
+
+Each export prints the kind written and what to load it with, e.g.
+
+    out/run/hf: encoder (its last step trained MLM), written as EuroBertForMaskedLM; load it with no
+    custom code:
+      AutoModelForMaskedLM.from_pretrained('out/run/hf'), or pipeline('fill-mask', model=...)
+      ...
 """
 
 import json
 import os
 import re
+import sys
+from dataclasses import dataclass
 
 import torch
 
-from data import check_tokenizer, get_tokenizer
-from hf_tokenizer import tokenizer_json
-from checkpoints import load_checkpoint
+from data import TOKENIZER_FIELDS, get_tokenizer
 from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer
+from settings import configure
+
+
+@dataclass
+class ExportConfig:
+    init_from: str = ""  # the checkpoint: out/run/ckpt.pt, ckpt_<step>.pt, a fine-tuned model.pt
+    out_dir: str = ""  # directory to write; "": hf/ beside ckpt.pt, hf_<name>/ beside other files
+    kind: str = "auto"  # auto: from the checkpoint (hf_export.py's table); or encoder, decoder
+
 
 SUPPORTED_MODEL_TYPES = ("llama", "eurobert", "mistral")  # mistral: only without
                                                           # a sliding window, i.e. a Llama
@@ -185,38 +204,57 @@ def load_hf(path: str, tok) -> Transformer:
     return model
 
 
-def export_hf(ckpt_path: str, out_dir: str) -> str:
-    """One of our checkpoints -> a Llama directory (config.json, model.safetensors, tokenizer.json,
-    tokenizer_config.json) that transformers loads with LlamaForCausalLM, no custom code."""
-    from safetensors.torch import save_file
-    model, ckpt = load_checkpoint(ckpt_path)
-    cfg = model.config
-    tok = get_tokenizer(ckpt["tokenizer"]["tokenizer"])
-    # an hf: tokenizer's files may have changed since training
-    check_tokenizer(tok.meta(), ckpt["tokenizer"], ckpt_path, f"the tokenizer {tok.name} here")
-    os.makedirs(out_dir, exist_ok=True)
-    state = {hf_name(name): (w[:cfg.vocab_size] if name in ("embed.weight", "lm_head.weight")
-                             else w).contiguous()
-             for name, w in model.state_dict().items()
-             if not (cfg.tie_embeddings and name == "lm_head.weight")}
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden,
-        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "initializer_range": cfg.init_std, "torch_dtype": "float32", "bos_token_id": None,
-        "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id, "mask_token_id": tok.mask_id,
-    }
-    names = {i: s for s, i in tok.encoding._special_tokens.items()}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                        "model_max_length": cfg.block_size, "eos_token": names[tok.eot_id],
-                        "mask_token": names[tok.mask_id], "pad_token": names[tok.pad_id]}
-    for file, content in (("config.json", config), ("tokenizer.json", tokenizer_json(tok)),
-                          ("tokenizer_config.json", tokenizer_config)):
-        with open(os.path.join(out_dir, file), "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=1, ensure_ascii=False)
-    return out_dir
+def checkpoint_tokenizer(ckpt: dict, path: str):
+    """The tokenizer one of our checkpoints was trained with, checked to be that one still: an hf:
+    tokenizer's files may have changed since, and then every token id would mean another token."""
+    meta = ckpt.get("tokenizer")
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), str):
+        raise ValueError(f"{path} does not name its tokenizer (no 'tokenizer' entry): not a "
+                         "checkpoint train.py or finetune.py wrote")
+    try:
+        tok = get_tokenizer(meta["tokenizer"])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} was trained with the tokenizer {meta['tokenizer']}, which cannot "
+                         f"be read here: {e}") from None
+    diffs = [f"{k} {tok.meta().get(k)!r} here, {meta.get(k)!r} in the checkpoint"
+             for k in TOKENIZER_FIELDS if tok.meta().get(k) != meta.get(k)]
+    if diffs:
+        raise ValueError(f"{path} was trained with the tokenizer {meta['tokenizer']}, and the one "
+                         f"here differs ({'; '.join(diffs)}): its token ids would mean other "
+                         "tokens; restore the tokenizer files it was trained with")
+    return tok
+
+
+def export_hf(ckpt_path: str, out_dir: str, kind: str = "auto", quiet: bool = False) -> str:
+    """One of our checkpoints -> a Hugging Face directory that transformers loads with no custom
+    code: an encoder, a decoder or a fine-tuned model (hf_export.py); kind "auto" lets the
+    checkpoint decide. Prints what was written and what to load it with; returns out_dir."""
+    from hf_export import export  # the way out, which uses this file's names
+    done = export(ckpt_path, out_dir, kind)
+    if not quiet:
+        print(done.usage())
+    return done.out_dir
+
+
+def default_out_dir(ckpt_path: str) -> str:
+    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
+    return os.path.join(os.path.dirname(ckpt_path), "hf" if stem == "ckpt" else f"hf_{stem}")
+
+
+def main(argv: list[str]):
+    cfg = configure(ExportConfig, argv)
+    if not cfg.init_from:
+        raise SystemExit("error: --init_from=CHECKPOINT is required (e.g. out/demo/ckpt.pt); "
+                         "see --help")
+    if cfg.init_from.startswith("hf:") or os.path.isdir(cfg.init_from):
+        raise SystemExit(f"error: --init_from={cfg.init_from} is a directory: give one of our "
+                         "checkpoint files (out_dir/ckpt.pt, ckpt_<step>.pt, a fine-tuned "
+                         "model.pt); a Hugging Face directory needs no export")
+    try:
+        export_hf(cfg.init_from, cfg.out_dir or default_out_dir(cfg.init_from), cfg.kind)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

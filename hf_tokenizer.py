@@ -175,7 +175,7 @@ def hf_tokenizer(name: str) -> Tokenizer:
     return Tokenizer(name, encoding, (eot, mask, pad), digest.hexdigest()[:16], base_vocab)
 
 
-# A tiktoken Encoding written back as a tokenizers-library tokenizer.json (for model.export_hf)
+# A tiktoken Encoding written back as a tokenizers-library tokenizer.json (for hf_export.py)
 
 
 def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
@@ -190,9 +190,26 @@ def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
 
 
-def tokenizer_json(tok: Tokenizer) -> dict:
+def post_processor(tok: Tokenizer, single: str = "$A", pair: str = "$A <eot> $B") -> dict:
+    """What tokenizer(text) and tokenizer(a, b) add around the texts: templates of "$A", "$B" and
+    "<eot>" (end-of-text), e.g. "$A <eot>" for the authors' fine-tuning inputs. The default adds
+    nothing to a single text, as in pretraining (no BOS, no CLS), and joins a pair with
+    end-of-text, the one boundary pretraining knows (tasks.py, --input_format=eot)."""
+    eot = tok.encoding.decode_single_token_bytes(tok.eot_id).decode()
+
+    def pieces(template):
+        return [{"SpecialToken": {"id": eot, "type_id": 0}} if word == "<eot>"
+                else {"Sequence": {"id": word.removeprefix("$"), "type_id": 0}}
+                for word in template.split()]
+    return {"type": "TemplateProcessing", "single": pieces(single), "pair": pieces(pair),
+            "special_tokens": {eot: {"id": eot, "ids": [tok.eot_id], "tokens": [eot]}}}
+
+
+def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot> $B")) -> dict:
     """The tiktoken Encoding as a tokenizers-library byte-level BPE: the same pattern, ids and
-    merges."""
+    merges; templates: (single, pair) for post_processor. The mask token strips the spaces on its
+    left (lstrip, RoBERTa's way): a masked token carries its own leading space in pretraining, so
+    "is <|mask|>." must give 'is', '<|mask|>', '.' and not a stray ' ' token before the mask."""
     ranks, chars = tok.encoding._mergeable_ranks, bytes_to_unicode()
     # The tokenizers library reads patterns with Oniguruma's Ruby syntax, where `X{1,3}+` is not
     # possessive (as in tiktoken) but `(X{1,3})+`, any number of digits. A bounded repeat that ends
@@ -208,8 +225,8 @@ def tokenizer_json(tok: Tokenizer) -> dict:
             merges.append(" ".join(map(spell, parts)))
     return {
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
-        "post_processor": None,
-        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False,
+        "post_processor": post_processor(tok, *templates),
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": i == tok.mask_id,
                           "rstrip": False, "normalized": False, "special": True}
                          for s, i in tok.encoding._special_tokens.items()],
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [

@@ -2,6 +2,20 @@
 The paper's metrics, written out and checked against the reference scorers (seqeval/conlleval for
 entities, the SQuAD v2 script, trec_eval for nDCG), and the 95% confidence interval of a seed mean.
 Each metric returns fractions; finetune.py's report multiplies by 100.
+
+These are the standard metrics. The authors' evaluation code (EncodEval, branch MLM_vs_CLM)
+computes its own variants, so absolute numbers can differ from the paper's (not implemented here):
+
+- token classification: per sentence, sklearn's macro F1 over the tag ids (O included) of the
+  words, averaged over sentences; here, micro entity F1 over the whole split (conlleval);
+- question answering: the answer is a 2-label (inside / outside the answer) token classification,
+  scored by the F1 of the predicted against the gold token positions of the first gold answer,
+  averaged over questions; here, SQuAD's word-level F1 (and exact match), the best over all gold
+  answers, on the text of a start/end span;
+- retrieval: sklearn's ndcg_score on the top 10 retrieved documents only (binary relevance, the
+  ideal ranking built from those 10 alone, so a query with two relevant documents of which one is
+  ranked first scores 1); here, trec_eval's nDCG@10 (graded gain, the ideal ranking from all
+  judgments). Equal for a query with one relevant document.
 """
 
 import math
@@ -79,19 +93,34 @@ def rank_documents(scores: torch.Tensor, k: int) -> list[list[int]]:
                       stable=True).indices[:, :k].tolist()
 
 
-def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10) -> dict:
+def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
+             empty_queries: str = "skip") -> dict:
     """Mean nDCG@k with linear gain (grade / log2(rank + 1), trec_eval's and BEIR's convention) and
-    MRR@k (1 / rank of the first document with grade > 0, 0 if none in the top k). Queries without a
-    relevant document have no ideal ranking and are left out of both means, as BEIR does."""
+    MRR@k (1 / rank of the first document with grade > 0, 0 if none in the top k). relevance holds
+    each query's judgments, as qrels do; a query whose judgments are all 0 has no relevant document
+    and no ideal ranking:
+
+      empty_queries="skip"  leaves it out of both means, as the authors' EncodEval does (its qrels
+                            keep only score >= 1, so such a query is never evaluated);
+      empty_queries="zero"  counts it as 0 in both, as BEIR does (pytrec_eval scores every query of
+                            the qrels that is in the run, and trec_eval gives 0 without relevant
+                            documents). Queries absent from the qrels are evaluated by neither.
+
+    Either way a split with no relevant document at all is an error, not a score."""
+    if empty_queries not in ("skip", "zero"):
+        raise ValueError(f"empty_queries must be 'skip' or 'zero', got {empty_queries!r}")
     ndcgs, rrs = [], []
     for docs, rel in zip(ranked, relevance, strict=True):
         ideal = sorted((g for g in rel.values() if g > 0), reverse=True)[:k]
         if not ideal:
+            if empty_queries == "zero":
+                ndcgs.append(0.0)
+                rrs.append(0.0)
             continue
         dcg = sum(rel.get(d, 0) / math.log2(r + 2) for r, d in enumerate(docs[:k]))
         ndcgs.append(dcg / sum(g / math.log2(r + 2) for r, g in enumerate(ideal)))
         rrs.append(next((1 / (r + 1) for r, d in enumerate(docs[:k]) if rel.get(d, 0) > 0), 0.0))
-    if not ndcgs:
+    if not any(g > 0 for rel in relevance for g in rel.values()):
         raise ValueError("no query has a relevant document (grade > 0)")
     return {f"ndcg@{k}": statistics.fmean(ndcgs), f"mrr@{k}": statistics.fmean(rrs)}
 

@@ -75,25 +75,38 @@ def wrap(model: torch.nn.Module, proc: Process, compile: bool, sharded: bool) ->
     return model
 
 
+def full_weights(model, sharded: bool) -> dict | None:
+    """The full weights, or None where model.state_dict() already holds them (not sharded). Under
+    FSDP they are gathered to rank 0's CPU, and every rank must take part."""
+    if not sharded:
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
 def full_state(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
-    """(full weights or None if model.state_dict() already is, full optimizer state). Under FSDP the
-    full state is gathered to rank 0 (every rank must take part) and saved in the usual ckpt.pt: one
-    format for every run, which export, fine-tuning and a resume with any world size read. It costs
-    rank 0 CPU memory for a full copy (16 bytes a parameter with AdamW); sharded DCP files would
-    not, but would need a second format everywhere else."""
+    """(full weights or None, full optimizer state). Under FSDP the full state is gathered to rank
+    0 and saved in the usual ckpt.pt: one format for every run, which export, fine-tuning and a
+    resume with any world size read. It costs rank 0 CPU memory for a full copy (16 bytes a
+    parameter with AdamW); sharded DCP files would not, but would need a second format everywhere
+    else."""
     if not sharded:
         return None, optimizer.state_dict()
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=full),
-            get_optimizer_state_dict(model, optimizer, options=full))
+    return full_weights(model, sharded), get_optimizer_state_dict(model, optimizer, options=full)
 
 
 def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
+    """AdamW's moments and step counts from a checkpoint. The hyperparameters (betas, eps, weight
+    decay) stay this run's: a continued pretraining run may set its own."""
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     if sharded:  # a full (gathered) state, keyed by parameter name: each rank keeps its shard
         set_optimizer_state_dict(model, optimizer, state,
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
 
 
 def barrier(proc: Process) -> None:

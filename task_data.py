@@ -1,26 +1,39 @@
 """
 Where fine-tuning records come from: JSON-lines files (one record a line, in the schemas below), the
 paper's datasets on the Hugging Face hub (through the optional `datasets` package), or the offline
-demo tasks built from held-out docstrings (docstrings.py). Then the validation split held out of the
-training records.
+demo tasks built from held-out docstrings (docstrings.py). Then the validation split: the task's own
+when it has one, else held out of the training records.
 
   sc  {"text": str, "text_pair": str (sentence-pair tasks only), "label": str | int}
   tc  {"words": [str, ...], "tags": [str, ...]}, one BIO tag per word: "O", "B-PER", "I-PER"
   qa  {"id": str, "question": str, "context": str,
-       "answers": {"text": [str, ...], "answer_start": [int, ...]}}
-      answer_start is a character offset into context; empty lists = unanswerable (SQuAD v2)
+       "answers": {"text": [str, ...], "answer_start": [int, ...]},
+       "candidates": [[start, end], ...] (optional)}
+      answer_start is a character offset into context; empty lists = unanswerable (SQuAD v2).
+      candidates: the [start, end) character spans the answer must be one of (ReCoRD's entity
+      mentions); without them any span of the context can be the answer.
   ir  {"query": str, "document": str, "grade": number (optional, default 1)}
       one line per judged (query, document) pair; lines with the same query text are one query.
       grade > 0 is relevant (higher = more relevant), 0 a judged non-relevant document.
+
+The paper's datasets (HF_TASKS) follow the authors' evaluation code (EncodEval, branch MLM_vs_CLM,
+encodeval/datasets.py): the same hub copies and the same splits. sc and qa: validation = 5% of the
+official train (held out here by a stable hash, theirs by a seeded random split), test = the
+official validation split. tc: the dataset's own train / validation / test. ir: trained on MS MARCO
+(query, positive) pairs, evaluated on the judged queries of another dataset.
 """
 
 import hashlib
 import json
 import os
+import random
+from collections.abc import Callable
+from typing import NamedTuple
 
 import files
 from docstrings import demo_task
-from tasks import FAMILIES, field
+from tasks import FAMILY_NAMES, field
+
 
 def read_jsonl(path: str) -> list[tuple[str, dict]]:
     if not os.path.isfile(path):
@@ -33,80 +46,410 @@ def read_jsonl(path: str) -> list[tuple[str, dict]]:
     return rows
 
 
-# --task name: (family, Hugging Face dataset, config,
-# training split, test split = the official validation split)
-HF_TASKS = {
-    "sst2": ("sc", "nyu-mll/glue", "sst2", "train", "validation"),
-    "mnli": ("sc", "nyu-mll/glue", "mnli", "train", "validation_matched"),
-    "qqp": ("sc", "nyu-mll/glue", "qqp", "train", "validation"),
-    "conll2003": ("tc", "eriktks/conll2003", None, "train", "validation"),
-    "squad": ("qa", "rajpurkar/squad", None, "train", "validation"),
-    "squad_v2": ("qa", "rajpurkar/squad_v2", None, "train", "validation"),
-    "msmarco": ("ir", "microsoft/ms_marco", "v1.1", "train", "validation"),
-}
+class TaskData(NamedTuple):
+    """A task's records, as (where, record) rows."""
+    family: str
+    train: list
+    val: list | None  # None: hold out val_fraction of train (hold_out)
+    test: list
+    # ir: split name -> documents searched besides those the split judges ({} otherwise)
+    documents: dict
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub records -> our records: pure functions, one record at a time
+
+
+# The authors' labelled texts: a pair is one text, each part named (EncodEval's datasets.py)
 GLUE_TEXTS = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"),
               "qqp": ("question1", "question2")}
+GLUE_NAMES = {"mnli": ("Premise", "Hypothesis"), "qqp": ("Question 1", "Question 2")}
 
 
-def convert_hf(task: str, record: dict, tag_names: list[str] | None = None) -> list[dict]:
-    """One Hugging Face record of a paper dataset -> our records (a list: an MS MARCO query gives
-    one per passage)."""
-    family = HF_TASKS[task][0]
-    if family == "sc":
-        texts = GLUE_TEXTS[task]
-        out = {"text": record[texts[0]], "label": record["label"]}
-        return [out | {"text_pair": record[texts[1]]}] if len(texts) == 2 else [out]
-    if family == "tc":  # integer tags; their names come from the dataset's features
-        return [{"words": list(record["tokens"]),
-                 "tags": [tag_names[t] for t in record["ner_tags"]]}]
-    if family == "qa":
-        answers = record["answers"]
-        return [{"id": record["id"], "question": record["question"], "context": record["context"],
-                 "answers": {"text": list(answers["text"]),
-                             "answer_start": list(answers["answer_start"])}}]
-    passages = record["passages"]
-    if not any(passages["is_selected"]):
-        # no relevant passage: nothing to learn from and no ideal ranking to score against
-        return []
-    return [{"query": record["query"], "document": text, "grade": int(selected)}
-            for text, selected in zip(passages["passage_text"], passages["is_selected"])]
+def glue_record(task: str, record: dict, input_format: str) -> dict:
+    """sst2: the sentence. mnli, qqp: "Premise: {p}\\nHypothesis: {h}" and "Question 1: {a}\\n
+    Question 2: {b}" (paper format), or the two texts as text and text_pair (eot format)."""
+    texts = [record[column] for column in GLUE_TEXTS[task]]
+    if len(texts) == 1:
+        return {"text": texts[0], "label": record["label"]}
+    if input_format == "paper":
+        (a, b), (name_a, name_b) = texts, GLUE_NAMES[task]
+        return {"text": f"{name_a}: {a}\n{name_b}: {b}", "label": record["label"]}
+    return {"text": texts[0], "text_pair": texts[1], "label": record["label"]}
 
 
-def load_hf_task(task: str) -> tuple[list, list]:
+def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None) -> dict | None:
+    """Words and tag names. Integer tags are named by the dataset's ClassLabel feature (tag_names).
+    The authors' CoNLL-2003 copy tags in IOB1, where I-X may start an entity: metrics.bio_entities
+    reads an I-X that continues no X as a start (conlleval's rule), so no conversion is needed. An
+    empty sentence has nothing to tag and is skipped (None)."""
+    tag_ids = list(record[tags])
+    if not record[words]:
+        return None
+    named = []
+    for i, t in enumerate(tag_ids):
+        if isinstance(t, str):
+            named.append(t)
+        elif tag_names is not None and 0 <= t < len(tag_names):
+            named.append(tag_names[t])
+        else:
+            raise ValueError(f"field {tags!r} item {i} is {t!r}, which has no tag name "
+                             f"(the dataset's names: {tag_names})")
+    return {"words": list(record[words]), "tags": named}
+
+
+def squad_record(record: dict) -> dict:
+    answers = record["answers"]
+    return {"id": record["id"], "question": record["question"], "context": record["context"],
+            "answers": {"text": list(answers["text"]),
+                        "answer_start": list(answers["answer_start"])}}
+
+
+def as_list_of_dicts(value) -> list[dict]:
+    """A hub Sequence of structs comes as a dict of lists; JSON files give a list of dicts."""
+    if isinstance(value, dict):
+        return [dict(zip(value, items)) for items in zip(*value.values())]
+    return list(value)
+
+
+def entity_mentions(passage: str, entity_spans) -> list[tuple[int, int]]:
+    """ReCoRD's entity mentions as [start, end) character spans, each checked against its text.
+    Copies differ on `end`: the original files and some hub copies make it inclusive, others
+    exclusive; the text decides."""
+    spans = []
+    for i, e in enumerate(as_list_of_dicts(entity_spans)):
+        text, start, end = e["text"], e["start"], e["end"]
+        if passage[start:end] == text:
+            spans.append((start, end))
+        elif passage[start:end + 1] == text:
+            spans.append((start, end + 1))
+        else:
+            raise ValueError(f"field 'entity_spans' item {i}: {text!r} is not at characters "
+                             f"{start}..{end} of the passage")
+    return sorted(set(spans))
+
+
+def record_id(record: dict, index: int) -> str:
+    idx = record.get("idx")
+    if isinstance(idx, dict):  # SuperGLUE: {"passage": int, "query": int}
+        return f"{idx['passage']}-{idx['query']}"
+    return str(record.get("id", index))
+
+
+def record_answers(context: str, answers: list[str], mentions: list) -> dict:
+    """Every occurrence of every gold answer: the entity mentions with its text, or (an answer
+    that is no mention) each place the text occurs in the passage."""
+    found = [(start, context[start:end]) for start, end in mentions
+             if context[start:end] in answers]
+    for answer in set(answers) - {text for _, text in found}:
+        at = context.find(answer)
+        if at < 0:
+            raise ValueError(f"field 'answers': {answer!r} is nowhere in the passage")
+        while at >= 0:
+            found.append((at, answer))
+            at = context.find(answer, at + 1)
+    found.sort()
+    return {"text": [text for _, text in found], "answer_start": [start for start, _ in found]}
+
+
+def record_record(record: dict, index: int) -> dict:
+    """ReCoRD in either shape: SQuAD's (question, context, answers {text, answer_start}), as in the
+    authors' copy, or SuperGLUE's (passage, query with its @placeholder, entities, entity_spans,
+    answers as a list of strings). Several gold answers per question; with entity_spans, every
+    mention is a candidate answer and every mention of a gold answer is a gold occurrence."""
+    context = record["context"] if "context" in record else record["passage"]
+    question = record["question"] if "question" in record else record["query"]
+    mentions = entity_mentions(context, record["entity_spans"]) \
+        if record.get("entity_spans") else []
+    answers = record["answers"]
+    if isinstance(answers, dict):  # SQuAD's shape
+        answers = {"text": list(answers["text"]), "answer_start": list(answers["answer_start"])}
+    else:
+        answers = record_answers(context, list(answers), mentions)
+    out = {"id": record_id(record, index), "question": question, "context": context,
+           "answers": answers}
+    return out | {"candidates": [list(span) for span in mentions]} if mentions else out
+
+
+# --------------------------------------------------------------------------------------------------
+# Retrieval: training pairs, and evaluation splits built from judgments (qrels)
+
+
+class Judgment(NamedTuple):
+    query: str  # query id
+    document: str  # document id
+    grade: int  # >= 1: relevant
+
+
+def pair_rows(records, where: str) -> list:
+    """MS MARCO training pairs {query, positive} -> relevant (query, document) rows; a pair given
+    twice is kept once (a repeated judgment is an error in a JSONL file)."""
+    pairs = {}
+    for i, r in enumerate(records):
+        pairs.setdefault((r["query"], r["positive"]), f"{where}, record {i + 1}")
+    return [(at, {"query": q, "document": d}) for (q, d), at in pairs.items()]
+
+
+def judged_rows(judgments: list[Judgment], queries: dict, documents: dict, where: str) -> list:
+    """One row per judgment, texts looked up by id, score-0 judgments kept (graded qrels: a judged
+    document that is not relevant). Our records name queries and documents by their text, so two
+    ids with the same text are one query (or document); the higher grade of a repeated pair wins."""
+    rows = {}
+    for i, j in enumerate(judgments):
+        for kind, texts, key in (("query", queries, j.query), ("document", documents, j.document)):
+            if key not in texts:
+                raise ValueError(f"{where}, judgment {i + 1}: {kind} id {key!r} has no text")
+        pair = (queries[j.query], documents[j.document])
+        if pair not in rows or j.grade > rows[pair][1]["grade"]:
+            rows[pair] = (f"{where}, judgment {i + 1}",
+                          {"query": pair[0], "document": pair[1], "grade": j.grade})
+    return list(rows.values())
+
+
+def judged_task(train: list, judgments: dict, queries: dict, documents: dict,
+                where: str) -> TaskData:
+    """An ir task trained on `train` and evaluated on the judgments of a validation and a test
+    split (split name -> [Judgment]). Both splits search the same corpus, as the authors': every
+    document judged in either split (score-0 ones too), not the dataset's whole corpus."""
+    val, test = (judged_rows(judgments[s], queries, documents, f"{where}/{s}")
+                 for s in ("validation", "test"))
+    corpus = list(dict.fromkeys(r["document"] for _, r in val + test))
+    return TaskData("ir", train, val, test, {"val": corpus, "test": corpus})
+
+
+# NQ has only test judgments; the authors halve its queries at random (unseeded: a new split each
+# run); here the split is seeded, the same in every run
+NQ_SPLIT_SEED = 0
+
+
+def halve_queries(judgments: list[Judgment], seed: int = NQ_SPLIT_SEED) -> dict:
+    """{"validation": [...], "test": [...]}: a random half of the queries (by sorted id, rounded
+    as the authors': round(n / 2)) and their judgments, and the rest."""
+    ids = sorted({j.query for j in judgments})
+    val = set(random.Random(seed).sample(ids, round(0.5 * len(ids))))
+    return {"validation": [j for j in judgments if j.query in val],
+            "test": [j for j in judgments if j.query not in val]}
+
+
+def nq_document(record: dict) -> str:
+    return f"{record['title']}. {record['text']}"  # the authors' "title. text"
+
+
+def mldr_judgments(records) -> tuple[list[Judgment], dict]:
+    """MLDR's {query_id, query, positive_passages: [{docid, ...}]} -> judgments and query texts.
+    Only the positive passages are judged, as the authors' corpus holds only those; negative
+    passages, where a copy has them, are left out too."""
+    judgments, queries = [], {}
+    for r in records:
+        queries[r["query_id"]] = r["query"]
+        judgments += [Judgment(r["query_id"], p["docid"], 1)
+                      for p in as_list_of_dicts(r["positive_passages"])]
+    return judgments, queries
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading from the hub
+
+
+def hub(name: str, config: str | None, split: str):
+    """One split of a hub dataset, through the optional `datasets` package."""
     try:
         import datasets  # optional: only the paper's datasets need it
     except ImportError:
-        raise SystemExit(f"error: --task={task} needs the optional datasets package: "
-                         f"pip install datasets") from None
-    family, name, config, *splits = HF_TASKS[task]
-    out = []
-    for split in splits:
-        ds = datasets.load_dataset(name, config, split=split)
-        tag_names = ds.features["ner_tags"].feature.names if family == "tc" else None
-        out.append([(f"{name}/{split}, record {i + 1}", rec) for i, r in enumerate(ds)
-                    for rec in convert_hf(task, r, tag_names)])
-    return out[0], out[1]
+        raise SystemExit("error: the paper's datasets need the optional datasets package: "
+                         "pip install datasets") from None
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # network, names, versions: one message with every cure
+        raise ValueError(f"{name}{' (' + config + ')' if config else ''}, split {split!r}: could "
+                         f"not load it ({str(e).splitlines()[0][:160]}); check the network and "
+                         f"the name in task_data.py, and for a dataset still built by a loading "
+                         f"script use pip install 'datasets<4'") from None
 
 
-def load_task(cfg, data_dir: str = "") -> tuple[str, list, list, list]:
-    """(family, train rows, test rows, extra ir documents); rows are (where, record)
-    pairs. data_dir: the checkpoint's pretraining data, where the demo tasks find their
-    held-out docstrings."""
-    if cfg.task in FAMILIES:
-        family, train, test = cfg.task, read_jsonl(cfg.train), read_jsonl(cfg.test)
+def converted(name: str, split: str, records, convert: Callable) -> list:
+    """(where, record) rows of convert(record, index) over a hub split; None results are left out.
+    A record the converter cannot read is named with its field."""
+    rows = []
+    for i, r in enumerate(records):
+        where = f"{name}/{split}, record {i + 1}"
+        try:
+            out = convert(r, i)
+        except KeyError as e:
+            raise ValueError(f"{where}: no field {e} (it has {sorted(r)}); has the hub dataset "
+                             f"changed? Fix its converter in task_data.py") from None
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if out is not None:
+            rows.append((where, out))
+    return rows
+
+
+def tag_names(ds, column: str, name: str) -> list[str] | None:
+    """The names of a column of integer tags (a sequence of ClassLabel), or None for string tags."""
+    feature = ds.features[column]
+    inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
+    names = getattr(inner, "names", None)
+    if names is None and getattr(inner, "dtype", "string") != "string":
+        raise ValueError(f"{name}: column {column!r} holds integer tags without ClassLabel names; "
+                         f"give the names in task_data.py")
+    return names
+
+
+def glue_task(task: str, test_split: str) -> Callable:
+    def load(input_format):
+        def rows(split):
+            return converted(f"nyu-mll/glue {task}", split, hub("nyu-mll/glue", task, split),
+                             lambda r, i: glue_record(task, r, input_format))
+        return TaskData("sc", rows("train"), None, rows(test_split), {})
+    return load
+
+
+def ner_task(name: str, words: str, tags: str) -> Callable:
+    def load(input_format):
+        splits = {s: hub(name, None, s) for s in ("train", "validation", "test")}
+        names = tag_names(splits["train"], tags, name)
+        rows = {s: converted(name, s, ds, lambda r, i: ner_record(r, words, tags, names))
+                for s, ds in splits.items()}
+        return TaskData("tc", rows["train"], rows["validation"], rows["test"], {})
+    return load
+
+
+def qa_task(name: str, convert: Callable) -> Callable:
+    def load(input_format):
+        train, test = (converted(name, s, hub(name, None, s), convert)
+                       for s in ("train", "validation"))
+        return TaskData("qa", train, None, test, {})
+    return load
+
+
+def msmarco_pairs() -> list:
+    name = "hgissbkh/msmarco-pairs"
+    return pair_rows(hub(name, None, "train"), f"{name}/train")
+
+
+def texts_by_id(ds, ids: set, id_column: str, text: Callable) -> dict:
+    """id -> text for the rows of ds whose id is in ids (a corpus of millions: filter first)."""
+    wanted = ds.filter(lambda batch: [str(i) in ids for i in batch], input_columns=id_column,
+                       batched=True)
+    return {str(r[id_column]): text(r) for r in wanted}
+
+
+def beir_judgments(name: str, split: str) -> list[Judgment]:
+    return [Judgment(str(r["query-id"]), str(r["corpus-id"]), int(r["score"]))
+            for r in hub(name, None, split)]
+
+
+def beir_task(name: str, judgments: dict, document: Callable) -> TaskData:
+    """BEIR's queries and corpus (configs "queries" and "corpus", ids `_id`) for the judgments."""
+    query_ids = {j.query for js in judgments.values() for j in js}
+    document_ids = {j.document for js in judgments.values() for j in js}
+    queries = texts_by_id(hub(name, "queries", "queries"), query_ids, "_id", lambda r: r["text"])
+    documents = texts_by_id(hub(name, "corpus", "corpus"), document_ids, "_id", document)
+    return judged_task(msmarco_pairs(), judgments, queries, documents, name)
+
+
+def msmarco_task(input_format) -> TaskData:
+    # validation: MS MARCO dev (6,980 queries); test: TREC-DL 2019 (43 queries, graded 0-3)
+    judgments = {s: beir_judgments("BeIR/msmarco-qrels", s) for s in ("validation", "test")}
+    # BEIR's MS MARCO titles are empty; the authors use the text alone
+    return beir_task("BeIR/msmarco", judgments, lambda r: r["text"])
+
+
+def nq_task(input_format) -> TaskData:
+    return beir_task("BeIR/nq", halve_queries(beir_judgments("BeIR/nq-qrels", "test")),
+                     nq_document)
+
+
+def mldr_task(input_format) -> TaskData:
+    name = "hgissbkh/mldr-en"
+    judgments, queries = {}, {}
+    for ours, theirs in (("validation", "dev"), ("test", "test")):
+        judgments[ours], split_queries = mldr_judgments(hub(name, "default", theirs))
+        queries |= split_queries
+    document_ids = {j.document for js in judgments.values() for j in js}
+    documents = texts_by_id(hub(name, "corpus", "corpus"), document_ids, "docid",
+                            lambda r: r["text"])
+    return judged_task(msmarco_pairs(), judgments, queries, documents, name)
+
+
+class NamedTask(NamedTuple):
+    family: str
+    source: str  # where its splits come from, for messages and docs/finetuning.md
+    load: Callable  # input_format -> TaskData
+
+
+# --task name -> its hub sources and splits, as EncodEval loads them. sc and qa: 5% of train is held
+# out as validation (finetune.py), the official validation split is the test split.
+HELD_OUT = "train (5% held out: validation) / test:"
+HF_TASKS = {
+    "sst2": NamedTask("sc", f"nyu-mll/glue sst2 {HELD_OUT} validation",
+                      glue_task("sst2", "validation")),
+    "qqp": NamedTask("sc", f"nyu-mll/glue qqp {HELD_OUT} validation",
+                     glue_task("qqp", "validation")),
+    "mnli": NamedTask("sc", f"nyu-mll/glue mnli {HELD_OUT} validation_matched",
+                      glue_task("mnli", "validation_matched")),
+    # The authors' copy (hgissbkh/conll2003-en: words, ner; IOB1 tags), not eriktks/conll2003
+    # (IOB2, one sentence fewer per split): it is what EncodEval scores, on its own test split
+    "conll2003": NamedTask("tc", "hgissbkh/conll2003-en train / validation / test",
+                           ner_task("hgissbkh/conll2003-en", "words", "ner")),
+    "ontonotes": NamedTask("tc", "hgissbkh/ontonotes5 train / validation / test",
+                           ner_task("hgissbkh/ontonotes5", "tokens", "tags")),
+    "uner": NamedTask("tc", "hgissbkh/uner_en train / validation / test",
+                      ner_task("hgissbkh/uner_en", "tokens", "ner_tags")),
+    "squad": NamedTask("qa", f"rajpurkar/squad {HELD_OUT} validation",
+                       qa_task("rajpurkar/squad", lambda r, i: squad_record(r))),
+    "squad_v2": NamedTask("qa", f"rajpurkar/squad_v2 {HELD_OUT} validation",
+                          qa_task("rajpurkar/squad_v2", lambda r, i: squad_record(r))),
+    "record": NamedTask("qa", f"hgissbkh/record {HELD_OUT} validation",
+                        qa_task("hgissbkh/record", record_record)),
+    "msmarco": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/msmarco judged by "
+                               "BeIR/msmarco-qrels validation (dev) / test (TREC-DL-19)",
+                         msmarco_task),
+    "nq": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/nq judged by BeIR/nq-qrels test, "
+                          "its queries halved at random (seed 0): validation / test",
+                    nq_task),
+    "mldr": NamedTask("ir", "train: hgissbkh/msmarco-pairs; hgissbkh/mldr-en dev / test",
+                      mldr_task),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# A task's splits
+
+
+def jsonl_task(cfg) -> TaskData:
+    return TaskData(cfg.task, read_jsonl(cfg.train), read_jsonl(cfg.val) if cfg.val else None,
+                    read_jsonl(cfg.test), {})
+
+
+def demo_data(cfg, data_dir: str) -> TaskData:
+    family = cfg.task.removeprefix("demo_")
+    train, test = ([(f"{cfg.task} {split}, record {i + 1}", r) for i, r in enumerate(records)]
+                   for split, records in zip(("train", "test"), demo_task(family, data_dir)))
+    return TaskData(family, train, None, test, {})
+
+
+def load_task(cfg, data_dir: str = "") -> TaskData:
+    """The task's records; validation None when it is to be held out of train (hold_out). data_dir:
+    the checkpoint's pretraining data, where the demo tasks find their held-out docstrings."""
+    if cfg.task in FAMILY_NAMES:
+        task = jsonl_task(cfg)
     elif cfg.task in HF_TASKS:
-        family, (train, test) = HF_TASKS[cfg.task][0], load_hf_task(cfg.task)
+        task = HF_TASKS[cfg.task].load(cfg.input_format)
     else:
-        family = cfg.task.removeprefix("demo_")
-        train, test = ([(f"{cfg.task} {split}, record {i + 1}", r) for i, r in enumerate(records)]
-                       for split, records in zip(("train", "test"), demo_task(family, data_dir)))
-    for name, path, rows in (("training", cfg.train, train), ("test", cfg.test, test)):
-        if not rows:
-            raise ValueError(f"{path if cfg.task in FAMILIES else '--task=' + cfg.task}: "
+        task = demo_data(cfg, data_dir)
+    for name, path, rows in (("training", cfg.train, task.train), ("validation", cfg.val, task.val),
+                             ("test", cfg.test, task.test)):
+        if rows is not None and not rows:
+            raise ValueError(f"{path if cfg.task in FAMILY_NAMES else '--task=' + cfg.task}: "
                              f"the {name} split is empty")
+    if not cfg.corpus:
+        return task
     extra = [field(where, r, "text", str, "a non-empty string")
-             for where, r in read_jsonl(cfg.corpus)] if cfg.corpus else []
-    return family, train, test, extra
+             for where, r in read_jsonl(cfg.corpus)]
+    return task._replace(documents=task.documents | {"test": task.documents.get("test", [])
+                                                     + extra})
 
 
 def hold_out(rows: list, family: str, fraction: float) -> tuple[list, list]:

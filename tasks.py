@@ -1,7 +1,7 @@
 """
 The paper's four task families, each a head on the pretrained body with its loss and its metric:
 
-  sc  sequence classification   pooled hidden states + linear          accuracy
+  sc  sequence classification   EuroBERT's head: pooled -> dense -> GELU -> linear   accuracy
   tc  token classification      linear on each word's first sub-token  entity F1 (conlleval)
   qa  extractive QA             start/end logits per token             SQuAD F1 (and exact match)
   ir  retrieval                 pooled, L2-normalised embedding        nDCG@10 (and MRR@10)
@@ -9,11 +9,19 @@ The paper's four task families, each a head on the pretrained body with its loss
 Each family checks its records (task_data.py reads them), encodes them into token ids, builds its
 head and computes a loss and a metric. Records come as (where, dict) pairs; `where`
 ("train.jsonl, line 12") starts every error message about them. finetune.py trains and sweeps.
+
+Inputs are written in one of two formats (--input_format):
+
+  paper  the authors' (EncodEval): labelled text, end-of-text appended, no other special token.
+         sc: the text ("{text}\n{text_pair}" for a pair; the named tasks give one labelled text,
+         "Premise: ...\nHypothesis: ..."); tc: the words; qa: "Question: {question}\nContext: "
+         then the context; ir: "Query: {query}" and "Document: {document}". Each + <eot>.
+  eot    this project's first format: a pair is "a <eot> b", qa "question <eot> context <eot>",
+         nothing appended to single texts, words or retrieval texts, no prefixes.
 """
 
 import json
 import re
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field as dataclass_field
 from typing import NamedTuple
@@ -22,7 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics import accuracy, entity_f1, ndcg_mrr, rank_documents, squad_scores
+from metrics import accuracy, entity_f1, ndcg_mrr, rank_documents
+
+INPUT_FORMATS = ("paper", "eot")
+# transformers' _init_weights: what from_pretrained gives a head the checkpoint lacks (EuroBERT's
+# initializer_range), so a new head starts as the authors' did
+HEAD_INIT_STD = 0.02
 
 # --------------------------------------------------------------------------------------------------
 # Tokens and the text they came from
@@ -47,25 +60,6 @@ def align_words(tok, words: list[str], max_len: int) -> tuple[list[int], list[in
     return ids, starts
 
 
-def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
-    """(start, end) character span in text of each token of text's encoding. A token that stops
-    inside a multi-byte character gets an empty span at it; the token that completes the
-    character spans it."""
-    decoded, starts = tok.encoding.decode_with_offsets(ids)
-    if decoded != text:
-        raise ValueError(f"text does not survive encode/decode (invalid unicode?): {text[:60]!r}")
-    return list(zip(starts, starts[1:] + [len(text)]))
-
-
-def window_starts(n_tokens: int, room: int, stride: int) -> list[int]:
-    """First token of each window of `room` tokens over a context of n_tokens, consecutive windows
-    sharing `stride` tokens, the last one reaching the end."""
-    starts = [0]
-    while starts[-1] + room < n_tokens:
-        starts.append(starts[-1] + room - stride)
-    return starts
-
-
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T, C) hidden states -> (B, C), inputs padded on the right;
     mask (B, T) is True on real tokens."""
@@ -76,6 +70,55 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
         return hidden[:, 0]
     # the last real token
     return hidden[torch.arange(hidden.size(0), device=hidden.device), mask.sum(1) - 1]
+
+
+def ending_with_eot(ids: list[int], eot: int, max_len: int) -> list[int]:
+    """The paper format's input: the text's tokens, cut to leave room, then end-of-text. The
+    authors' tokenizer cuts an input longer than its limit (2,028 tokens) after appending, losing
+    the end-of-text; here it always ends the input, as it ended every document in pretraining."""
+    return ids[:max_len - 1] + [eot]
+
+# --------------------------------------------------------------------------------------------------
+# The heads. Their parameter names are transformers' EuroBERT ones: they export as they are.
+
+
+def init_head(head: nn.Module) -> nn.Module:
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=HEAD_INIT_STD)
+            nn.init.zeros_(module.bias)
+    return head
+
+
+class SequenceClassifier(nn.Module):
+    """transformers' EuroBertForSequenceClassification head with classifier_pooling "mean" (our
+    --pooling=mean) or "bos" (first): the pooled vector -> dense (C -> C) -> GELU -> classifier
+    (C -> labels), both with biases; nn.GELU() is the exact (erf) GELU there too. --pooling=last has
+    no counterpart in transformers (its "late" pooling averages per-token logits instead)."""
+
+    def __init__(self, n_embd: int, n_labels: int):
+        super().__init__()
+        self.dense = nn.Linear(n_embd, n_embd)
+        self.activation = nn.GELU()
+        self.classifier = nn.Linear(n_embd, n_labels)
+        init_head(self)
+
+    def forward(self, pooled):
+        return self.classifier(self.activation(self.dense(pooled)))
+
+
+class TokenClassifier(nn.Module):
+    """transformers' EuroBertForTokenClassification head: one linear layer with bias on each
+    token's hidden state. (The authors' own token classifier adds dropout 0.1 before it; this
+    project fine-tunes without dropout, as it pretrains.)"""
+
+    def __init__(self, n_embd: int, n_tags: int):
+        super().__init__()
+        self.classifier = nn.Linear(n_embd, n_tags)
+        init_head(self)
+
+    def forward(self, hidden):
+        return self.classifier(hidden)
 
 # --------------------------------------------------------------------------------------------------
 # The four task families. Each checks its records, encodes them, builds its head and computes a loss
@@ -107,26 +150,6 @@ class Tagged(NamedTuple):
     ids: list[int]
     starts: list[int]
     tags: list[int]
-
-
-class QAExample(NamedTuple):
-    """qa: what scoring a question needs: its id, its context, the character span of each context
-    token, and the gold answers."""
-    id: str
-    context: str
-    spans: list[tuple[int, int]]
-    answers: list[str]
-
-
-class QAWindow(NamedTuple):
-    """qa: one window over an example's context: its input ids, the context tokens lo..hi it holds
-    (context token i sits at position i + offset), and the target (start, end) positions."""
-    ids: list[int]
-    example: QAExample
-    lo: int
-    hi: int
-    offset: int
-    target: tuple[int, int]
 
 
 class QueryDocument(NamedTuple):
@@ -166,14 +189,25 @@ class Family:
         mask = (torch.arange(idx.size(1)) < lengths[:, None]).to(self.device)  # (B, T)
         with self.autocast():
             hidden = body(idx.to(self.device), causal=self.cfg.causal, attention_mask=mask)
-        # the small heads and the losses run in float32, outside autocast
-        return hidden.float(), mask
+        # The small heads run outside autocast in the weights' dtype: float32 (--weights=fp32), or
+        # bfloat16 when the whole model is (--weights=bf16, the authors'). Losses take float32.
+        return hidden.to(next(body.parameters()).dtype), mask
+
+    @property
+    def input_format(self) -> str:
+        return self.cfg.input_format
+
+    def export(self) -> dict:
+        """What a saved fine-tuned model needs besides the weights: the labels in head order and
+        the head's kind (finetune.py --save_model)."""
+        return {"labels": [], "head_type": self.head_type}
 
     def chunks(self, items: list):
         return (items[i:i + self.cfg.batch_size] for i in range(0, len(items), self.cfg.batch_size))
 
 
 class SequenceClassification(Family):
+    name = "sc"
     metric = "accuracy"
 
     def setup(self, train):
@@ -201,18 +235,32 @@ class SequenceClassification(Family):
                                  f"labels {self.labels}")
 
     def encode(self, rows):
-        ids = self.tok.encode_batch([r["text"] for _, r in rows])
-        if self.pair:
-            # The vocabulary has no [SEP]: end-of-text is the one boundary the model saw in
-            # pretraining (between packed documents), so "a <eot> b" marks where b starts with an
-            # embedding that is already trained.
-            seconds = self.tok.encode_batch([r["text_pair"] for _, r in rows])
-            ids = [a + [self.tok.eot_id] + b for a, b in zip(ids, seconds)]
+        if self.input_format == "paper":
+            # One text; a pair on two lines, as the authors' labelled pairs ("Premise: ...\n
+            # Hypothesis: ..."), whose labels a JSONL file does not know.
+            texts = [r["text"] + "\n" + r["text_pair"] if self.pair else r["text"] for _, r in rows]
+            ids = [ending_with_eot(s, self.tok.eot_id, self.max_len)
+                   for s in self.tok.encode_batch(texts)]
+        else:
+            ids = self.tok.encode_batch([r["text"] for _, r in rows])
+            if self.pair:
+                # The vocabulary has no [SEP]: end-of-text is the one boundary the model saw in
+                # pretraining (between packed documents), so "a <eot> b" marks where b starts with
+                # an embedding that is already trained.
+                seconds = self.tok.encode_batch([r["text_pair"] for _, r in rows])
+                ids = [a + [self.tok.eot_id] + b for a, b in zip(ids, seconds)]
         return Split([Labelled(s[:self.max_len], self.index[r["label"]])
                       for s, (_, r) in zip(ids, rows)])
 
     def head(self, n_embd):
-        return nn.Linear(n_embd, len(self.labels))
+        return SequenceClassifier(n_embd, len(self.labels))
+
+    @property
+    def head_type(self) -> str:
+        return f"eurobert_sc_{self.cfg.pooling}"
+
+    def export(self):
+        return {"labels": list(self.labels), "head_type": self.head_type}
 
     def logits(self, body, head, seqs):
         hidden, mask = self.forward(body, seqs)
@@ -235,6 +283,7 @@ class SequenceClassification(Family):
 
 
 class TokenClassification(Family):
+    name = "tc"
     metric = "f1"
 
     def setup(self, train):
@@ -262,15 +311,22 @@ class TokenClassification(Family):
                     raise ValueError(f"{where}: field 'tags' item {i} is {t!r}, a tag the training "
                                      f"file never uses")
 
+    head_type = "linear_tc"
+
     def encode(self, rows):
-        items = []
+        items, paper = [], self.input_format == "paper"
         for _, r in rows:
-            ids, starts = align_words(self.tok, r["words"], self.max_len)
-            items.append(Tagged(ids, starts, [self.index[t] for t in r["tags"]]))
+            # paper: the words, then <eot> (a position without a label)
+            ids, starts = align_words(self.tok, r["words"], self.max_len - paper)
+            items.append(Tagged(ids + [self.tok.eot_id] * paper, starts,
+                                [self.index[t] for t in r["tags"]]))
         return Split(items)
 
     def head(self, n_embd):
-        return nn.Linear(n_embd, len(self.tags))
+        return TokenClassifier(n_embd, len(self.tags))
+
+    def export(self):
+        return {"labels": list(self.tags), "head_type": self.head_type}
 
     def loss(self, body, head, batch):
         hidden, _ = self.forward(body, [item.ids for item in batch])
@@ -295,135 +351,8 @@ class TokenClassification(Family):
         return entity_f1(gold, predicted)
 
 
-
-class QuestionAnswering(Family):
-    metric = "f1"
-
-    def setup(self, train):
-        self.check(train)
-        # SQuAD v1 has no unanswerable question and its scorer expects an answer to each:
-        # a null answer is only ever predicted when the training data has unanswerable
-        # questions (SQuAD v2).
-        self.allow_null = any(not r["answers"]["text"] for _, r in train)
-        self.trivial_rule = "always no answer" if self.allow_null else None
-        self.max_question = self.max_len // 4
-        room = self.max_len - self.max_question - 2  # the fewest context tokens a window holds
-        self.stride = min(self.cfg.doc_stride, room // 2)
-        if self.stride < self.cfg.doc_stride:
-            print(f"note: doc_stride {self.cfg.doc_stride} -> {self.stride}: windows of "
-                  f"{self.max_len} tokens keep as few as {room} context tokens, and consecutive "
-                  f"windows must move forward")
-
-    def check(self, rows):
-        seen = {}
-        for where, r in rows:
-            qid = field(where, r, "id", str, "a non-empty string, unique in the file")
-            if qid in seen:
-                raise ValueError(f"{where}: field 'id' {qid!r} already used at {seen[qid]}")
-            seen[qid] = where
-            field(where, r, "question", str, "a non-empty string")
-            context = field(where, r, "context", str, "a non-empty string")
-            answers = field(where, r, "answers", dict,
-                            'an object {"text": [...], "answer_start": [...]}')
-            texts, starts = answers.get("text"), answers.get("answer_start")
-            if not isinstance(texts, list) or not isinstance(starts, list) or \
-                    len(texts) != len(starts):
-                raise ValueError(f"{where}: field 'answers' needs lists 'text' and 'answer_start' "
-                                 f"of equal length")
-            for i, (text, start) in enumerate(zip(texts, starts)):
-                if not isinstance(text, str) or not text or not isinstance(start, int) or \
-                        context[start:start + len(text)] != text or start < 0:
-                    raise ValueError(f"{where}: field 'answers' item {i}: text {text!r} is not at "
-                                     f"character answer_start={start!r} of the context")
-
-    def encode(self, rows):
-        """Each example becomes windows "question <eot> context piece <eot>". The null answer points
-        at the final <eot>: as the last real token it sees the whole input under causal attention
-        too, unlike BERT's position 0."""
-        items, eot = [], self.tok.eot_id
-        for _, r in rows:
-            context, answers = r["context"], r["answers"]
-            ctx = self.tok.encode(context)
-            spans = token_spans(self.tok, ctx, context)
-            question = self.tok.encode(r["question"])[:self.max_question]
-            room = self.max_len - len(question) - 2
-            example = QAExample(r["id"], context, spans, answers["text"])
-            first = None
-            # train on the first answer (SQuAD's training files have exactly one)
-            if answers["text"]:
-                a = answers["answer_start"][0]
-                b = a + len(answers["text"][0])
-                first = (next(i for i, (_, e) in enumerate(spans) if e > a),
-                         max(i for i, (s, _) in enumerate(spans) if s < b))
-            for lo in window_starts(len(ctx), room, self.stride):
-                hi = min(lo + room, len(ctx))
-                ids = question + [eot] + ctx[lo:hi] + [eot]
-                # sequence position of context token i is i + offset
-                offset = len(question) + 1 - lo
-                if first and lo <= first[0] and first[1] < hi:
-                    target = (first[0] + offset, first[1] + offset)
-                else:  # no answer in this window (or at all): the null position
-                    target = (len(ids) - 1, len(ids) - 1)
-                items.append(QAWindow(ids, example, lo, hi, offset, target))
-        return Split(items)
-
-    def head(self, n_embd):
-        return nn.Linear(n_embd, 2)
-
-    def logits(self, body, head, seqs):
-        hidden, mask = self.forward(body, seqs)
-        # padding is never an answer
-        logits = head(hidden).float().masked_fill(~mask.unsqueeze(-1), float("-inf"))
-        return logits[..., 0], logits[..., 1]  # start, end: (B, T) each
-
-    def loss(self, body, head, batch):
-        start, end = self.logits(body, head, [item.ids for item in batch])
-        targets = torch.tensor([item.target for item in batch], device=self.device)  # (B, 2)
-        return (F.cross_entropy(start, targets[:, 0]) + F.cross_entropy(end, targets[:, 1])) / 2
-
-    def predict(self, split, start_logits: list, end_logits: list) -> dict:
-        """Answer text per example id from each window's start/end logits: the best span
-        start <= end, at most max_answer_tokens long, inside the context, over all windows; "" when
-        the null score (the lowest over the windows) beats it, SQuAD v2's rule."""
-        best, null = {}, {}
-        for item, s, e in zip(split.items, start_logits, end_logits):
-            qid, spans, last, lo = item.example.id, item.example.spans, len(item.ids) - 1, item.lo
-            null[qid] = min(null.get(qid, float("inf")), float(s[last] + e[last]))
-            n = item.hi - lo
-            if n == 0:
-                continue
-            pos = slice(lo + item.offset, item.hi + item.offset)
-            scores = s[pos, None] + e[None, pos]  # (n, n): the span from context token lo+i to lo+j
-            # 0 <= j - i < max_answer_tokens
-            allowed = (torch.ones(n, n, dtype=torch.bool).triu()
-                       & ~torch.ones(n, n, dtype=torch.bool).triu(self.cfg.max_answer_tokens))
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            i, j = divmod(int(scores.argmax()), n)
-            if qid not in best or scores[i, j] > best[qid][0]:
-                best[qid] = (float(scores[i, j]),
-                             item.example.context[spans[lo + i][0]:spans[lo + j][1]].strip())
-        return {qid: "" if self.allow_null and (qid not in best or null[qid] > best[qid][0])
-                else best[qid][1] for qid in null}
-
-    def evaluate(self, body, head, split):
-        starts, ends = [], []
-        for chunk in self.chunks(split.items):
-            s, e = self.logits(body, head, [item.ids for item in chunk])
-            starts += list(s.cpu())
-            ends += list(e.cpu())
-        return self.score(split, self.predict(split, starts, ends))
-
-    def score(self, split, predictions: dict) -> dict:
-        gold = {item.example.id: item.example.answers for item in split.items}
-        pairs = [squad_scores(predictions[qid], answers) for qid, answers in gold.items()]
-        return {"f1": statistics.fmean(f for _, f in pairs),
-                "exact": statistics.fmean(x for x, _ in pairs)}
-
-    def trivial(self, split):
-        return self.score(split, {item.example.id: "" for item in split.items})
-
-
 class Retrieval(Family):
+    name = "ir"
     metric = "ndcg@10"
 
     def setup(self, train):
@@ -453,11 +382,20 @@ class Retrieval(Family):
             relevance[q][d] = r.get("grade", 1)
         for text in extra_documents:
             documents.setdefault(text, len(documents))
-        query_ids = [s[:self.max_len] for s in self.tok.encode_batch(list(queries))]
-        document_ids = [s[:self.max_len] for s in self.tok.encode_batch(list(documents))]
+        query_ids = self.tokens(list(queries), "Query: ")
+        document_ids = self.tokens(list(documents), "Document: ")
         pairs = [QueryDocument(d, rel, query_ids[q], document_ids[d])
                  for q, rel in enumerate(relevance) for d, grade in rel.items() if grade > 0]
         return Split(pairs, query_ids, document_ids, relevance)
+
+    def tokens(self, texts: list[str], label: str) -> list[list[int]]:
+        """paper: "Query: {text}" or "Document: {text}", then <eot>; eot: the text alone."""
+        if self.input_format == "paper":
+            return [ending_with_eot(s, self.tok.eot_id, self.max_len)
+                    for s in self.tok.encode_batch([label + text for text in texts])]
+        return [s[:self.max_len] for s in self.tok.encode_batch(texts)]
+
+    head_type = "none"
 
     def head(self, n_embd):
         return nn.Identity()  # the paper's retriever is the pooled body alone
@@ -487,8 +425,7 @@ class Retrieval(Family):
         docs = torch.cat([self.embed(body, c) for c in self.chunks(split.documents)])  # (n_docs, C)
         ranked = [r for c in self.chunks(split.queries)
                   for r in rank_documents(self.embed(body, c) @ docs.T, k)]
-        return ndcg_mrr(ranked, split.relevance, k)
+        return ndcg_mrr(ranked, split.relevance, k, self.cfg.empty_queries)
 
 
-FAMILIES = {"sc": SequenceClassification, "tc": TokenClassification, "qa": QuestionAnswering,
-            "ir": Retrieval}
+FAMILY_NAMES = ("sc", "tc", "qa", "ir")  # finetune.FAMILIES maps them to their classes

@@ -32,15 +32,16 @@ from tqdm import tqdm
 
 import files
 import parallel
-from data import (TOKENIZER_FIELDS, BlockLoader, check_tokenizer, data_dir_of, get_tokenizer,
-                  load_meta, prepare)
+from data import (BlockLoader)
 from device import peak_flops
-from hf import export_hf, load_hf
-from checkpoints import (checkpoint_payload, last_good, load_checkpoint, model_from_checkpoint,
-                         open_log, read_checkpoint, save_checkpoint)
-from model import Transformer, configure_optimizer, model_config
+from hf import export_hf
+from checkpoints import (checkpoint_payload, kept_steps, last_good, open_log, read_checkpoint,
+                         save_checkpoint)
+from model import Transformer, configure_optimizer
 from objectives import MASK_REPLACE, OBJECTIVES, Vocab, pretraining_loss
 from settings import configure
+from start import Data, build_model, check_unique_data, open_data
+from tracker import Tracker
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     data: str = "docstrings"  # docstrings (offline), fineweb-edu[:config], or .txt/.jsonl path/glob
     data_dir: str = ""  # prepared token files; "" = data/<data>_<tokenizer>, prepared on first use
     data_tokens: int = 0  # token budget when preparing a streamed source (fineweb-edu); 0 = all
+    repeat_data: bool = False  # allow reading training blocks twice; the paper's data never repeats
     tokenizer: str = "cl100k_8k"  # "cl100k" (paper-like) or "cl100k_<N>k" (its first N*1024 merges)
     # model
     model: str = "tiny"  # preset in model.py: test, tiny, 210m, 610m, 1b
@@ -77,16 +79,20 @@ class TrainConfig:
     eval_interval: int = 25  # steps between validation (both objectives) and checkpoint; 0 = at end
     eval_batches: int = 4  # micro-batches per validation loss
     out_dir: str = "out/demo"  # checkpoint ckpt.pt, log.jsonl and summary.json go here
-    init_from: str = "scratch"  # scratch, resume (out_dir), a checkpoint path, or hf:DIR (HF Llama)
+    init_from: str = "scratch"  # scratch, resume, a checkpoint, or hf:DIR (HF Llama or EuroBERT)
     stop_at: int = 0  # stop after this step with a checkpoint, to resume later; 0 = run to the end
+    keep_checkpoints: str = ""  # also keep the weights at steps "1000,5000" or "every:1000"
+    load_optimizer: bool = True  # init_from=CKPT: start from its AdamW state (start.py), else empty
     # system
     device: str = "auto"  # "auto" (cuda, then mps, then cpu), or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, else float32), bfloat16, float32
     compile: str = "auto"  # torch.compile the model: "auto" (on CUDA), "true", "false"
     seed: int = 0  # model init, data order and masking all derive from it
     progress: bool = True  # tqdm progress bar
+    wandb_project: str = ""  # also log to Weights & Biases in this project (tracker.py); "" = off
+    wandb_run: str = ""  # the W&B run name; "" = the out_dir's name
     fsdp: bool = False  # FSDP2: shard parameters, gradients and AdamW state instead of DDP's copies
-    export: str = ""  # "hf": write out_dir/ckpt.pt as an HF Llama directory out_dir/hf, then exit
+    export: str = ""  # "hf": write out_dir/ckpt.pt as an HF directory out_dir/hf (hf.py), then exit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,6 +123,10 @@ def validate(cfg: TrainConfig):
         (cfg.eval_batches > 0, "eval_batches must be >= 1"),
     ]
     problems = [message for ok, message in checks if not ok]
+    try:
+        kept_steps(cfg.keep_checkpoints, cfg.max_steps)
+    except ValueError as e:
+        problems.append(str(e))
     switch = switch_step(cfg) if not problems and cfg.switch_to != "none" else None
     if switch is not None and not 0 < switch < cfg.max_steps:
         problems.append(f"switch_at={cfg.switch_at:g} puts the switch at step {switch} of "
@@ -253,14 +263,6 @@ def evaluate(model, cfg: TrainConfig, vocab: Vocab, data_dir: str, generator, de
 # The run, step by step
 
 
-@dataclass
-class Data:
-    """A run's prepared token files, and what the objectives need to know of their tokenizer."""
-    dir: str
-    vocab: Vocab
-    tokenizer: dict  # the description every checkpoint carries (data.TOKENIZER_FIELDS)
-
-
 def main(argv: list[str]):
     cfg = configure(TrainConfig, argv)
     validate(cfg)
@@ -317,58 +319,6 @@ def resume_settings(cfg: TrainConfig, argv: list[str],
     return cfg, resumed
 
 
-def open_data(cfg: TrainConfig, proc: parallel.Process) -> Data:
-    """The run's token files: prepared once (by one process), then memory-mapped by all."""
-    data_dir = data_dir_of(asdict(cfg))
-    # a no-op when prepared; when two runs start at once, one prepares, the other waits
-    if proc.master:
-        prepare(cfg.data, data_dir, cfg.tokenizer, max_tokens=cfg.data_tokens or None, reuse=True)
-    parallel.barrier(proc)
-    meta = load_meta(data_dir)
-    tokenizer = {k: meta.get(k) for k in TOKENIZER_FIELDS}
-    # meta.json is a file like any other:
-    # its vocabulary and special ids must be the named tokenizer's
-    check_tokenizer(tokenizer, get_tokenizer(cfg.tokenizer).meta(), f"--tokenizer={cfg.tokenizer}",
-                    os.path.join(data_dir, "meta.json"))
-    vocab = Vocab(meta["n_vocab"], meta["mask_id"],
-                  (meta["eot_id"], meta["mask_id"], meta["pad_id"]), meta["pad_id"])
-    return Data(data_dir, vocab, tokenizer)
-
-
-def build_model(cfg: TrainConfig, data: Data,
-                resumed: dict | None) -> tuple[Transformer, dict | None]:
-    """The model, from scratch, from this run's checkpoint, from another run's (continued
-    pretraining) or from a Hugging Face checkpoint; and, for continued pretraining on its source's
-    data, where that stream stopped."""
-    torch.manual_seed(cfg.seed)
-    stream, meta_path = None, os.path.join(data.dir, "meta.json")
-    if resumed is not None:
-        ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-        model = model_from_checkpoint(resumed, ckpt_path)
-        check_tokenizer(data.tokenizer, resumed["tokenizer"], ckpt_path, meta_path)
-    elif cfg.init_from.startswith("hf:"):
-        model = load_hf(cfg.init_from.removeprefix("hf:"), get_tokenizer(cfg.tokenizer))
-    elif cfg.init_from != "scratch":
-        model, source = load_checkpoint(cfg.init_from)
-        check_tokenizer(data.tokenizer, source["tokenizer"], cfg.init_from, meta_path)
-        # Continued pretraining on the data its source was trained on reads on from where that
-        # run stopped, so its steps see new blocks, as the paper's CPT (steps 42k-64k of one
-        # data stream) does.
-        saved = source.get("train_config", {})
-        same_stream = (os.path.realpath(data_dir_of(saved)) == os.path.realpath(data.dir)
-                       and "data" in source and saved.get("seed") == cfg.seed
-                       and saved.get("block_size") == cfg.block_size)
-        stream = source["data"] if same_stream else None
-    else:
-        model = Transformer(model_config(cfg.model, vocab_size=data.vocab.size,
-                                         block_size=cfg.block_size))
-    if model.config.block_size < cfg.block_size:
-        raise SystemExit(f"error: the checkpoint's block_size {model.config.block_size} < "
-                         f"{cfg.block_size}")
-    model.config.attention = cfg.attention  # how attention is computed is not part of the weights
-    return model, stream
-
-
 def micro_batches(cfg: TrainConfig, proc: parallel.Process) -> int:
     """Micro-batches per optimizer step on each process (gradient accumulation)."""
     per_step = cfg.total_batch_size or cfg.batch_size * proc.world_size
@@ -395,16 +345,27 @@ class Run:
     def ckpt_path(self) -> str:
         return os.path.join(self.cfg.out_dir, "ckpt.pt")
 
+    def payload(self, weights: dict | None, **extra) -> dict:
+        return checkpoint_payload(self.raw_model, weights, step=self.step,
+                                  tokenizer=self.data.tokenizer, train_config=asdict(self.cfg),
+                                  data=self.loader.state_dict(),
+                                  objective=objective_at(self.step - 1, self.cfg), **extra)
+
     def save(self, val: dict):
+        """ckpt.pt: everything needed to resume exactly."""
         weights, optimizer_state = parallel.full_state(self.raw_model, self.optimizer,
                                                        self.cfg.fsdp)
         if self.proc.master:
-            save_checkpoint(checkpoint_payload(
-                self.raw_model, weights, optimizer=optimizer_state, step=self.step,
-                tokenizer=self.data.tokenizer, train_config=asdict(self.cfg),
-                data=self.loader.state_dict(), objective=objective_at(self.step - 1, self.cfg),
-                val=val), self.ckpt_path)
+            save_checkpoint(self.payload(weights, optimizer=optimizer_state, val=val),
+                            self.ckpt_path)
         self.saved_step = self.step
+
+    def keep(self):
+        """ckpt_<step>.pt: the weights alone, for fine-tuning and export (not resumable)."""
+        weights = parallel.full_weights(self.raw_model, self.cfg.fsdp)
+        if self.proc.master:
+            save_checkpoint(self.payload(weights),
+                            os.path.join(self.cfg.out_dir, f"ckpt_{self.step}.pt"))
 
 
 def run(cfg: TrainConfig, argv: list[str], proc: parallel.Process):
@@ -417,7 +378,7 @@ def start(cfg: TrainConfig, proc: parallel.Process, data: Data, resumed: dict | 
     """The model on its device, its optimizer and the data loader, at step 0 or where the resumed
     checkpoint stopped."""
     say = print if proc.master else (lambda *a, **k: None)
-    raw_model, stream = build_model(cfg, data, resumed)
+    raw_model, origin = build_model(cfg, data, resumed)
     raw_model.to(proc.device)
     if cfg.fsdp:
         parallel.shard(raw_model)
@@ -425,19 +386,21 @@ def start(cfg: TrainConfig, proc: parallel.Process, data: Data, resumed: dict | 
                                     cfg.adam_eps, proc.device.type)
     loader = BlockLoader(data.dir, "train", cfg.block_size, cfg.batch_size, seed=cfg.seed,
                          rank=proc.rank, world_size=proc.world_size, device=proc.device)
-    step = 0
+    if origin.optimizer is not None:
+        parallel.load_optimizer_state(raw_model, optimizer, origin.optimizer, cfg.fsdp)
+    if origin.data is not None:
+        loader.load_state_dict(origin.data)
     if resumed is not None:
-        parallel.load_optimizer_state(raw_model, optimizer, resumed["optimizer"], cfg.fsdp)
-        loader.load_state_dict(resumed["data"])
-        step = resumed["step"]
-        say(f"resuming {os.path.join(cfg.out_dir, 'ckpt.pt')} at step {step}")
-    elif stream is not None:
-        loader.load_state_dict(stream)
-        say(f"continuing {cfg.init_from}'s data stream at block {loader.position:,}")
+        say(f"resuming {origin.source} at step {origin.step}")
+    elif origin.source:
+        say(f"continuing from {origin.source}: "
+            + ("AdamW state carried over" if origin.optimizer is not None else "AdamW state empty")
+            + (f", data stream at block {loader.position:,}" if origin.data else ", data from the "
+               "start"))
     compile = cfg.compile == "true" or (cfg.compile == "auto" and proc.device.type == "cuda")
     model = parallel.wrap(raw_model, proc, compile, sharded=cfg.fsdp)
-    return Run(cfg, proc, data, raw_model, model, optimizer, loader, step,
-               saved_step=step if resumed is not None else None)
+    return Run(cfg, proc, data, raw_model, model, optimizer, loader, origin.step,
+               saved_step=origin.step if resumed is not None else None)
 
 
 def describe(r: Run, grad_accum: int) -> str:
@@ -458,17 +421,24 @@ def loop(r: Run):
     losses and a checkpoint; the objective switches on the way."""
     cfg, proc, say = r.cfg, r.proc, print if r.proc.master else (lambda *a, **k: None)
     grad_accum = micro_batches(cfg, proc)
-    tokens_per_step = grad_accum * cfg.batch_size * proc.world_size * cfg.block_size
-    switch = switch_step(cfg)
+    per_step = grad_accum * cfg.batch_size * proc.world_size  # sequences
+    check_unique_data(r.loader, cfg.max_steps, r.step, per_step, cfg.repeat_data)
+    tokens_per_step = per_step * cfg.block_size
+    switch, kept = switch_step(cfg), kept_steps(cfg.keep_checkpoints, cfg.max_steps)
     say(describe(r, grad_accum))
     peak = peak_flops(proc.device) * proc.world_size
     generator = torch.Generator(device=proc.device)
     log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), r.saved_step) if proc.master else None
+    tracker = (Tracker(cfg.wandb_project, cfg.wandb_run or os.path.basename(cfg.out_dir),
+                       {**asdict(cfg), "switch_step": switch}, cfg.out_dir)
+               if proc.master and cfg.wandb_project else None)
 
     def write(record):
         if log:
             log.write(files.json_line(record))
             log.flush()
+        if tracker:
+            tracker.log(record)
 
     def validation():
         val = evaluate(r.model, cfg, r.data.vocab, r.data.dir, generator, proc.device,
@@ -521,6 +491,8 @@ def loop(r: Run):
                 r.save(val)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{e}. {last_good(r.ckpt_path, r.saved_step)}") from None
+        if r.step in kept:
+            r.keep()
     if bar:
         bar.close()
 
@@ -536,6 +508,8 @@ def loop(r: Run):
                 else f"stopped at step {r.step} (resume with --init_from=resume)")
         say(f"{done} in {elapsed:.0f}s: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f} | "
             f"{r.ckpt_path}")
+    if tracker:
+        tracker.finish()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import checkpoints  # noqa: E402
 import data  # noqa: E402
 import finetune as ft  # noqa: E402
 import model  # noqa: E402
-from tasks import FAMILIES  # noqa: E402
+from finetune import FAMILIES  # noqa: E402
 # the tiny model of the objective tests, and one thread for every test as there
 from test_objectives import VOCAB, one_thread, random_tokens, tiny_model  # noqa: E402, F401
 

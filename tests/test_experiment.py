@@ -55,12 +55,32 @@ def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
     assert any(line.startswith("| clm-cpt | clm + MLM 4 |") for line in lines)
     last = read_log(str(root / "mlm"))[1][-1]
     sd = reports["mlm"]["stability_sd"]
-    assert f"| mlm | {sd:.2f} | {sd:.2f} | {last['val_clm']:.4f} | {last['val_mlm']:.4f} |" in lines
+    converged = reports["mlm"]["stability_sd_converged"]
+    assert (f"| mlm | {sd:.2f} | {sd:.2f} | {converged:.2f} | {last['val_clm']:.4f} | "
+            f"{last['val_mlm']:.4f} |") in lines
     assert (root / "summary.md").read_text() == summary["tables"] + "\n"
     if has_matplotlib:
         assert sorted(p.name for p in figures.iterdir()) == \
             ["experiment_losses.png", "experiment_lr.png"]
         assert all(p.read_bytes()[:4] == b"\x89PNG" for p in figures.iterdir())
+
+    # the data-efficiency view: checkpoints kept along a run, fine-tuned, against its steps
+    train.main(run_args(tiny_data, str(root / "kept"), objective="clm", switch_to="none",
+                        keep_checkpoints="2,4"))
+    by_step = {}
+    for step, ckpt in ((2, "ckpt_2.pt"), (4, "ckpt_4.pt"), (8, "ckpt.pt")):
+        by_step[step] = ft.main([f"--init_from={root / 'kept' / ckpt}", "--task=sc",
+                                 f"--train={sc_train}", f"--test={sc_test}", "--lrs=1e-3",
+                                 "--seeds=2", "--batch_size=8", "--max_steps=2", "--progress=False",
+                                 f"--out_dir={root / 'kept' / f'step{step}_sc'}"])
+    summary = ft.main([f"--summarize={root}"]
+                      + ([f"--figures={figures}"] if has_matplotlib else []))
+    lines = summary["tables"].splitlines()
+    assert "| run | step | tokens | sc |" in lines
+    for step, rep in by_step.items():  # 2 x 32 tokens a step
+        assert f"| kept | {step} | {step * 64:,} | {rep['test_mean']:.2f} |" in lines
+    if has_matplotlib:
+        assert (figures / "experiment_steps.png").read_bytes()[:4] == b"\x89PNG"
 
     # a sweep filed under the wrong run would put its scores in the wrong row
     shutil.copytree(root / "mlm" / "sc", root / "clm" / "sc_of_mlm")
@@ -95,16 +115,19 @@ def test_cpu_experiment_runs_every_step_in_order_and_picks_up_where_it_stopped(t
     monkeypatch.setattr(experiment, "run_command", fake_command)
     monkeypatch.setattr(experiment, "summarize", lambda *a: summaries.append(a))
     argv = [f"--out_dir={tmp_path / 'exp'}", "--jobs=1", "--tasks=sc,qa", "--steps=40",
-            "--cpt_steps=20", "--figures="]
+            "--cpt_steps=20", "--figures=", "--keep=10,20", "--keep_tasks=sc"]
     experiment.main(argv)
     pretraining = [a for a in commands if a[0] == "train.py"]
     names = [os.path.basename(out_dir_of(a)) for a in pretraining]
     assert names == list(experiment.RUNS)  # jobs=1: in order, each CPT run after its source
+    assert [n for n, a in zip(names, pretraining) if "--keep_checkpoints=10,20" in a] == \
+        ["clm", "mlm"]
     cpt = next(a for a in pretraining if "--out_dir=" + str(tmp_path / "exp" / "clm-cpt") in a)
     assert f"--init_from={tmp_path / 'exp' / 'clm' / 'ckpt.pt'}" in cpt and "--max_steps=20" in cpt
     sweeps = [a for a in commands if a[0] == "finetune.py"]
-    assert len(sweeps) == 7 * 2 and all("--lrs=1e-3,3e-3,1e-2" in a and "--seeds=2" in a
-                                        for a in sweeps)
+    assert len(sweeps) == 7 * 2 + 2 * 2 and all("--lrs=1e-3,3e-3,1e-2" in a and "--seeds=2" in a
+                                                for a in sweeps)
+    assert f"--init_from={tmp_path / 'exp' / 'mlm' / 'ckpt_20.pt'}" in sweeps[-1]
     assert summaries == [(str(tmp_path / "exp"), "")]
 
     commands.clear()

@@ -4,6 +4,7 @@ hand-computed values, tokens and words, the four heads, the sweep and its report
 the offline demo tasks built from docstrings (docstrings.py).
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -14,15 +15,17 @@ import statistics
 import pytest
 import torch
 
+import checkpoints
 import docstrings
 import finetune as ft
 import metrics
 import task_data
+import qa
 import tasks
 from conftest import (FILLER, TOK, error_of, make_checkpoint, make_family, rows, sc_files,
                       tiny_body, write_jsonl)
 from settings import configure
-from tasks import FAMILIES
+from finetune import FAMILIES
 from train import lr_at
 
 
@@ -81,6 +84,12 @@ def test_ndcg_mrr_graded_relevance():
     assert metrics.ndcg_mrr([[7, 8]], [{7: 1}], k=10) == {"ndcg@10": 1.0, "mrr@10": 1.0}
     with pytest.raises(ValueError, match="no query has a relevant document"):
         metrics.ndcg_mrr([[0]], [{0: 0}])
+    # BEIR's mean: the judged query without a relevant document counts 0
+    zero = metrics.ndcg_mrr(ranked, relevance, k=10, empty_queries="zero")
+    assert zero["ndcg@10"] == pytest.approx((dcg / idcg + 0 + 0) / 3)
+    assert zero["mrr@10"] == pytest.approx((1 / 2 + 0 + 0) / 3)
+    with pytest.raises(ValueError, match="no query has a relevant document"):
+        metrics.ndcg_mrr([[0]], [{0: 0}], empty_queries="zero")
 
 
 def test_ranking_ties_keep_corpus_order():
@@ -115,6 +124,11 @@ def test_report_means_intervals_choice_and_stability():
     assert rep["chosen_lr"] == 1e-3 and rep["test_mean"] == 72
     assert rep["test_ci95"] == pytest.approx(4.3027 * 2 / math.sqrt(3))
     assert rep["stability_sd"] == pytest.approx(statistics.stdev([63, 72, 10]))
+    # the learning rate with a diverged seed left out
+    assert rep["stability_lrs_converged"] == [1e-4, 1e-3]
+    assert rep["stability_sd_converged"] == pytest.approx(statistics.stdev([63, 72]))
+    all_diverged = [r | {"diverged_at": 1} for r in results if r["lr"] != 1e-4]
+    assert ft.report(all_diverged, "accuracy")["stability_sd_converged"] is None
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -145,7 +159,7 @@ def test_align_words_first_subtoken_per_word():
 def test_token_spans_cover_text_even_inside_multibyte_characters():
     text = "naïve 😀 café: ok"
     ids = TOK.encode(text)
-    spans = tasks.token_spans(TOK, ids, text)
+    spans = qa.token_spans(TOK, ids, text)
     assert len(spans) == len(ids) and spans[0][0] == 0 and spans[-1][1] == len(text)
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, in order
     assert "".join(text[s:e] for s, e in spans) == text
@@ -159,6 +173,63 @@ def test_pooling_ignores_padding():
     assert torch.equal(tasks.pool(hidden, mask, "first"), hidden[:, 0])
 
 
+def encoded(family_name, records, input_format, max_len=64, **settings):
+    family, _ = make_family(family_name, records, max_len=max_len, input_format=input_format,
+                            **settings)
+    return family, family.encode(rows(records))
+
+
+def test_sc_inputs_in_both_formats():
+    eot = TOK.eot_id
+    single = [{"text": "a gem of a film", "label": 1}]
+    _, split = encoded("sc", single, "paper")
+    assert split.items[0].ids == TOK.encode("a gem of a film") + [eot]  # the text, then <eot>
+    _, split = encoded("sc", single, "eot")
+    assert split.items[0].ids == TOK.encode("a gem of a film")  # nothing appended
+    pair = [{"text": "A man sleeps.", "text_pair": "Nobody sleeps.", "label": 0}]
+    _, split = encoded("sc", pair, "paper")  # a JSONL pair: two lines, no dataset labels known
+    assert split.items[0].ids == TOK.encode("A man sleeps.\nNobody sleeps.") + [eot]
+    _, split = encoded("sc", pair, "eot")
+    assert split.items[0].ids == TOK.encode("A man sleeps.") + [eot] + TOK.encode("Nobody sleeps.")
+    # cut to max_len: paper keeps its <eot> last
+    long = [{"text": " ".join(FILLER * 5), "label": 0}]
+    _, split = encoded("sc", long, "paper", max_len=16)
+    assert len(split.items[0].ids) == 16 and split.items[0].ids[-1] == eot
+    assert split.items[0].ids[:15] == TOK.encode(long[0]["text"])[:15]
+    _, split = encoded("sc", long, "eot", max_len=16)
+    assert split.items[0].ids == TOK.encode(long[0]["text"])[:16]
+
+
+def test_tc_inputs_in_both_formats():
+    record = {"words": ["EU", "rejects", "German", "call"], "tags": ["I-ORG", "O", "I-MISC", "O"]}
+    _, paper = encoded("tc", [record], "paper")
+    _, plain = encoded("tc", [record], "eot")
+    # the same words and word starts; paper appends <eot>, a position without a label
+    assert paper.items[0].ids == plain.items[0].ids + [TOK.eot_id]
+    assert paper.items[0].starts == plain.items[0].starts and TOK.eot_id not in plain.items[0].ids
+    long = {"words": FILLER * 3, "tags": ["O"] * len(FILLER) * 3}
+    _, paper = encoded("tc", [long], "paper", max_len=12)
+    assert len(paper.items[0].ids) <= 12 and paper.items[0].ids[-1] == TOK.eot_id
+    kept = len(paper.items[0].starts)  # the words that fit before the <eot>
+    assert 0 < kept < len(long["words"])
+    assert TOK.decode(paper.items[0].ids[:-1]) == " ".join(long["words"][:kept])
+
+
+def test_ir_inputs_in_both_formats():
+    records = [{"query": "what is x", "document": "x is a letter"}]
+    family, split = encoded("ir", records, "paper")
+    split = family.encode(rows(records), ["another text"])
+    assert split.queries == [TOK.encode("Query: what is x") + [TOK.eot_id]]
+    assert split.documents == [TOK.encode("Document: x is a letter") + [TOK.eot_id],
+                               TOK.encode("Document: another text") + [TOK.eot_id]]
+    _, split = encoded("ir", records, "eot")
+    assert split.queries == [TOK.encode("what is x")]
+    assert split.documents == [TOK.encode("x is a letter")]
+    _, split = encoded("ir", [{"query": "q", "document": " ".join(FILLER * 5)}], "paper",
+                       max_len=10)
+    assert len(split.documents[0]) == 10 and split.documents[0][-1] == TOK.eot_id
+
+
 def qa_example(answer_at_end=True):
     filler = " ".join(f"word{i}" for i in range(60))
     context = f"{filler} The secret code is Blue Falcon. {filler}" if answer_at_end else filler
@@ -169,30 +240,84 @@ def qa_example(answer_at_end=True):
             "context": context, "answers": answers}
 
 
-def test_qa_stride_windows_map_answers_back_to_characters():
-    family, _ = make_family("qa", [qa_example(), qa_example(False)], max_len=48, doc_stride=24)
+def oracle_logits(split):
+    """Start and end logits that peak on each window's training target."""
+    starts, ends = [], []
+    for ids, *_, (s, e) in split.items:
+        starts.append(torch.nn.functional.one_hot(torch.tensor(s), len(ids)).float() * 10)
+        ends.append(torch.nn.functional.one_hot(torch.tensor(e), len(ids)).float() * 10)
+    return starts, ends
+
+
+@pytest.mark.parametrize("input_format", ["paper", "eot"])
+def test_qa_stride_windows_map_answers_back_to_characters(input_format):
+    family, _ = make_family("qa", [qa_example(), qa_example(False)], max_len=56, doc_stride=24,
+                            input_format=input_format)
     split = family.encode(rows([qa_example(), qa_example(False)]))
     windows = [item for item in split.items if item[1][0] == "q1"]
-    assert len(windows) > 5  # ~250 context tokens in windows of ~34
+    assert len(windows) > 5  # ~250 context tokens in windows of ~40
+    prompt = {"paper": TOK.encode("Question: What is the code?\nContext: "),
+              "eot": TOK.encode("What is the code?") + [TOK.eot_id]}[input_format]
     for ids, _, lo, hi, offset, (s, e) in windows:
-        assert len(ids) <= 48 and ids[offset + lo - 1] == TOK.eot_id and ids[-1] == TOK.eot_id
+        # the prompt, the context piece right after it, the null answer on the final <eot>
+        assert len(ids) <= 56 and ids[:offset + lo] == prompt and ids[-1] == TOK.eot_id
+        assert ids.count(TOK.eot_id) == prompt.count(TOK.eot_id) + 1
         if s != len(ids) - 1:  # the answer is in this window: its tokens decode to it
             assert TOK.decode(ids[s:e + 1]).strip() == "Blue Falcon"
     inside = [w for w in windows if w[5][0] != len(w[0]) - 1]
     assert len(inside) >= 2  # overlapping windows: the answer sits in more than one
     # oracle logits (peaks on each window's targets) must give back the exact character span, and
     # "" for q0
-    starts, ends = [], []
-    for ids, *_, (s, e) in split.items:
-        starts.append(torch.nn.functional.one_hot(torch.tensor(s), len(ids)).float() * 10)
-        ends.append(torch.nn.functional.one_hot(torch.tensor(e), len(ids)).float() * 10)
-    assert family.predict(split, starts, ends) == {"q1": "Blue Falcon", "q0": ""}
+    assert family.predict(split, *oracle_logits(split)) == {"q1": "Blue Falcon", "q0": ""}
     assert family.score(split, {"q1": "blue falcon", "q0": ""}) == {"f1": 1.0, "exact": 1.0}
 
 
+def test_qa_candidates_restrict_the_answer_to_entity_mentions():
+    context = "Paris is big. The city of Lyon and the Loire Valley region are not @highlight news"
+    spans = {name: [context.find(name), context.find(name) + len(name)]
+             for name in ("Paris", "Lyon", "the Loire Valley region")}
+    record = {"id": "r1", "question": "@placeholder is the capital", "context": context,
+              "answers": {"text": ["Paris"], "answer_start": [0]},
+              "candidates": [spans["Lyon"], spans["the Loire Valley region"]]}
+    family, _ = make_family("qa", [record], max_answer_tokens=2)
+    split = family.encode(rows([record]))
+    example = split.items[0].example
+    assert [[c.start, c.end] for c in example.candidates] == record["candidates"]
+    # the oracle points at "Paris", which is no candidate: the best-scoring candidate wins instead
+    starts, ends = oracle_logits(split)
+    window = split.items[0]
+    region = example.candidates[1]
+    starts[0][region.first + window.offset] += 5
+    ends[0][region.last + window.offset] += 5  # 4 tokens: longer than max_answer_tokens, allowed
+    assert family.predict(split, starts, ends) == {"r1": "the Loire Valley region"}
+    # without candidates, any span
+    plain_record = {k: v for k, v in record.items() if k != "candidates"}
+    without, _ = make_family("qa", [plain_record], max_answer_tokens=2)
+    plain = without.encode(rows([plain_record]))
+    assert without.predict(plain, *oracle_logits(plain)) == {"r1": "Paris"}
+    for bad, message in (([], "must be a non-empty list"), ([[5, 2]], "item 0"),
+                         ([[0, 999]], "item 0"), ([[0, 1], "x"], "item 1"),
+                         ([[0.0, 1]], "item 0")):
+        with pytest.raises(ValueError) as e:
+            make_family("qa", [record | {"candidates": bad}])
+        assert str(e.value).startswith(f"train.jsonl, line 1: field 'candidates' {message}")
+
+
+def test_qa_scores_the_best_gold_answer_like_record():
+    # ReCoRD: several gold answers (the mentions of one entity); F1 and EM are the best over them
+    record = {"id": "r", "question": "Who? @placeholder",
+              "context": "Barack Obama, or Obama, spoke.",
+              "answers": {"text": ["Barack Obama", "Obama"], "answer_start": [0, 17]}}
+    family, _ = make_family("qa", [record])
+    split = family.encode(rows([record]))
+    assert family.score(split, {"r": "Obama"}) == {"f1": 1.0, "exact": 1.0}
+    assert family.score(split, {"r": "Obama spoke"}) == \
+        pytest.approx({"f1": 2 / 3, "exact": 0.0})  # vs "Obama": P 1/2, R 1
+
+
 def test_window_starts_cover_the_context():
-    assert tasks.window_starts(10, 20, 5) == [0]
-    assert tasks.window_starts(100, 40, 10) == [0, 30, 60]  # 0-40, 30-70, 60-100
+    assert qa.window_starts(10, 20, 5) == [0]
+    assert qa.window_starts(100, 40, 10) == [0, 30, 60]  # 0-40, 30-70, 60-100
 
 
 def test_parameter_sections_numpydoc_and_google():
@@ -223,6 +348,74 @@ def test_markup_to_bio():
                                            "(see :math:`x^2`), not `np.sum`.")
     assert words == ["Call", "f(x,", "y)", "or", "relu", "(see", "x^2", "),", "not", "np.sum", "."]
     assert tags == ["O", "B-LIT", "I-LIT", "O", "B-REF", "O", "O", "O", "O", "B-REF", "O"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The heads: transformers' EuroBERT heads, names and all
+
+
+def test_sequence_classifier_is_eurobert_dense_gelu_classifier():
+    torch.manual_seed(0)
+    head = tasks.SequenceClassifier(16, 3)
+    assert list(head.state_dict()) == ["dense.weight", "dense.bias", "classifier.weight",
+                                       "classifier.bias"]
+    assert head.dense.weight.shape == (16, 16) and head.classifier.weight.shape == (3, 16)
+    # the new head starts as transformers' _init_weights leaves it: N(0, 0.02), zero biases
+    assert head.dense.bias.abs().sum() == 0 and head.classifier.bias.abs().sum() == 0
+    assert 0.015 < head.dense.weight.std() < 0.025
+    torch.nn.init.normal_(head.dense.bias)
+    x = torch.randn(4, 16)
+    h = x @ head.dense.weight.T + head.dense.bias
+    exact_gelu = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # not the tanh approximation
+    expected = exact_gelu @ head.classifier.weight.T + head.classifier.bias
+    assert torch.allclose(head(x), expected, atol=1e-6)
+    family, _ = make_family("sc", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    assert family.export() == {"labels": ["x", "y"], "head_type": "eurobert_sc_mean"}
+
+
+def test_token_classifier_and_the_other_heads_export():
+    family, _ = make_family("tc", [{"words": ["EU", "x"], "tags": ["B-ORG", "O"]}])
+    head = family.head(16)
+    assert list(head.state_dict()) == ["classifier.weight", "classifier.bias"]
+    assert family.export() == {"labels": ["O", "B-ORG"], "head_type": "linear_tc"}
+    family, _ = make_family("qa", [qa_example()])
+    assert family.export() == {"labels": [], "head_type": "qa_start_end"}
+    family, _ = make_family("ir", [{"query": "q", "document": "d"}])
+    assert family.export() == {"labels": [], "head_type": "none"}
+    assert dict(family.head(16).state_dict()) == {}
+
+
+@pytest.mark.slow
+def test_heads_match_transformers_eurobert():
+    """Our heads on given hidden states give transformers' EuroBertForSequenceClassification
+    (pooling "mean" and "bos" = our first) and EuroBertForTokenClassification logits."""
+    transformers = pytest.importorskip("transformers")
+    config = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, intermediate_size=32, num_labels=3, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, mask_token_id=3)
+    hidden = torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+    class Body(torch.nn.Module):  # stands in for the encoder: returns the given hidden states
+        def forward(self, *args, **kwargs):
+            return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=hidden)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    for ours, theirs in (("mean", "mean"), ("first", "bos")):
+        hf = transformers.EuroBertForSequenceClassification(
+            transformers.EuroBertConfig(**config, classifier_pooling=theirs))
+        assert isinstance(hf.activation, torch.nn.GELU) and hf.activation.approximate == "none"
+        head = tasks.SequenceClassifier(16, 3)
+        torch.nn.init.normal_(head.dense.bias)
+        torch.nn.init.normal_(head.classifier.bias)
+        hf.load_state_dict(head.state_dict(), strict=False)  # ours: a subset of its names
+        hf.model = Body()
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(head(tasks.pool(hidden, mask.bool(), ours)), expected, atol=1e-6)
+    hf = transformers.EuroBertForTokenClassification(transformers.EuroBertConfig(**config))
+    head = tasks.TokenClassifier(16, 3)
+    hf.load_state_dict(head.state_dict(), strict=False)
+    hf.model = Body()
+    assert torch.allclose(head(hidden), hf(input_ids=ids).logits, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,41 +554,119 @@ def test_same_cell_gives_same_result(tmp_path):
     assert a["per_lr"] == b["per_lr"]
 
 
-def test_hf_record_conversions():
-    assert task_data.convert_hf("sst2", {"sentence": "a gem .", "label": 1, "idx": 0}) == \
-        [{"text": "a gem .", "label": 1}]
-    assert task_data.convert_hf("mnli", {"premise": "P", "hypothesis": "H", "label": 2,
-                                         "idx": 5}) == \
-        [{"text": "P", "text_pair": "H", "label": 2}]
-    assert task_data.convert_hf("qqp", {"question1": "A?", "question2": "B?", "label": 0,
-                                        "idx": 1})[0]["text_pair"] == "B?"
-    names = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
-    conll = {"id": "0", "tokens": ["EU", "rejects", "German", "call"], "pos_tags": [22, 42, 16, 21],
-             "chunk_tags": [11, 21, 11, 12], "ner_tags": [3, 0, 7, 0]}
-    assert task_data.convert_hf("conll2003", conll, names) == \
-        [{"words": ["EU", "rejects", "German", "call"], "tags": ["B-ORG", "O", "B-MISC", "O"]}]
-    squad = {"id": "56be", "title": "Super_Bowl", "context": "Denver won.", "question": "Who won?",
-             "answers": {"text": ["Denver"], "answer_start": [0]}}
-    assert task_data.convert_hf("squad", squad) == \
-        [{"id": "56be", "question": "Who won?", "context": "Denver won.",
-          "answers": {"text": ["Denver"], "answer_start": [0]}}]
-    v2 = squad | {"answers": {"text": [], "answer_start": []}}
-    assert task_data.convert_hf("squad_v2", v2)[0]["answers"] == {"text": [], "answer_start": []}
-    marco = {"answers": ["x"], "query": "what is x", "query_id": 9, "query_type": "DESCRIPTION",
-             "wellFormedAnswers": [], "passages": {"is_selected": [0, 1, 0],
-                                                   "passage_text": ["p0", "p1", "p2"],
-                                                   "url": ["u0", "u1", "u2"]}}
-    assert task_data.convert_hf("msmarco", marco) == \
-        [{"query": "what is x", "document": "p0", "grade": 0},
-         {"query": "what is x", "document": "p1", "grade": 1},
-         {"query": "what is x", "document": "p2", "grade": 0}]
-    marco["passages"]["is_selected"] = [0, 0, 0]
-    assert task_data.convert_hf("msmarco", marco) == []
-    for task in task_data.HF_TASKS:  # every converted record passes its family's checks
-        family = task_data.HF_TASKS[task][0]
-        record = {"sc": {"text": "a", "label": 1}, "tc": {"words": ["EU"], "tags": ["B-ORG"]},
-                  "qa": squad, "ir": {"query": "q", "document": "d", "grade": 1}}[family]
-        make_family(family, [record])
+def test_weights_setting_resolves_to_a_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ft.weights_dtype("auto", cpu) == torch.float32  # bf16 matmuls are slow on CPUs
+    assert ft.weights_dtype("auto", cuda) == torch.bfloat16  # the authors' choice on GPU
+    assert ft.weights_dtype("bf16", cpu) == torch.bfloat16
+    assert ft.weights_dtype("fp32", cuda) == torch.float32
+
+
+SMALL_TASKS = {
+    "sc": [{"text": f"{w} film", "label": w} for w in ["good", "bad"] * 8],
+    "tc": [{"words": ["Alice", "sees", "Bob"], "tags": ["B-PER", "O", "B-PER"]}] * 16,
+    "qa": [{"id": str(i), "question": "Which colour?", "context": f"it is red {i}",
+            "answers": {"text": ["red"], "answer_start": [6]}} for i in range(16)],
+    "ir": [{"query": f"the {i}", "document": f"number {i}"} for i in range(16)],
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL_TASKS))
+def test_bf16_weights_train_on_cpu(name, monkeypatch):
+    """--weights=bf16: body, head and AdamW state in bfloat16; a step changes them; finite
+    scores."""
+    records = SMALL_TASKS[name]
+    family, cfg = make_family(name, records, batch_size=8, max_steps=2, warmup=0.0)
+    body = tiny_body().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in body.state_dict().items()}
+    optimizers, real = [], ft.configure_optimizer
+    monkeypatch.setattr(ft, "configure_optimizer",
+                        lambda *a, **k: optimizers.append(real(*a, **k)) or optimizers[-1])
+    splits = {"train": family.encode(rows(records)), "test": family.encode(rows(records))}
+    result, head = ft.train_cell(family, body, splits, cfg, 1e-2, seed=0)
+    assert all(p.dtype == torch.bfloat16 for p in [*body.parameters(), *head.parameters()])
+    assert not torch.equal(before["blocks.0.attn.q_proj.weight"],
+                           body.state_dict()["blocks.0.attn.q_proj.weight"])
+    states = list(optimizers[0].state.values())
+    assert states and all(s["exp_avg"].dtype == torch.bfloat16 for s in states)
+    assert result["diverged_at"] is None
+    assert all(math.isfinite(v) for v in result["test"].values())
+
+
+def test_bf16_weights_end_to_end(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    train, test = sc_files(tmp_path)
+    rep = ft.main([f"--init_from={ckpt}", "--task=sc", f"--train={train}", f"--test={test}",
+                   f"--out_dir={tmp_path}/out", "--lrs=1e-3", "--seeds=1", "--batch_size=8",
+                   "--max_steps=2", "--weights=bf16", "--progress=False"])
+    assert "in torch.bfloat16" in capsys.readouterr().out
+    assert math.isfinite(rep["test_mean"]) and rep["settings"]["weights"] == "bf16"
+
+
+def test_save_model_reloads_with_the_same_logits(tmp_path, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    train, test = sc_files(tmp_path)
+    argv = [f"--init_from={ckpt}", "--task=sc", f"--train={train}", f"--test={test}",
+            f"--out_dir={tmp_path}/out", "--lrs=1e-3,3e-3", "--seeds=2", "--batch_size=8",
+            "--max_steps=3", "--progress=False"]
+    rep = ft.main(argv)
+    assert "saved_model" not in rep and not (tmp_path / "out" / "model.pt").exists()
+    calls, seen, real = [], {}, ft.train_cell
+
+    def spy(family, body, splits, cfg, lr, seed):
+        calls.append((lr, seed))
+        result, head = real(family, body, splits, cfg, lr, seed)
+        with torch.no_grad():  # what the trained model says on the test inputs
+            seen.update(family=family, ids=[item.ids for item in splits["test"].items])
+            seen["logits"] = family.logits(body, head, seen["ids"])
+        return result, head
+    monkeypatch.setattr(ft, "train_cell", spy)
+    rep = ft.main(argv + ["--save_model=true"])  # the sweep's cells are reused
+    cells = [json.loads(line) for line in open(tmp_path / "out" / "results.jsonl")]
+    best = max((c for c in cells if c["lr"] == rep["chosen_lr"]),
+               key=lambda c: (c["val"]["accuracy"], -c["seed"]))
+    assert calls == [(rep["chosen_lr"], best["seed"])]  # only the chosen cell, once more
+    saved = rep["saved_model"]
+    assert saved["path"] == os.path.join(f"{tmp_path}/out", "model.pt")
+    assert (saved["lr"], saved["seed"], saved["test"]) == (best["lr"], best["seed"], best["test"])
+
+    body, payload = checkpoints.load_checkpoint(saved["path"])
+    assert payload["step"] == 0 and payload["tokenizer"] == TOK.meta()
+    tuned = payload["finetuned"]
+    assert {k: tuned[k] for k in ("task", "family", "labels", "pooling", "input_format",
+                                  "head_type", "lr", "seed", "source")} == \
+        {"task": "sc", "family": "sc", "labels": [0, 1], "pooling": "mean", "input_format": "paper",
+         "head_type": "eurobert_sc_mean", "lr": best["lr"], "seed": best["seed"], "source": ckpt}
+    assert tuned["val"] == best["val"] and tuned["test"] == best["test"]
+    head = tasks.SequenceClassifier(body.config.n_embd, len(tuned["labels"]))
+    head.load_state_dict(tuned["head"])
+    with torch.no_grad():
+        assert torch.equal(seen["family"].logits(body, head, seen["ids"]), seen["logits"])
+    on_disk = json.load(open(tmp_path / "out" / "report.json"))
+    assert on_disk["saved_model"]["seed"] == best["seed"]
+
+
+def test_validation_file_replaces_the_hold_out(tmp_path):
+    train, test = sc_files(tmp_path)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a good film", "label": 1},
+                                               {"text": "a bad film", "label": 0}])
+    for given, counts in ((val, {"train": 64, "val": 2, "test": 16}), ("", None)):
+        cfg = ft.FinetuneConfig(task="sc", train=train, val=given, test=test, progress=False)
+        task = task_data.load_task(cfg)
+        family = FAMILIES["sc"](cfg, TOK, task.train, torch.device("cpu"), contextlib.nullcontext,
+                                64)
+        _, found = ft.encode_splits(family, task, cfg)
+        if counts:
+            assert task.val is not None and found == counts
+        else:  # held out of the training file
+            assert task.val is None and found["train"] + found["val"] == 64 and found["val"] >= 1
+    bad = write_jsonl(tmp_path / "bad_val.jsonl", [{"text": "x", "label": 7}])
+    message = error_of([f"--init_from={make_checkpoint(tmp_path / 'c.pt')}", "--task=sc",
+                        f"--train={train}", f"--val={bad}", f"--test={test}",
+                        f"--out_dir={tmp_path}/o"])
+    assert "bad_val.jsonl, line 1" in message and "'label'" in message
+    assert "--train/--val/--test are for" in error_of(["--init_from=x.pt", "--task=sst2",
+                                                       f"--val={val}"])
 
 
 def test_bad_input_names_file_line_and_field(tmp_path):

@@ -1,7 +1,8 @@
 """
-Hugging Face checkpoints in and out (hf.py: load_hf, export_hf; hf_tokenizer.py:
-data.get_tokenizer("hf:...")), compared with transformers and tokenizers themselves, and train.py
-and finetune.py starting from them, FSDP included. Everything is built locally (tiny random
+Hugging Face checkpoints in (hf.py: load_hf; hf_tokenizer.py: data.get_tokenizer("hf:...")) and
+out as Llama decoders, compared with transformers and tokenizers themselves, and train.py and
+finetune.py starting from them, FSDP included; train.py continuing from an exported encoder. The
+encoder and fine-tuned exports are in test_hf_export.py. Everything is built locally (tiny random
 Llamas, a BPE trained on a few KB): nothing is downloaded.
 """
 
@@ -21,8 +22,8 @@ import finetune as ft
 import hf
 import hf_tokenizer
 import train
-from conftest import HERE, read_log, write_jsonl
 from checkpoints import checkpoint_payload
+from conftest import HERE, read_log, write_jsonl
 
 # Every test here builds a checkpoint or a tokenizer with transformers or tokenizers and compares
 # against them; the FSDP one runs torchrun too.
@@ -96,13 +97,11 @@ def ours(path):
 
 
 def hf_logits(model, ids, causal=True):
-    B, T = ids.shape
-    # Bidirectional in transformers: a 4D boolean mask (B, 1, T, T), True where a query may attend,
-    # replaces the causal mask it would otherwise build (transformers 5.24; checked below against
-    # causal=False).
-    mask = None if causal else torch.ones(B, 1, T, T, dtype=torch.bool)
+    # Bidirectional in transformers >= 5: is_causal=False (a forward argument, or "is_causal": false
+    # in config.json) makes a Llama attend both ways, with eager and sdpa attention alike (a 4D
+    # boolean mask does too, but only with sdpa: eager adds it to the scores)
     with torch.no_grad():
-        return model(ids, attention_mask=mask).logits
+        return model(ids).logits if causal else model(ids, is_causal=False).logits
 
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -161,14 +160,18 @@ def test_export_round_trip(tmp_path, tie):
     make_llama(tmp_path / "src", tie=tie, rope_scaling=LLAMA3_SCALING)
     model, tok = ours(tmp_path / "src")
     torch.save(checkpoint_payload(model, tokenizer=tok.meta()), tmp_path / "ckpt.pt")
-    out = hf.export_hf(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
+    out = hf.export_hf(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"), kind="decoder")
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(back).__name__ == "LlamaForCausalLM" and back.config.vocab_size == tok.n_vocab
     ids = torch.tensor([tok.encode(SAMPLE)[:40] + [tok.mask_id, tok.pad_id]])
-    with torch.no_grad():
-        for causal in (True, False):
-            ref = model.logits(model(ids, causal=causal))[..., :tok.n_vocab]
-            torch.testing.assert_close(hf_logits(back, ids, causal), ref, atol=2e-5, rtol=1e-4)
+    for attention in ("sdpa", "eager"):
+        back = transformers.AutoModelForCausalLM.from_pretrained(
+            out, attn_implementation=attention).eval()
+        with torch.no_grad():
+            for causal in (True, False):
+                ref = model.logits(model(ids, causal=causal))[..., :tok.n_vocab]
+                torch.testing.assert_close(hf_logits(back, ids, causal), ref, atol=2e-5,
+                                           rtol=1e-4)
     fast = transformers.AutoTokenizer.from_pretrained(out)
     assert fast(SAMPLE, add_special_tokens=False)["input_ids"] == tok.encode(SAMPLE)
     assert fast.mask_token_id == tok.mask_id and fast.eos_token_id == tok.eot_id
@@ -299,9 +302,22 @@ def test_train_from_hf_then_export(hf_run, tmp_path):
     train.main(hf_run_args(str(root / "data"), str(tmp_path), init_from=name, tokenizer=name))
     losses = [r["loss"] for r in read_log(tmp_path)[0]]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
-    train.main([f"--out_dir={tmp_path}", "--export=hf"])
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    train.main([f"--out_dir={tmp_path}", "--export=hf"])  # an MLM run: an encoder
+    back = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "hf"))
+    assert type(back).__name__ == "EuroBertForMaskedLM"
     assert back.config.vocab_size == data.get_tokenizer(name).n_vocab
+    # and the export is an hf: checkpoint train.py continues from, with its own tokenizer
+    exported = f"hf:{tmp_path / 'hf'}"
+    data.prepare(str(root / "*.txt"), str(tmp_path / "data2"), exported)
+    train.main(hf_run_args(str(tmp_path / "data2"), str(tmp_path / "again"), init_from=exported,
+                           tokenizer=exported, max_steps=3, warmup_steps=1, decay_steps=1))
+    first = read_log(tmp_path / "again")[1][0]
+    start = read_log(tmp_path)[1][-1]  # the exported run's last validation, on the same blocks
+    # the same weights, except the padding rows past the vocabulary (in the losses' softmax), which
+    # the export drops and load_hf refills with the mean row
+    assert first["step"] == 0
+    for key in ("val_clm", "val_mlm"):
+        assert first[key] == pytest.approx(start[key], rel=1e-3)
 
 
 def torchrun(args, nproc):

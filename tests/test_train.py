@@ -199,3 +199,91 @@ def test_continued_pretraining_starts_from_weights(tiny_data, tmp_path):
                         switch_to="none", max_steps=4, seed=1))
     assert torch.load(os.path.join(other, "ckpt.pt"), weights_only=False)["data"]["position"] == \
         4 * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's recipe at scale: unique data, intermediate checkpoints, continued pretraining
+
+
+def train_blocks(data_dir, block_size=32):
+    from data import load_meta
+    return load_meta(data_dir)["n_tokens"]["train"] // block_size
+
+
+@pytest.mark.slow
+def test_a_run_that_would_read_a_block_twice_stops_unless_told(tiny_data, tmp_path):
+    n = train_blocks(tiny_data)
+    steps = n // 2 + 1  # two blocks a step: one block more than the data holds
+    with pytest.raises(SystemExit, match=rf"holds {n:,} blocks of 32 tokens; from block 0 they fit "
+                                         rf"{n // 2:,} steps of 2 sequences, but this run asks "
+                                         rf"for {steps:,}.*--repeat_data=true"):
+        train.main(run_args(tiny_data, str(tmp_path / "a"), max_steps=steps))
+    train.main(run_args(tiny_data, str(tmp_path / "b"), max_steps=steps, stop_at=1,
+                        repeat_data=True))
+    # continued pretraining reads on in its source's stream: the blocks left are fewer
+    base = str(tmp_path / "base")
+    train.main(run_args(tiny_data, base, max_steps=8))
+    with pytest.raises(SystemExit, match=rf"from block 16 they fit {(n - 16) // 2:,} steps"):
+        train.main(run_args(tiny_data, str(tmp_path / "cpt"), init_from=f"{base}/ckpt.pt",
+                            objective="mlm", switch_to="none", max_steps=(n - 16) // 2 + 1))
+
+
+@pytest.mark.slow
+def test_intermediate_checkpoints_hold_the_weights_of_their_step(tiny_data, tmp_path):
+    """keep_checkpoints: ckpt_<step>.pt holds the weights after that step (the same as a run
+    stopped there), without the optimizer state, and loads like any checkpoint."""
+    from checkpoints import load_checkpoint
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    train.main(run_args(tiny_data, str(whole), keep_checkpoints="2,5"))
+    train.main(run_args(tiny_data, str(stopped), stop_at=5))
+    assert sorted(p.name for p in whole.glob("ckpt*.pt")) == ["ckpt.pt", "ckpt_2.pt", "ckpt_5.pt"]
+    model, kept = load_checkpoint(str(whole / "ckpt_5.pt"))
+    assert kept["step"] == 5 and "optimizer" not in kept and kept["objective"] == "mlm"
+    reference = torch.load(stopped / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(w, reference[k]) for k, w in model.state_dict().items())
+    train.main(run_args(tiny_data, str(tmp_path / "every"), keep_checkpoints="every:4"))
+    assert {p.name for p in (tmp_path / "every").glob("ckpt_*.pt")} == {"ckpt_4.pt", "ckpt_8.pt"}
+    for bad in ("every:x", "0", "9", "2;5"):
+        with pytest.raises(SystemExit, match="keep_checkpoints"):
+            train.main(run_args(tiny_data, str(tmp_path / "bad"), keep_checkpoints=bad))
+
+
+@pytest.mark.slow
+def test_continued_pretraining_carries_the_adamw_state_unless_told(tiny_data, tmp_path):
+    base = tmp_path / "base"
+    train.main(run_args(tiny_data, str(base), max_steps=4, switch_at=2, keep_checkpoints="2"))
+    cpt = dict(init_from=base / "ckpt.pt", objective="mlm", switch_to="none", max_steps=4)
+
+    def adam_steps(out):
+        state = torch.load(out / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+        return {s["step"].item() for s in state.values()}
+    train.main(run_args(tiny_data, str(tmp_path / "carried"), **cpt))
+    train.main(run_args(tiny_data, str(tmp_path / "empty"), **cpt, load_optimizer=False))
+    assert adam_steps(tmp_path / "carried") == {8} and adam_steps(tmp_path / "empty") == {4}
+    with pytest.raises(SystemExit, match="holds no optimizer state.*--load_optimizer=false"):
+        train.main(run_args(tiny_data, str(tmp_path / "kept"), **dict(cpt, init_from=base /
+                                                                      "ckpt_2.pt")))
+    sharded = torch.load(base / "ckpt.pt", weights_only=True)
+    sharded["train_config"]["fsdp"] = True  # as an FSDP run would have written it
+    torch.save(sharded, tmp_path / "fsdp.pt")
+    with pytest.raises(SystemExit, match="fsdp=True.*--fsdp=true or --load_optimizer=false"):
+        train.main(run_args(tiny_data, str(tmp_path / "mixed"),
+                            **dict(cpt, init_from=tmp_path / "fsdp.pt")))
+
+
+def test_paper_presets_hold_their_longest_run_and_the_cpt_budgets_are_valid():
+    """Every preset's data holds its longest run, the 42k pretraining plus the +22k continued
+    pretraining, read once; the three CPT budgets, written as docs/experiment.md gives them, are
+    valid settings."""
+    for size in ("210m", "610m", "1b"):
+        preset = os.path.join(HERE, "config", f"{size}.py")
+        cfg = settings.configure(train.TrainConfig, [preset])
+        tokens_per_step = cfg.total_batch_size * cfg.block_size
+        assert (cfg.max_steps + 22_000) * tokens_per_step <= 0.95 * cfg.data_tokens
+        for steps, warmup, decay in ((2000, 20, 1980), (12000, 120, 2000), (22000, 220, 2000)):
+            cpt = settings.configure(train.TrainConfig, [
+                preset, os.path.join(HERE, "config", "cpt.py"), "--init_from=x.pt",
+                f"--max_steps={steps}", f"--warmup_steps={warmup}", f"--decay_steps={decay}"])
+            train.validate(cpt)
+            assert (cpt.objective, cpt.switch_to, cpt.mask_ratio, cpt.load_optimizer) == \
+                ("mlm", "none", 0.4, True)

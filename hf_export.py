@@ -1,0 +1,331 @@
+"""
+Our checkpoints out as Hugging Face directories that transformers (and sentence-transformers) load
+with no custom code. Written with safetensors and JSON only: transformers is never imported here.
+hf.py has the way in and the command line (`python hf.py --init_from=CKPT --out_dir=DIR`).
+
+The same weights are a decoder or an encoder depending on the attention (model.py), so the kind is
+a choice. By default the checkpoint decides:
+
+    the checkpoint               written as (config.json's class)     load it with
+    last step trained MLM        EuroBertForMaskedLM, + the files     AutoModelForMaskedLM,
+                                 of sentence-transformers (mean)      AutoModel, SentenceTransformer
+    last step trained CLM        LlamaForCausalLM                     AutoModelForCausalLM
+    fine-tuned sc (mean, first)  EuroBertForSequenceClassification    AutoModelFor...Classification
+    fine-tuned tc                EuroBertForTokenClassification       AutoModelFor...Classification
+    fine-tuned qa                LlamaForQuestionAnswering, with      AutoModelForQuestionAnswering
+                                 is_causal false (no EuroBERT class)
+    fine-tuned ir                the encoder + sentence-transformers  SentenceTransformer
+                                 files: its pooling, then unit norm
+
+--kind=encoder or --kind=decoder overrides the default (a fine-tuned model's head is then left out).
+"""
+
+import json
+import os
+import shutil
+from typing import NamedTuple
+
+import files
+from checkpoints import load_checkpoint
+from hf import checkpoint_tokenizer, hf_name
+from hf_tokenizer import tokenizer_json
+
+KINDS = ("auto", "encoder", "decoder")
+FAMILIES = ("sc", "tc", "qa", "ir")
+# What an export may write besides config.json, model.safetensors and the tokenizer: removed first,
+# so that a directory exported again as another kind holds nothing stale.
+OPTIONAL_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                  "1_Pooling", "2_Normalize", "finetuned.json", "model.safetensors.index.json")
+ST_POOLING = {"mean": "pooling_mode_mean_tokens", "first": "pooling_mode_cls_token",
+              "last": "pooling_mode_lasttoken"}  # ours -> sentence-transformers' Pooling mode
+
+
+class Exported(NamedTuple):
+    out_dir: str
+    kind: str  # encoder, decoder, sc, tc, qa, ir
+    architecture: str  # the transformers class written in config.json
+    why: str  # what chose the kind
+    input_format: str | None  # a fine-tuned model's (tasks.py): paper or eot
+
+    def usage(self) -> str:
+        """What was written and what to load it with, for the person who asked for the export."""
+        d, paper = repr(self.out_dir), self.input_format == "paper"
+        auto = {"sc": "AutoModelForSequenceClassification", "tc": "AutoModelForTokenClassification",
+                "qa": "AutoModelForQuestionAnswering"}.get(self.kind)
+        how = {
+            "encoder": [f"AutoModelForMaskedLM.from_pretrained({d}), or pipeline('fill-mask', "
+                        f"model={d})",
+                        "AutoModel for the hidden states; AutoModelForSequenceClassification or "
+                        "AutoModelForTokenClassification to fine-tune",
+                        f"sentence_transformers.SentenceTransformer({d}): mean pooling"],
+            "decoder": [f"AutoModelForCausalLM.from_pretrained({d}), or "
+                        f"pipeline('text-generation', model={d})"],
+            "sc": [f"pipeline('text-classification', model={d}), or {auto}",
+                   "the tokenizer appends <eot>; a sentence pair is one text, a + '\\n' + b, as "
+                   "in fine-tuning" if paper else
+                   "a sentence pair: {'text': a, 'text_pair': b}, encoded 'a <eot> b'"],
+            "tc": [f"pipeline('token-classification', model={d}), or {auto}"],
+            "qa": [f"{auto}.from_pretrained({d}): start and end logits",
+                   "the fine-tuning input: tokenizer(f'Question: {question}\\nContext: ', "
+                   "context), which appends <eot>" if paper else
+                   "the fine-tuning input: tokenizer(question, context), 'question <eot> context "
+                   "<eot>'",
+                   "the null answer is the final <eot>, not position 0 as transformers' "
+                   "question-answering pipeline assumes"],
+            "ir": [f"sentence_transformers.SentenceTransformer({d}): the retriever (its pooling, "
+                   "then unit norm; cosine or dot product)"]
+            + (["encode_query(...) and encode_document(...) add 'Query: ' and 'Document: ' "
+                "as in fine-tuning, and the tokenizer appends <eot>"] if paper else []),
+        }[self.kind]
+        return "\n".join([f"{self.out_dir}: {self.kind} ({self.why}), written as "
+                          f"{self.architecture}; load it with no custom code:"]
+                         + [f"  {line}" for line in how])
+
+
+def templates(kind: str, input_format: str | None) -> tuple[str, str]:
+    """(single, pair) for the tokenizer's post-processor: tokenizer(text) and tokenizer(a, b) build
+    the inputs the model was fine-tuned on (tasks.py's input formats)."""
+    if input_format == "paper":  # the authors': one labelled text, then <eot>
+        return "$A <eot>", "$A $B <eot>"  # qa: the pair ("Question: ...\nContext: ", context)
+    return "$A", "$A <eot> $B <eot>" if kind == "qa" else "$A <eot> $B"
+
+
+def choose_kind(ckpt: dict, path: str, kind: str) -> tuple[str, str]:
+    """(kind, why) from --kind and what the checkpoint says about itself."""
+    if kind not in KINDS:
+        raise ValueError(f"--kind={kind!r}: choose one of {', '.join(KINDS)}")
+    finetuned = ckpt.get("finetuned")
+    if kind != "auto":
+        dropped = f"; its fine-tuned {finetuned.get('family')} head is left out" \
+            if isinstance(finetuned, dict) else ""
+        return kind, f"--kind={kind}{dropped}"
+    if finetuned is not None:
+        family = finetuned.get("family") if isinstance(finetuned, dict) else None
+        if family not in FAMILIES:
+            raise ValueError(f"{path}: 'finetuned' has family {family!r}, not one of "
+                             f"{', '.join(FAMILIES)}: not a model finetune.py saved")
+        return family, f"fine-tuned on {finetuned.get('task', family)}"
+    objective = ckpt.get("objective")
+    if objective in ("clm", "mlm"):
+        return {"clm": "decoder", "mlm": "encoder"}[objective], \
+            f"its last step trained {objective.upper()}"
+    raise ValueError(f"{path} does not say which objective its last step trained (no "
+                     "'objective' entry): choose with --kind=encoder (EuroBertForMaskedLM) or "
+                     "--kind=decoder (LlamaForCausalLM)")
+
+
+def llama_config(cfg, tok) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "initializer_range": cfg.init_std, "torch_dtype": "float32", "bos_token_id": None,
+        "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id, "mask_token_id": tok.mask_id,
+    }
+
+
+def eurobert_config(cfg, tok, architecture: str, classifier_pooling: str = "mean") -> dict:
+    """Every field of transformers' EuroBertConfig, written out: its defaults are EuroBERT-210m's
+    (RoPE theta 10,000 where EuroBERT trained with 250,000, Llama 3's token ids), not ours."""
+    rope = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    return {
+        "architectures": [architecture], "model_type": "eurobert", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size, "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps, "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+        "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "use_cache": False,
+        # no BOS: pretraining blocks have none, and a single text gets no special token added
+        "bos_token_id": None, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id,
+        "mask_token_id": tok.mask_id, "classifier_pooling": classifier_pooling,
+        "dtype": "float32",
+    }
+
+
+def body_weights(model, prefix: str = "model.", lm_head: bool = True) -> dict:
+    """Our weights under transformers' names (the Llama names, which EuroBERT shares), the padding
+    rows of the vocabulary cut off; prefix "transformer." for LlamaForQuestionAnswering."""
+    cfg = model.config
+    state = {}
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight" and (cfg.tie_embeddings or not lm_head):
+            continue
+        key = hf_name(name)
+        key = key if key == "lm_head.weight" else prefix + key.removeprefix("model.")
+        state[key] = (w[:cfg.vocab_size] if name in ("embed.weight", "lm_head.weight")
+                      else w).float().contiguous()
+    return state
+
+
+def head_weights(finetuned: dict, family: str, n_embd: int, path: str) -> dict:
+    """The fine-tuned head under the names of its transformers class, after checking its shapes."""
+    head = finetuned.get("head")
+    if not isinstance(head, dict):
+        raise ValueError(f"{path}: 'finetuned' has no head weights: not a model finetune.py saved")
+    n_labels = len(finetuned.get("labels") or [])
+    if family == "sc":  # tasks.SequenceClassifier has transformers' names already
+        names = {}
+        shapes = {"dense.weight": (n_embd, n_embd), "dense.bias": (n_embd,),
+                  "classifier.weight": (n_labels, n_embd), "classifier.bias": (n_labels,)}
+        if set(head) == {"weight", "bias"}:
+            raise ValueError(f"{path}: its sequence classification head is a single linear layer "
+                             "(an older finetune.py), which no transformers class has: fine-tune "
+                             "again for EuroBERT's dense-GELU-classifier head, or export the body "
+                             "alone with --kind=encoder")
+    elif family == "tc":
+        plain = set(head) == {"weight", "bias"}
+        names = {(p if plain else f"classifier.{p}"): f"classifier.{p}" for p in ("weight", "bias")}
+        shapes = {"classifier.weight": (n_labels, n_embd), "classifier.bias": (n_labels,)}
+    else:  # qa: start and end logits from one linear layer
+        names = {p: f"qa_outputs.{p}" for p in ("weight", "bias")}
+        shapes = {"qa_outputs.weight": (2, n_embd), "qa_outputs.bias": (2,)}
+    got = {names.get(k, k): v for k, v in head.items()}
+    if set(got) != set(shapes) or any(tuple(getattr(got[k], "shape", ())) != s
+                                      for k, s in shapes.items()):
+        found = {k: tuple(getattr(v, "shape", ())) for k, v in head.items()}
+        raise ValueError(f"{path}: the fine-tuned {family} head has weights {found}, expected "
+                         f"{shapes} ({n_labels} labels): not a head finetune.py saved")
+    return {k: v.float().contiguous() for k, v in got.items()}
+
+
+def label_maps(finetuned: dict, path: str) -> dict:
+    labels = finetuned.get("labels")
+    if not isinstance(labels, list) or not labels:
+        raise ValueError(f"{path}: 'finetuned' has no list of labels: not a model finetune.py "
+                         "saved")
+    names = [str(label) for label in labels]  # transformers' id2label values are strings
+    return {"id2label": {str(i): s for i, s in enumerate(names)},
+            "label2id": {s: i for i, s in enumerate(names)}}
+
+
+def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling: str,
+                                retriever: bool, prompts: dict) -> None:
+    """sentence-transformers' classic module files (every version from 2.x to 6.x reads them):
+    the transformers model, then pooling over the real tokens, then, for a retriever, unit norm;
+    prompts: the prefixes a retriever was fine-tuned with ("query", "document")."""
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"}]
+    if retriever:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    write_json(os.path.join(out_dir, "modules.json"), modules)
+    write_json(os.path.join(out_dir, "sentence_bert_config.json"),
+               {"max_seq_length": max_len, "do_lower_case": False})
+    write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
+               {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
+               {"word_embedding_dimension": n_embd, "include_prompt": True,
+                **{mode: mode == ST_POOLING[pooling] for mode in (
+                    "pooling_mode_cls_token", "pooling_mode_mean_tokens",
+                    "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                    "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")}})
+
+
+def write_json(path: str, content) -> None:
+    text = json.dumps(content, indent=1, ensure_ascii=False, default=str)  # str: odd metadata
+    files.write_text_atomically(path, text + "\n")
+
+
+def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, str, int | None]:
+    """(pooling, input format, max_len) of a fine-tuned model, refusing what transformers cannot
+    load as it was fine-tuned."""
+    if finetuned.get("causal") and kind != "qa":
+        raise ValueError(f"{path} was fine-tuned with causal attention, and EuroBERT's {kind} "
+                         "class is bidirectional only: fine-tune with --causal=false, or export "
+                         "the body alone with --kind=decoder")
+    pooling, input_format = finetuned.get("pooling", "mean"), finetuned.get("input_format", "eot")
+    if kind in ("sc", "ir") and pooling not in ST_POOLING:
+        raise ValueError(f"{path}: unknown pooling {pooling!r} (mean, first or last)")
+    if kind == "sc" and pooling == "last":
+        raise ValueError(f"{path} pools the last token for sequence classification, which "
+                         "EuroBertForSequenceClassification cannot (it pools 'bos', the first "
+                         "token, or 'mean'): fine-tune with --pooling=mean or --pooling=first, "
+                         "or export the body alone with --kind=encoder")
+    if input_format not in ("paper", "eot"):
+        raise ValueError(f"{path}: unknown input format {input_format!r} (paper or eot): not a "
+                         "model finetune.py saved")
+    max_len = finetuned.get("max_len")
+    return pooling, input_format, max_len if isinstance(max_len, int) and max_len > 0 else None
+
+
+def weights_and_config(model, tok, kind: str, finetuned: dict | None, pooling: str, path: str):
+    """(transformers class, config.json, weights) of each kind."""
+    cfg = model.config
+    if kind == "decoder":
+        return "LlamaForCausalLM", llama_config(cfg, tok), body_weights(model)
+    if kind in ("encoder", "ir"):
+        architecture = "EuroBertForMaskedLM"
+        return architecture, eurobert_config(cfg, tok, architecture), body_weights(model)
+    head = head_weights(finetuned, kind, cfg.n_embd, path)
+    if kind == "qa":
+        architecture = "LlamaForQuestionAnswering"
+        config = {**llama_config(cfg, tok), "architectures": [architecture]}
+        if not finetuned.get("causal"):
+            config["is_causal"] = False  # transformers >= 5: a Llama whose attention sees both ways
+        return architecture, config, {**body_weights(model, "transformer.", lm_head=False), **head}
+    architecture = {"sc": "EuroBertForSequenceClassification",
+                    "tc": "EuroBertForTokenClassification"}[kind]
+    config = {**eurobert_config(cfg, tok, architecture, {"first": "bos"}.get(pooling, "mean")),
+              **label_maps(finetuned, path)}
+    if kind == "sc":
+        config["problem_type"] = "single_label_classification"
+    return architecture, config, {**body_weights(model, lm_head=False), **head}
+
+
+def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
+    """One of our checkpoints (pretrained, step-tagged or fine-tuned) -> a Hugging Face directory:
+    config.json, model.safetensors (float32), tokenizer.json + tokenizer_config.json, the
+    sentence-transformers files for an encoder or a retriever, and finetuned.json for a fine-tuned
+    model (its task, labels, input format and scores)."""
+    model, ckpt = load_checkpoint(ckpt_path)
+    tok = checkpoint_tokenizer(ckpt, ckpt_path)
+    kind, why = choose_kind(ckpt, ckpt_path, kind)
+    finetuned = ckpt.get("finetuned") if kind in FAMILIES else None
+    pooling, input_format, max_len = check_finetuned(finetuned, kind, ckpt_path) \
+        if finetuned is not None else ("mean", None, None)
+    architecture, config, state = weights_and_config(model, tok, kind, finetuned, pooling,
+                                                     ckpt_path)
+    max_len = min(max_len or model.config.block_size, model.config.block_size)
+
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    for name in OPTIONAL_FILES:
+        stale = os.path.join(out_dir, name)
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+        elif os.path.exists(stale):
+            os.remove(stale)
+    files.write_atomically(os.path.join(out_dir, "model.safetensors"),
+                           lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    names = {i: s for s, i in tok.encoding._special_tokens.items()}
+    # model_max_length: what tokenizer(..., truncation=True) and sentence-transformers cut inputs
+    # to, the fine-tuning's max_len (the <eot> the tokenizer appends included, as in tasks.py)
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+                        "eos_token": names[tok.eot_id], "mask_token": names[tok.mask_id],
+                        "pad_token": names[tok.pad_id],
+                        "model_input_names": ["input_ids", "attention_mask"]}
+    write_json(os.path.join(out_dir, "config.json"), config)
+    write_json(os.path.join(out_dir, "tokenizer.json"),
+               tokenizer_json(tok, templates(kind, input_format)))
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
+    if kind in ("encoder", "ir"):
+        prompts = {"query": "Query: ", "document": "Document: "} if input_format == "paper" \
+            else {}
+        sentence_transformers_files(out_dir, model.config.n_embd, max_len, pooling, kind == "ir",
+                                    prompts)
+    if finetuned is not None:  # what it was trained on and how well it did, for its users
+        keep = ("task", "family", "labels", "pooling", "input_format", "max_len", "causal", "lr",
+                "seed", "val", "test", "source")
+        write_json(os.path.join(out_dir, "finetuned.json"),
+                   files.strict({k: finetuned[k] for k in keep if k in finetuned}))
+    return Exported(out_dir, kind, architecture, why, input_format)

@@ -1,0 +1,243 @@
+"""
+The extractive question-answering family (SQuAD, SQuAD v2, ReCoRD), the largest of the four: long
+contexts are cut into overlapping windows, token character offsets map a predicted span back to the
+context's text, unanswerable questions point at the final end-of-text token, and ReCoRD's answers
+are restricted to its entity candidates. tasks.py holds the other three and what they share.
+"""
+
+import json
+import statistics
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from metrics import squad_scores
+from tasks import Family, Split, field, init_head
+
+
+def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
+    """(start, end) character span in text of each token of text's encoding. A token that stops
+    inside a multi-byte character gets an empty span at it; the token that completes the
+    character spans it."""
+    decoded, starts = tok.encoding.decode_with_offsets(ids)
+    if decoded != text:
+        raise ValueError(f"text does not survive encode/decode (invalid unicode?): {text[:60]!r}")
+    return list(zip(starts, starts[1:] + [len(text)]))
+
+
+def token_range(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+    """The first and the last token whose characters overlap [start, end) of the text."""
+    return (next(i for i, (_, e) in enumerate(spans) if e > start),
+            max(i for i, (s, _) in enumerate(spans) if s < end))
+
+
+def window_starts(n_tokens: int, room: int, stride: int) -> list[int]:
+    """First token of each window of `room` tokens over a context of n_tokens, consecutive windows
+    sharing `stride` tokens, the last one reaching the end."""
+    starts = [0]
+    while starts[-1] + room < n_tokens:
+        starts.append(starts[-1] + room - stride)
+    return starts
+
+
+class Candidate(NamedTuple):
+    """qa: an answer the record allows (ReCoRD's entity mentions): its first and last context token
+    and its [start, end) characters in the context."""
+    first: int
+    last: int
+    start: int
+    end: int
+
+
+class QAExample(NamedTuple):
+    """qa: what scoring a question needs: its id, its context, the character span of each context
+    token, the gold answers, and the candidate answers (none: any span of the context)."""
+    id: str
+    context: str
+    spans: list[tuple[int, int]]
+    answers: list[str]
+    candidates: tuple = ()
+
+
+class QAWindow(NamedTuple):
+    """qa: one window over an example's context: its input ids, the context tokens lo..hi it holds
+    (context token i sits at position i + offset), and the target (start, end) positions."""
+    ids: list[int]
+    example: QAExample
+    lo: int
+    hi: int
+    offset: int
+    target: tuple[int, int]
+
+
+class QuestionAnswering(Family):
+    name = "qa"
+    metric = "f1"
+    head_type = "qa_start_end"
+
+    def setup(self, train):
+        self.check(train)
+        # SQuAD v1 has no unanswerable question and its scorer expects an answer to each:
+        # a null answer is only ever predicted when the training data has unanswerable
+        # questions (SQuAD v2).
+        self.allow_null = any(not r["answers"]["text"] for _, r in train)
+        self.trivial_rule = "always no answer" if self.allow_null else None
+        self.max_question = self.max_len // 4
+        room = self.max_len - self.max_question - 2  # the fewest context tokens a window holds
+        self.stride = min(self.cfg.doc_stride, room // 2)
+        if self.stride < self.cfg.doc_stride:
+            print(f"note: doc_stride {self.cfg.doc_stride} -> {self.stride}: windows of "
+                  f"{self.max_len} tokens keep as few as {room} context tokens, and consecutive "
+                  f"windows must move forward")
+
+    def check(self, rows):
+        seen = {}
+        for where, r in rows:
+            qid = field(where, r, "id", str, "a non-empty string, unique in the file")
+            if qid in seen:
+                raise ValueError(f"{where}: field 'id' {qid!r} already used at {seen[qid]}")
+            seen[qid] = where
+            field(where, r, "question", str, "a non-empty string")
+            context = field(where, r, "context", str, "a non-empty string")
+            answers = field(where, r, "answers", dict,
+                            'an object {"text": [...], "answer_start": [...]}')
+            texts, starts = answers.get("text"), answers.get("answer_start")
+            if not isinstance(texts, list) or not isinstance(starts, list) or \
+                    len(texts) != len(starts):
+                raise ValueError(f"{where}: field 'answers' needs lists 'text' and 'answer_start' "
+                                 f"of equal length")
+            for i, (text, start) in enumerate(zip(texts, starts)):
+                if not isinstance(text, str) or not text or not isinstance(start, int) or \
+                        context[start:start + len(text)] != text or start < 0:
+                    raise ValueError(f"{where}: field 'answers' item {i}: text {text!r} is not at "
+                                     f"character answer_start={start!r} of the context")
+            if "candidates" in r:
+                self.check_candidates(where, r["candidates"], len(context))
+
+    @staticmethod
+    def check_candidates(where: str, candidates, n_chars: int):
+        if not isinstance(candidates, list) or not candidates:
+            raise ValueError(f"{where}: field 'candidates' must be a non-empty list of "
+                             f"[start, end) character spans of the context (got "
+                             f"{json.dumps(candidates)[:80]}); leave the field out to allow any "
+                             f"span")
+        for i, span in enumerate(candidates):
+            ints = (isinstance(span, (list, tuple)) and len(span) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in span))
+            if not ints or not 0 <= span[0] < span[1] <= n_chars:
+                raise ValueError(f"{where}: field 'candidates' item {i} is "
+                                 f"{json.dumps(span)[:80]}, not a [start, end) character span of "
+                                 f"the context (integers, 0 <= start < end <= {n_chars})")
+
+    def prompt(self, question: str) -> list[int]:
+        """The tokens before the context: "Question: {question}\nContext: " (paper; one
+        encoding, as the authors' tokenizer reads the pair's first text) or "question <eot>"."""
+        if self.input_format == "paper":
+            return self.tok.encode(f"Question: {question}\nContext: ")[:self.max_question]
+        return self.tok.encode(question)[:self.max_question] + [self.tok.eot_id]
+
+    def encode(self, rows):
+        """Each example becomes windows "prompt, context piece, <eot>" (prompt: see prompt()). The
+        null answer points at the final <eot>, in both formats: as the last real token it sees the
+        whole input under causal attention too, unlike BERT's position 0."""
+        items, eot = [], self.tok.eot_id
+        for _, r in rows:
+            context, answers = r["context"], r["answers"]
+            ctx = self.tok.encode(context)
+            spans = token_spans(self.tok, ctx, context)
+            prompt = self.prompt(r["question"])
+            room = self.max_len - len(prompt) - 1
+            example = QAExample(r["id"], context, spans, answers["text"],
+                                tuple(Candidate(*token_range(spans, a, b), a, b)
+                                      for a, b in r.get("candidates", ())))
+            first = None
+            # train on the first answer (SQuAD's training files have exactly one)
+            if answers["text"]:
+                a = answers["answer_start"][0]
+                first = token_range(spans, a, a + len(answers["text"][0]))
+            for lo in window_starts(len(ctx), room, self.stride):
+                hi = min(lo + room, len(ctx))
+                ids = prompt + ctx[lo:hi] + [eot]
+                # sequence position of context token i is i + offset
+                offset = len(prompt) - lo
+                if first and lo <= first[0] and first[1] < hi:
+                    target = (first[0] + offset, first[1] + offset)
+                else:  # no answer in this window (or at all): the null position
+                    target = (len(ids) - 1, len(ids) - 1)
+                items.append(QAWindow(ids, example, lo, hi, offset, target))
+        return Split(items)
+
+    def head(self, n_embd):
+        return init_head(nn.Linear(n_embd, 2))
+
+    def logits(self, body, head, seqs):
+        hidden, mask = self.forward(body, seqs)
+        # padding is never an answer
+        logits = head(hidden).float().masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        return logits[..., 0], logits[..., 1]  # start, end: (B, T) each
+
+    def loss(self, body, head, batch):
+        start, end = self.logits(body, head, [item.ids for item in batch])
+        targets = torch.tensor([item.target for item in batch], device=self.device)  # (B, 2)
+        return (F.cross_entropy(start, targets[:, 0]) + F.cross_entropy(end, targets[:, 1])) / 2
+
+    def best_span(self, item, s, e) -> tuple[float, str] | None:
+        """The best answer in one window and its score: among the example's candidates that lie
+        whole in the window when it has candidates (ReCoRD: the answer is one of the passage's
+        entity mentions, whatever its length), else the best span start <= end of at most
+        max_answer_tokens context tokens."""
+        example, lo, hi, offset = item.example, item.lo, item.hi, item.offset
+        if example.candidates:
+            inside = [c for c in example.candidates if lo <= c.first and c.last < hi]
+            scored = [(float(s[c.first + offset] + e[c.last + offset]), c) for c in inside]
+            if not scored:
+                return None
+            score, c = max(scored, key=lambda pair: pair[0])
+            return score, example.context[c.start:c.end]
+        n = hi - lo
+        if n == 0:
+            return None
+        pos = slice(lo + offset, hi + offset)
+        scores = s[pos, None] + e[None, pos]  # (n, n): the span from context token lo+i to lo+j
+        # 0 <= j - i < max_answer_tokens
+        allowed = (torch.ones(n, n, dtype=torch.bool).triu()
+                   & ~torch.ones(n, n, dtype=torch.bool).triu(self.cfg.max_answer_tokens))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        i, j = divmod(int(scores.argmax()), n)
+        spans = example.spans
+        return float(scores[i, j]), example.context[spans[lo + i][0]:spans[lo + j][1]].strip()
+
+    def predict(self, split, start_logits: list, end_logits: list) -> dict:
+        """Answer text per example id from each window's start/end logits: the best answer over
+        all windows (best_span); "" when the null score (the lowest over the windows) beats it,
+        SQuAD v2's rule, or when no window holds an answer at all."""
+        best, null = {}, {}
+        for item, s, e in zip(split.items, start_logits, end_logits):
+            qid, last = item.example.id, len(item.ids) - 1
+            null[qid] = min(null.get(qid, float("inf")), float(s[last] + e[last]))
+            found = self.best_span(item, s, e)
+            if found and (qid not in best or found[0] > best[qid][0]):
+                best[qid] = found
+        return {qid: "" if qid not in best or (self.allow_null and null[qid] > best[qid][0])
+                else best[qid][1] for qid in null}
+
+    def evaluate(self, body, head, split):
+        starts, ends = [], []
+        for chunk in self.chunks(split.items):
+            s, e = self.logits(body, head, [item.ids for item in chunk])
+            starts += list(s.cpu())
+            ends += list(e.cpu())
+        return self.score(split, self.predict(split, starts, ends))
+
+    def score(self, split, predictions: dict) -> dict:
+        """SQuAD's F1 and exact match, each the best over the question's gold answers (also
+        ReCoRD's official metric, whose several gold answers are the mentions of one entity)."""
+        gold = {item.example.id: item.example.answers for item in split.items}
+        pairs = [squad_scores(predictions[qid], answers) for qid, answers in gold.items()]
+        return {"f1": statistics.fmean(f for _, f in pairs),
+                "exact": statistics.fmean(x for x, _ in pairs)}
+
+    def trivial(self, split):
+        return self.score(split, {item.example.id: "" for item in split.items})
