@@ -8,12 +8,11 @@ Pretrain the model with CLM, MLM, or one then the other, at a fixed step budget.
   python train.py --init_from=out/clm/ckpt.pt --objective=mlm --switch_to=none --out_dir=out/cpt
   python train.py --help                            # every setting, its default and meaning
 
-The fourth continues the pretraining (CPT) of another run's weights. Settings come from the
-defaults below, then config files (Python), then --key=value overrides (settings.py).
-
-The objective switch is the paper's: at `switch_at` the weights and the optimizer state carry over,
-attention becomes bidirectional (or causal, for MLM -> CLM) and the learning rate continues on the
-same schedule, without a new warmup; the only decay is at the end of the whole budget.
+The fifth continues the pretraining (CPT) of another run's weights (start.py). Settings: the
+defaults below < config files (Python) < --key=value (settings.py). The objective switch is the
+paper's: at `switch_at` the weights and the optimizer state carry over, attention becomes
+bidirectional (or causal, for MLM -> CLM) and the learning rate continues on the same schedule,
+without a new warmup; the only decay is at the end of the whole budget.
 """
 
 import json
@@ -93,10 +92,6 @@ class TrainConfig:
     wandb_run: str = ""  # the W&B run name; "" = the out_dir's name
     fsdp: bool = False  # FSDP2: shard parameters, gradients and AdamW state instead of DDP's copies
     export: str = ""  # "hf": write out_dir/ckpt.pt as an HF directory out_dir/hf (hf.py), then exit
-
-
-# --------------------------------------------------------------------------------------------------
-# Settings: defaults < config files < --key=value (settings.py)
 
 
 def validate(cfg: TrainConfig):
@@ -278,8 +273,7 @@ def main(argv: list[str]):
 def export(cfg: TrainConfig):
     if cfg.export != "hf":
         raise SystemExit(f"error: --export={cfg.export!r}: the only export format is 'hf'")
-    print(f"wrote "
-          f"{export_hf(os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'hf'))}")
+    export_hf(os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "hf"))  # prints
 
 
 def pretrain(cfg: TrainConfig, argv: list[str]):
