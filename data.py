@@ -30,12 +30,12 @@ from tqdm import tqdm
 import files
 from settings import configure
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")  # appended after the ordinary tokens,
-                                                           # in this order
+# appended after the ordinary tokens, in this order
+SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-HELDOUT_FILE = "heldout.jsonl"  # prepare(source="docstrings"):
-                                # the held-out docstrings, one JSON Document a line
+# prepare(source="docstrings"): the held-out docstrings, one JSON Document a line
+HELDOUT_FILE = "heldout.jsonl"
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -52,10 +52,10 @@ class Tokenizer:
         self.n_vocab = encoding.n_vocab
         self.eot_id, self.mask_id, self.pad_id = (encoding._special_tokens[s] for s in specials)
         self.special_ids = (self.eot_id, self.mask_id, self.pad_id)
-        self.digest = digest  # hf: tokenizers only:
-                              # a path names a directory whose files may change, a hash does not
-        self.base_vocab = base_vocab or self.n_vocab  # ids below come with the checkpoint;
-                                                      # the rest we added
+        # hf: tokenizers only: a path names a directory whose files may change, a hash does not
+        self.digest = digest
+        # ids below come with the checkpoint; the rest we added
+        self.base_vocab = base_vocab or self.n_vocab
 
     def encode(self, text: str) -> list[int]:
         # ordinary: a "<|mask|>" typed in a document is text, never our mask token
@@ -254,8 +254,8 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
         print(f"preparing {source} with {tokenizer} into {out_dir}")
         try:
             meta = _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, seed)
-        finally:  # a failure (a bad file, a full disk)
-                  # leaves the previous data, if any, and no partial files
+        # a failure (a bad file, a full disk) leaves the previous data, if any, and no partial files
+        finally:
             for name in (*(f"{split}.bin" for split in SPLITS), HELDOUT_FILE, "meta.json"):
                 if os.path.exists(tmp := os.path.join(out_dir, name + ".tmp")):
                     os.remove(tmp)
@@ -443,8 +443,8 @@ class BlockLoader:
         data = np.memmap(self.path, dtype=self.dtype, mode="r")
         T = self.block_size
         x = np.stack([data[b * T:(b + 1) * T] for b in blocks]).astype(np.int64)  # (B, T)
-        if x.max() >= self.n_vocab:  # on the host, where it costs nothing:
-                                     # a corrupt file, not a silent wrong row
+        # on the host, where it costs nothing: a corrupt file, not a silent wrong row
+        if x.max() >= self.n_vocab:
             raise ValueError(f"{self.path} holds token id {x.max()} but its tokenizer has "
                              f"{self.n_vocab} ids: the file is corrupt or from another tokenizer; "
                              "re-run prepare")

@@ -35,8 +35,8 @@ MIN_DOCSTRING_CHARS = 64  # shorter ones are mostly "Return self." style fragmen
 class Document:
     source: str  # "stdlib", "numpy" or "torch"
     module: str  # dotted module name, e.g. "json.decoder"
-    name: str    # qualified name inside the module, e.g. "JSONDecoder.decode";
-                 # "" for the module docstring
+    # qualified name inside the module, e.g. "JSONDecoder.decode"; "" for the module docstring
+    name: str
     text: str
 
 
@@ -71,8 +71,8 @@ def _file_docstrings(item: tuple[str, str, str]) -> list[Document]:
                     docs.append(Document(source, module, name, text))
                 visit(child, name + ".")
             elif isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
-                visit(child, prefix)  # defs are statements: not walking expressions (most nodes)
-                                      # saves ~2/3 of the time
+                # defs are statements: not walking expressions (most nodes) saves ~2/3 of the time
+                visit(child, prefix)
 
     text = ast.get_docstring(tree, clean=True)
     if text and len(text) >= MIN_DOCSTRING_CHARS:
@@ -93,8 +93,8 @@ def docstring_documents() -> list[Document]:
         per_file = pool.map(_file_docstrings, files, chunksize=16)
         docs, seen = [], set()
         for doc in itertools.chain.from_iterable(per_file):
-            if doc.text not in seen:  # copied docstrings: keep the first,
-                                      # so no text is in two splits
+            # copied docstrings: keep the first, so no text is in two splits
+            if doc.text not in seen:
                 seen.add(doc.text)
                 docs.append(doc)
     return docs
@@ -198,15 +198,16 @@ def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, i
             m = entry.fullmatch(lines[i])
             if indent(lines[i]) != entry_indent or not m:
                 break  # the next section, or a dedent: the parameters are over
-            j = i + 1  # the description: the deeper-indented lines below
-                       # (and, Google-style, the rest of this one)
+            # the description: the deeper-indented lines below
+            # (and, Google-style, the rest of this one)
+            j = i + 1
             while j < len(lines) and (not lines[j].strip() or indent(lines[j]) > entry_indent):
                 j += 1
             end = line_start[j] - 1
             after = line_start[i] + m.start("rest") if google else line_start[i + 1]
             first = re.compile(r"\S").search(text, after, end)
-            if first and "," not in m[1]:  # "x1, x2 : array_like" shares one description:
-                                           # no single answer
+            # "x1, x2 : array_like" shares one description: no single answer
+            if first and "," not in m[1]:
                 sentence = re.match(r".+?(?:\.(?=\s)|$)", text[first.start():end], re.S)[0].rstrip()
                 params.append((m[1], first.start(), first.start() + len(sentence)))
             i = j
@@ -227,13 +228,13 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
     if family == "ir":
         pairs = [(d, {"query": " ".join(ps[0].split()), "document": "\n\n".join(ps[1:])})
                  for d in docs if len(ps := paragraphs(d.text)) >= 2]
-        counts = Counter(r["query"] for _, r in pairs)  # a summary shared by several docstrings
-                                                        # ("Deprecated.")
-        return [(d, r) for d, r in pairs if counts[r["query"]] == 1]  # does not single out
-                                                                      # one body: left out
+        # a summary shared by several docstrings ("Deprecated.")
+        counts = Counter(r["query"] for _, r in pairs)
+        # does not single out one body: left out
+        return [(d, r) for d, r in pairs if counts[r["query"]] == 1]
     with_params, used = [], set()
-    for d in docs:  # a section copied into several docstrings is used once:
-                    # never in both train and test
+    # a section copied into several docstrings is used once: never in both train and test
+    for d in docs:
         sections = parameter_sections(d.text)
         if sections and (section := d.text[sections[0][0]:sections[0][1]]) not in used:
             used.add(section)
@@ -242,8 +243,8 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
     for n, (d, (start, end, params)) in enumerate(with_params):
         context, seen = d.text[start:end], set()
         for name, s, e in params:
-            if name not in seen:  # a name documented twice (overloads):
-                                  # the first description answers
+            # a name documented twice (overloads): the first description answers
+            if name not in seen:
                 seen.add(name)
                 out.append((d, {"id": f"{d.module}:{d.name}:{name}", "question": f"What is {name}?",
                                 "context": context,

@@ -41,8 +41,8 @@ class ExportConfig:
     kind: str = "auto"  # auto: from the checkpoint (hf_export.py's table); or encoder, decoder
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "eurobert", "mistral")  # mistral: only without
-                                                          # a sliding window, i.e. a Llama
+# mistral: only without a sliding window, i.e. a Llama
+SUPPORTED_MODEL_TYPES = ("llama", "eurobert", "mistral")
 TOP_NAMES = {"embed_tokens.weight": "embed.weight", "norm.weight": "norm.weight",
              "lm_head.weight": "lm_head.weight"}
 LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight",
@@ -54,8 +54,8 @@ LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight",
 
 
 def our_name(hf_name: str) -> str | None:
-    name = hf_name.removeprefix("model.")  # *ForCausalLM / *ForMaskedLM prefix the body;
-                                           # a bare *Model does not
+    # *ForCausalLM / *ForMaskedLM prefix the body; a bare *Model does not
+    name = hf_name.removeprefix("model.")
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m:
         return f"blocks.{m[1]}.{LAYER_NAMES[m[2]]}" if m[2] in LAYER_NAMES else None
@@ -165,8 +165,8 @@ def load_hf(path: str, tok) -> Transformer:
     state, unknown = {}, []
     for name, weight in read_weights(path).items():
         ours = our_name(name)
-        if ours is None and not name.endswith("rotary_emb.inv_freq"):  # old files saved
-                                                                       # the RoPE table
+        # old files saved the RoPE table
+        if ours is None and not name.endswith("rotary_emb.inv_freq"):
             unknown.append(name)
         elif ours is not None:
             # float32 master weights: train.py runs bf16 autocast over fp32 parameters, and AdamW's
@@ -177,8 +177,8 @@ def load_hf(path: str, tok) -> Transformer:
         raise ValueError(f"{path}: weights model.py has no place for (biases, extra norms?): "
                          f"{unknown[:6]}")
     if cfg.tie_embeddings:
-        state["lm_head.weight"] = state.get("embed.weight")  # one matrix;
-                                                             # some files store it twice, some once
+        # one matrix; some files store it twice, some once
+        state["lm_head.weight"] = state.get("embed.weight")
     model = Transformer(cfg)
     expected = model.state_dict()
     missing = sorted(k for k in expected if state.get(k) is None)

@@ -126,8 +126,8 @@ def _read_tiktoken_file(path: str, config: dict):
 
 
 def _token_name(value) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value  # tokenizer_config.json
-                                                                       # writes both forms
+    # tokenizer_config.json writes both forms
+    return value.get("content") if isinstance(value, dict) else value
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,8 +220,8 @@ def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot>
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         parts = _bpe_parts(ranks, token) if len(token) > 1 else [token]
-        if len(parts) == 2:  # a token BPE cannot build from two lower ones
-                             # is only reachable as a whole piece
+        # a token BPE cannot build from two lower ones is only reachable as a whole piece
+        if len(parts) == 2:
             merges.append(" ".join(map(spell, parts)))
     return {
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None,

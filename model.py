@@ -26,8 +26,8 @@ LLAMA3_ROPE_KEYS = {"factor", "low_freq_factor", "high_freq_factor",
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 8195  # tokens the tokenizer can produce; the embedding is padded up
-                            # (see padded_vocab_size)
+    # tokens the tokenizer can produce; the embedding is padded up (see padded_vocab_size)
+    vocab_size: int = 8195
     n_layer: int = 4  # transformer blocks
     n_embd: int = 256  # model width, d_model
     n_head: int = 4  # query heads; head dim = n_embd // n_head
@@ -38,10 +38,10 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the input embedding with the LM head (the paper does not)
     init_std: float = 0.02  # std of the normal init of every matrix
-    attention: str = "sdpa"  # "sdpa": F.scaled_dot_product_attention;
-                             # "manual": explicit scores, mask and softmax
-    rope_scaling: dict | None = None  # None, or Llama 3.1's
-                                      # {"rope_type": "llama3", factor, low_freq_factor, ...}
+    # "sdpa": F.scaled_dot_product_attention; "manual": explicit scores, mask and softmax
+    attention: str = "sdpa"
+    # None, or Llama 3.1's {"rope_type": "llama3", factor, low_freq_factor, ...}
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         problems = []
@@ -121,8 +121,8 @@ def rope_tables(head_dim: int, length: int, theta: float, scaling: dict | None =
         old_context, factor = scaling["original_max_position_embeddings"], scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         wavelen = 2 * math.pi / inv_freq
-        smooth = ((old_context / wavelen - low) / (high - low)).clamp(0, 1)  # 0: long waves,
-                                                                             # 1: short waves
+        # 0: long waves, 1: short waves
+        smooth = ((old_context / wavelen - low) / (high - low)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (L, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, D)
@@ -146,12 +146,12 @@ def manual_attention(q, k, v, causal: bool, key_mask=None):
     with KV heads already repeated; key_mask: (B, T) bool, True for keys that may be attended to
     (not padding)."""
     T = q.size(-2)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, T): query i
-                                                                # against key j
+    # (B, H, T, T): query i against key j
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
     allowed = torch.ones(T, T, dtype=torch.bool, device=q.device)
     if causal:
-        allowed = allowed.tril()  # query i may only see keys j <= i: the whole difference between
-                                  # CLM and MLM
+        # query i may only see keys j <= i: the whole difference between CLM and MLM
+        allowed = allowed.tril()
     allowed = allowed.view(1, 1, T, T)
     if key_mask is not None:
         allowed = allowed & key_mask.view(-1, 1, 1, T)

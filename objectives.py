@@ -27,8 +27,8 @@ class Vocab:
     size: int  # number of token ids the tokenizer produces (ids 0 .. size-1)
     mask_id: int  # <|mask|>
     special_ids: tuple  # never masked, never a random replacement, never a CLM target if pad
-    pad_id: int | None = None  # padding, ignored as a target
-                               # (pretraining blocks are packed and have none)
+    # padding, ignored as a target (pretraining blocks are packed and have none)
+    pad_id: int | None = None
 
 
 def check_tokens(tokens, vocab: Vocab, min_length: int):
@@ -45,8 +45,8 @@ def check_tokens(tokens, vocab: Vocab, min_length: int):
         # checked every batch on the host before copying it over.
         return
     lo, hi = tokens.aminmax()
-    if lo < 0 or hi >= vocab.size:  # an id past the vocabulary would silently read
-                                    # an untrained padding row
+    # an id past the vocabulary would silently read an untrained padding row
+    if lo < 0 or hi >= vocab.size:
         raise ValueError(f"tokens holds ids in [{lo.item()}, {hi.item()}] but the vocabulary has "
                          f"{vocab.size} (ids 0..{vocab.size - 1}): was the data prepared with "
                          "another tokenizer?")
@@ -66,8 +66,8 @@ def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str
         raise ValueError(f"mask_replace must be one of {MASK_REPLACE}, got {mask_replace!r}")
     device = tokens.device
 
-    def uniform(shape):  # drawn on the generator's device so that
-                         # a seed gives the same batch on any device
+    # drawn on the generator's device so that a seed gives the same batch on any device
+    def uniform(shape):
         return torch.rand(shape, generator=generator,
                           device=generator.device if generator else device).to(device)
 
@@ -102,8 +102,8 @@ def cross_entropy(model, hidden, labels, sparse: bool):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                ignore_index=IGNORE), n
     logits = head(hidden[keep])  # (N, vocab)
-    if logits.size(0) == 0:  # nothing selected (a tiny batch at a low ratio):
-                             # a zero loss that still has a graph
+    # nothing selected (a tiny batch at a low ratio): a zero loss that still has a graph
+    if logits.size(0) == 0:
         return hidden.sum() * 0.0, n
     return F.cross_entropy(logits.float(), labels[keep]), n
 
