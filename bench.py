@@ -31,11 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import BlockLoader, get_tokenizer, write_tokens
+from data import BlockLoader, write_tokens
+from mlm_vs_clm.parallel import Process, device_and_autocast, peak_flops
+from mlm_vs_clm.settings import configure
+from mlm_vs_clm.tokenizer import get_tokenizer
 from model import Transformer, configure_optimizer, model_config
 from objectives import Vocab
-from device import device_and_autocast, peak_flops
-from settings import configure
 from train import TrainConfig, train_step
 
 
@@ -92,8 +93,8 @@ def measure(row: Row, vocab: Vocab, device, autocast, cfg: BenchConfig, peak: fl
     try:
         for i in range(cfg.warmup + cfg.steps):
             t0 = time.perf_counter()
-            train_step(stepped, optimizer, lambda: tokens, train_cfg, vocab, i, 1, generator,
-                       autocast)
+            train_step(stepped, optimizer, lambda: tokens, row.objective, 1e-4, i, train_cfg,
+                       vocab, 1, generator, Process(device, autocast))
             # train_step ends on a host sync: the GPU work is done
             times.append(time.perf_counter() - t0)
         if profile:
@@ -102,8 +103,8 @@ def measure(row: Row, vocab: Vocab, device, autocast, cfg: BenchConfig, peak: fl
                                                    else [])
             with profiler(activities=activities) as prof:
                 for i in range(3):
-                    train_step(stepped, optimizer, lambda: tokens, train_cfg, vocab, i, 1,
-                               generator, autocast)
+                    train_step(stepped, optimizer, lambda: tokens, row.objective, 1e-4, i,
+                               train_cfg, vocab, 1, generator, Process(device, autocast))
             prof.export_chrome_trace(profile)
     except torch.OutOfMemoryError:
         return {**row.__dict__, "error": "out of memory"}
@@ -255,7 +256,7 @@ def main(argv: list[str]):
     else:
         rows = rows_for(cfg, device)
     tok = get_tokenizer(cfg.tokenizer)
-    vocab = Vocab(tok.n_vocab, tok.mask_id, tok.special_ids, tok.pad_id)
+    vocab = tok.vocab()
     peak = peak_flops(device)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")

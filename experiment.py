@@ -1,21 +1,15 @@
-"""
-The paper's experiment at small scale, in one command, and the summary of any experiment: several
-pretraining runs, each fine-tuned on several tasks, in one table and two figures, as the paper
-reports them.
+"""The paper's experiment at small scale in one command, and the table and figures of any
+experiment: several pretraining runs, each fine-tuned on several tasks, reported as the paper does.
 
-    python experiment.py                                      # the CPU experiment (about an hour)
-    python experiment.py --jobs=4 --out_dir=out/exp4          # more cores
-    python finetune.py --summarize=out/exp --figures=assets   # the table (and figures) of out/exp
+    python experiment.py                            # the CPU experiment (about half an hour)
+    python experiment.py --jobs=4 --out_dir=out/exp4
+    python experiment.py --summarize=out/exp        # the table and figures of out/exp only
 
-The CPU experiment: the `tiny` model pretrained on the same ordered docstring blocks with pure CLM,
-pure MLM and CLM then MLM at 25/75, 50/50 and 75/25; continued pretraining (more MLM steps) of the
-decayed CLM and MLM models, reading on in the same data stream; every checkpoint fine-tuned on the
-four demo tasks over a small learning-rate x seed grid. It runs `jobs` processes at a time, one
-thread each, and picks up where it stopped: finished runs and sweeps are reused, an interrupted run
-is resumed.
+What runs, how it resumes, and the results: docs/experiment.md.
 """
 
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -26,12 +20,36 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 
-import files
-from checkpoints import read_checkpoint
-from settings import configure
-from tasks import FAMILY_NAMES
-from train import TrainConfig, switch_step
+from mlm_vs_clm import files
+from mlm_vs_clm.checkpoints import read_checkpoint
+from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.task_data import FAMILIES
+from objectives import switch_step
+
+
+@dataclass
+class ExperimentConfig:
+    out_dir: str = "out/exp"  # one train.py out_dir per run below it, each with its sweeps
+    figures: str = "auto"  # figures dir; auto: the experiment's own if matplotlib is there; "": none
+    summarize: str = ""  # only summarize this directory of runs (any experiment's), run nothing
+    jobs: int = 2  # processes at a time, one thread each (one per core)
+    steps: int = 400  # pretraining steps of every run (8 x 128 tokens a step)
+    cpt_steps: int = 200  # continued pretraining: MLM steps added to the decayed CLM and MLM runs
+    eval_interval: int = 20  # pretraining steps between validations (the loss curves)
+    tasks: str = "sc,tc,qa,ir"  # demo tasks to fine-tune every run on (demo_<family>); "" = none
+    lrs: str = "1e-3,3e-3,1e-2"  # fine-tuning learning-rate grid
+    seeds: int = 2  # fine-tuning seeds at each learning rate
+    ft_batch_size: int = 16  # fine-tuning batch
+    ft_steps: int = 40  # fine-tuning steps per cell (640 examples at batch 16)
+    keep: str = "100,200"  # clm and mlm steps also fine-tuned (data efficiency); "" = none
+    keep_tasks: str = "sc,tc,ir"  # demo tasks of those checkpoints (demo_qa sits at its floor)
+
+    def checks(self):
+        return [(min(self.jobs, self.steps, self.cpt_steps, self.seeds) >= 1,
+                 "--jobs, --steps, --cpt_steps and --seeds must be >= 1")]
+
 
 
 def read_run(ckpt_path: str) -> dict:
@@ -70,8 +88,8 @@ def describe_runs(runs: list[dict]) -> list[dict]:
     are: CLM first, then more and more MLM, then continued pretraining."""
     by_ckpt = {os.path.realpath(r["ckpt"]): r for r in runs}
     for run in runs:
-        cfg = TrainConfig(**run["config"])
-        switch = switch_step(cfg)
+        cfg = SimpleNamespace(**run["config"])
+        switch = switch_step(cfg.switch_to, cfg.switch_at, cfg.max_steps)
         phases = [(cfg.objective, cfg.max_steps)] if switch is None else \
             [(cfg.objective, switch), (cfg.switch_to, cfg.max_steps - switch)]
         run["pretraining"] = " -> ".join(f"{objective.upper()} {steps}"
@@ -94,7 +112,7 @@ def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
     (sd across the learning-rate grid, points; its mean also over the learning rates where no seed
     diverged) and the final validation losses of pretraining."""
     family = {t: r["reports"][t]["family"] for r in runs for t in r["reports"]}
-    tasks = sorted(family, key=lambda t: (FAMILY_NAMES.index(family[t]), t))
+    tasks = sorted(family, key=lambda t: (list(FAMILIES).index(family[t]), t))
     metric = {t: next(r["reports"][t]["metric"] for r in runs if t in r["reports"]) for t in tasks}
 
     def row(cells):
@@ -173,8 +191,9 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
             start = offset(run)
             ax.plot([start + e["step"] for e in run["evals"]], [e[key] for e in run["evals"]],
                     color=colors[run["name"]], label=f"{run['name']}: {run['pretraining']}")
-            cfg = TrainConfig(**run["config"])
-            changes = [start + s for s in (switch_step(cfg), 0 if run["source"] else None)
+            cfg = SimpleNamespace(**run["config"])
+            switch = switch_step(cfg.switch_to, cfg.switch_at, cfg.max_steps)
+            changes = [start + s for s in (switch, 0 if run["source"] else None)
                        if s is not None]
             for x in changes:
                 ax.axvline(x, color=colors[run["name"]], linestyle=":", linewidth=1)
@@ -271,23 +290,6 @@ def summarize(directory: str, figures_dir: str = "") -> dict:
 # The CPU experiment, end to end
 
 
-@dataclass
-class ExperimentConfig:
-    out_dir: str = "out/exp"  # one train.py out_dir per run below it, each with its sweeps
-    figures: str = "assets"  # where the figures go; "" = none
-    jobs: int = 2  # processes at a time, one thread each (one per core)
-    steps: int = 400  # pretraining steps of every run (8 x 128 tokens a step)
-    cpt_steps: int = 200  # continued pretraining: MLM steps added to the decayed CLM and MLM runs
-    eval_interval: int = 20  # pretraining steps between validations (the loss curves)
-    tasks: str = "sc,tc,qa,ir"  # demo tasks to fine-tune every run on (demo_<family>); "" = none
-    lrs: str = "1e-3,3e-3,1e-2"  # fine-tuning learning-rate grid
-    seeds: int = 2  # fine-tuning seeds at each learning rate
-    ft_batch_size: int = 16  # fine-tuning batch
-    ft_steps: int = 40  # fine-tuning steps per cell (640 examples at batch 16)
-    keep: str = "100,200"  # clm and mlm steps also fine-tuned (data efficiency); "" = none
-    keep_tasks: str = "sc,tc,ir"  # demo tasks of those checkpoints (demo_qa sits at its floor)
-
-
 # name: (train.py settings of the run, the run it continues, or None)
 RUNS = {
     "clm": (["--objective=clm", "--switch_to=none"], None),
@@ -312,7 +314,7 @@ def run_command(args: list[str], log_path: str) -> None:
     if code != 0:
         with open(log_path) as log:
             last = (log.read().strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{' '.join(args[:1])} failed (exit {code}); see {log_path}: {last}")
+        raise ValueError(f"{' '.join(args[:1])} failed (exit {code}); see {log_path}: {last}")
 
 
 def finished(run_dir: str, steps: int) -> bool:
@@ -377,17 +379,24 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         for future in sweeps:
             future.result()
     print(f"fine-tuning done ({time.perf_counter() - t0:.0f} s)")
-    return summarize(cfg.out_dir, cfg.figures)
+    return summarize(cfg.out_dir, figures_dir(cfg, cfg.out_dir))
 
 
+@command
 def main(argv: list[str]) -> dict:
     cfg = configure(ExperimentConfig, argv)
-    if cfg.jobs < 1 or cfg.steps < 1 or cfg.cpt_steps < 1 or cfg.seeds < 1:
-        raise SystemExit("error: jobs, steps, cpt_steps and seeds must be >= 1")
-    try:
-        return run_experiment(cfg)
-    except (ValueError, OSError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    if cfg.summarize:
+        return summarize(cfg.summarize, figures_dir(cfg, cfg.summarize))
+    return run_experiment(cfg)
+
+
+def figures_dir(cfg: ExperimentConfig, directory: str) -> str:
+    if cfg.figures != "auto":
+        return cfg.figures
+    if importlib.util.find_spec("matplotlib") is None:
+        print("note: no figures (pip install matplotlib to draw them)")
+        return ""
+    return directory
 
 
 if __name__ == "__main__":

@@ -1,41 +1,13 @@
-"""
-Fine-tune a pretraining checkpoint on one task and evaluate it the way the paper does.
+"""Fine-tune a pretraining checkpoint on one task and evaluate it the way the paper does: a
+learning-rate x seed grid, each cell from the same checkpoint, the learning rate chosen on
+validation, the test score as a seed mean with its 95% interval, and the stability across the grid.
 
-    python finetune.py --init_from=out/demo/ckpt.pt --task=demo_sc
-                                                   # an offline demo task
+    python finetune.py --init_from=out/demo/ckpt.pt --task=demo_sc       # an offline demo task
     python finetune.py --init_from=ckpt.pt --task=sc --train=train.jsonl --test=dev.jsonl
-                                                   # your own data
-    python finetune.py --init_from=ckpt.pt --task=squad_v2
-                                                   # a paper dataset (pip install datasets; network)
-    python finetune.py --help                      # every setting
+    python finetune.py --init_from=ckpt.pt --task=squad_v2               # a paper dataset
+    python finetune.py --help                                            # every setting
 
-The protocol (the paper's, as its authors' evaluation code EncodEval runs it): bidirectional
-attention whatever the pretraining objective (--causal=True is an ablation); AdamW (0.9, 0.95),
-eps 1e-5, weight decay 0.1; 10% linear warmup, then linear decay to 0; batch 32; at most 1,000
-steps or one epoch, whichever is smaller; on CUDA the whole model in bfloat16 under bf16 autocast
-(--weights). Splits: sc and qa hold 5% of the training data out as validation and test on the
-official validation split; tc uses the dataset's own validation and test splits; the ir tasks train
-on MS MARCO pairs and are validated and tested on the judged queries of MS MARCO, NQ or MLDR
-(task_data.py). Inputs are labelled texts ending with end-of-text, the authors' format
-(--input_format, tasks.py). Every (learning rate, seed) cell of the grid is fine-tuned from the
-same checkpoint and appended to out_dir/results.jsonl as soon as it finishes, so an interrupted
-sweep restarts where it stopped. The report (printed, and out_dir/report.json) gives per learning
-rate the seed mean and its 95% confidence interval, the learning rate chosen on validation with its
-test score, and the stability figure: how much the score varies across the learning-rate grid.
---save_model=true also saves the chosen model to out_dir/model.pt.
-
-The four task families (tasks.py) put a small head on the pretrained body:
-
-  sc  sequence classification   pooled -> dense -> GELU -> linear (EuroBERT's)  accuracy
-  tc  token classification      linear on each word's first sub-token   entity F1 (conlleval)
-  qa  extractive QA             start/end logits per token              SQuAD F1 (and exact match)
-  ir  retrieval                 pooled, normalised embedding (InfoNCE)  nDCG@10 (and MRR@10)
-
-Scores are in points (0-100), by the standard scorers (metrics.py says where EncodEval's differ).
-Task records come from JSON-lines files in the schemas of task_data.py, from the paper's datasets
-through the optional `datasets` package (task_data.HF_TASKS), or from the offline demo tasks built
-from docstrings that pretraining never saw (docstrings.py) - those are for trying the pipeline, not
-for comparison with the paper.
+The protocol, the four families, the file formats and the report: docs/finetuning.md.
 """
 
 import hashlib
@@ -51,24 +23,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import data
-import files
-from checkpoints import checkpoint_payload, load_checkpoint, save_checkpoint
-from device import device_and_autocast
-from experiment import summarize
-from hf import load_hf
-from metrics import mean_ci
-from model import configure_optimizer
-from qa import QuestionAnswering
-from settings import configure
-from task_data import HF_TASKS, hold_out, load_task
-from tasks import INPUT_FORMATS, Family, Retrieval, SequenceClassification, TokenClassification
-from train import lr_at
-
-# The paper's four task families (tasks.py, qa.py): each a head on the pretrained body, a loss and
-# a metric.
-FAMILIES = {"sc": SequenceClassification, "tc": TokenClassification, "qa": QuestionAnswering,
-            "ir": Retrieval}
+from data import data_dir_of
+from mlm_vs_clm import files
+from mlm_vs_clm.checkpoints import checkpoint_payload, load_model, save_checkpoint
+from mlm_vs_clm.metrics import mean_ci
+from mlm_vs_clm.parallel import device_and_autocast
+from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.task_data import FAMILIES, HF_TASKS, hold_out, load_task
+from mlm_vs_clm.tasks import INPUT_FORMATS, Family
+from model import configure_optimizer, lr_at
 
 
 @dataclass
@@ -106,9 +69,37 @@ class FinetuneConfig:
     weights: str = "auto"  # auto (bf16 on CUDA, else fp32), fp32 (float32 master), bf16 (pure bf16)
     progress: bool = True  # tqdm progress bars
     save_model: bool = False  # retrain the chosen cell and save it to out_dir/model.pt
-    # summarising an experiment instead of fine-tuning
-    summarize: str = ""  # dir of train.py out_dirs (sweeps in subdirectories): print their table
-    figures: str = ""  # with --summarize: directory for the figures (needs matplotlib); "" = none
+
+    def checks(self):
+        return [
+            (self.init_from != "", "--init_from (a pretraining checkpoint) is required"),
+            (family_of(self.task) is not None,
+             f"--task must be one of {', '.join(FAMILIES)} (with --train/--test), "
+             f"{', '.join('demo_' + f for f in FAMILIES)}, or {', '.join(HF_TASKS)}"),
+            (self.task not in FAMILIES or (self.train and self.test),
+             f"--task={self.task} needs --train and --test files"),
+            (self.task in FAMILIES or not (self.train or self.val or self.test),
+             "--train/--val/--test are for --task=sc|tc|qa|ir only"),
+            (not self.corpus or family_of(self.task) == "ir",
+             "--corpus is for retrieval tasks only"),
+            (self.seeds >= 1 and self.batch_size >= 1 and self.max_steps >= 1,
+             "--seeds, --batch_size, --max_steps must be >= 1"),
+            (0 <= self.warmup < 1 and 0 < self.val_fraction < 1,
+             "--warmup must be in [0, 1), --val_fraction in (0, 1)"),
+            (self.grad_clip >= 0,
+             "--grad_clip must be >= 0 (0 = off; a negative bound would turn clipping into ascent)"),
+            (self.pooling in ("mean", "first", "last"), "--pooling must be mean, first or last"),
+            (self.input_format in INPUT_FORMATS,
+             f"--input_format must be {' or '.join(INPUT_FORMATS)}"),
+            (self.weights in ("auto", "fp32", "bf16"), "--weights must be auto, fp32 or bf16"),
+            (self.empty_queries in ("skip", "zero"), "--empty_queries must be skip or zero"),
+            ((self.max_len >= 8 and self.max_answer_tokens >= 1 and self.doc_stride >= 0
+              and self.temperature > 0),
+             "--max_len >= 8, --max_answer_tokens >= 1, --doc_stride >= 0, --temperature > 0"),
+            (self.dtype in ("auto", "bfloat16", "float32"),
+             "--dtype must be auto, bfloat16 or float32"),
+            (lrs_problem(self.lrs) is None, lrs_problem(self.lrs)),
+        ]
 
 
 # Settings that do not change a cell's result: a sweep run with other values reuses its cells
@@ -116,13 +107,17 @@ NOT_IN_KEY = ("lrs", "seeds", "out_dir", "device", "progress", "save_model")
 
 
 def learning_rates(cfg: FinetuneConfig) -> list[float]:
+    return [float(x) for x in cfg.lrs.split(",")]
+
+
+def lrs_problem(text: str) -> str | None:
     try:
-        lrs = [float(x) for x in cfg.lrs.split(",")]
+        lrs = [float(x) for x in text.split(",")]
     except ValueError:
-        raise SystemExit(f"error: --lrs must be comma-separated numbers, got {cfg.lrs!r}") from None
+        return f"--lrs must be comma-separated numbers, got {text!r}"
     if not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs):
-        raise SystemExit(f"error: --lrs must be distinct positive numbers, got {cfg.lrs!r}")
-    return lrs
+        return f"--lrs must be distinct positive numbers, got {text!r}"
+    return None
 
 
 def family_of(task: str) -> str | None:
@@ -140,40 +135,6 @@ def weights_dtype(weights: str, device: torch.device) -> torch.dtype:
         weights = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if weights == "bf16" else torch.float32
 
-
-def validate(cfg: FinetuneConfig):
-    checks = [
-        (cfg.init_from != "" or cfg.summarize != "",
-         "--init_from (a pretraining checkpoint) is required"),
-        (not cfg.figures or cfg.summarize, "--figures goes with --summarize"),
-        (family_of(cfg.task) is not None,
-         f"--task must be one of {', '.join(FAMILIES)} (with --train/--test), "
-         f"{', '.join('demo_' + f for f in FAMILIES)}, or {', '.join(HF_TASKS)}"),
-        (cfg.task not in FAMILIES or (cfg.train and cfg.test),
-         f"--task={cfg.task} needs --train and --test files"),
-        (cfg.task in FAMILIES or not (cfg.train or cfg.val or cfg.test),
-         "--train/--val/--test are for --task=sc|tc|qa|ir only"),
-        (not cfg.corpus or family_of(cfg.task) == "ir", "--corpus is for retrieval tasks only"),
-        (cfg.seeds >= 1 and cfg.batch_size >= 1 and cfg.max_steps >= 1,
-         "seeds, batch_size, max_steps must be >= 1"),
-        (0 <= cfg.warmup < 1 and 0 < cfg.val_fraction < 1,
-         "warmup must be in [0, 1), val_fraction in (0, 1)"),
-        (cfg.grad_clip >= 0,
-         "grad_clip must be >= 0 (0 = off; a negative bound would turn clipping into ascent)"),
-        (cfg.pooling in ("mean", "first", "last"), "pooling must be mean, first or last"),
-        (cfg.input_format in INPUT_FORMATS,
-         f"input_format must be {' or '.join(INPUT_FORMATS)}"),
-        (cfg.weights in ("auto", "fp32", "bf16"), "weights must be auto, fp32 or bf16"),
-        (cfg.empty_queries in ("skip", "zero"), "empty_queries must be skip or zero"),
-        ((cfg.max_len >= 8 and cfg.max_answer_tokens >= 1 and cfg.doc_stride >= 0
-          and cfg.temperature > 0),
-         "max_len >= 8, max_answer_tokens >= 1, doc_stride >= 0, temperature > 0"),
-        (cfg.dtype in ("auto", "bfloat16", "float32"), "dtype must be auto, bfloat16 or float32"),
-    ]
-    problems = [message for ok, message in checks if not ok]
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
-    learning_rates(cfg)
 
 # --------------------------------------------------------------------------------------------------
 # One cell: fine-tune from the checkpoint at one learning rate and seed,
@@ -314,28 +275,9 @@ def print_report(rep: dict):
               f"{rep['trivial']['test']:.2f} on test")
 
 
+@command
 def main(argv: list[str]) -> dict:
-    cfg = configure(FinetuneConfig, argv)
-    validate(cfg)
-    try:
-        return summarize(cfg.summarize, cfg.figures) if cfg.summarize else finetune(cfg)
-    except (ValueError, OSError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-def load_body(cfg: FinetuneConfig, device):
-    """(body, tokenizer, the checkpoint dict: {} for an hf: body)."""
-    if cfg.init_from.startswith("hf:"):  # a Hugging Face decoder as it is, with its own tokenizer
-        tok = data.get_tokenizer(cfg.init_from)
-        return load_hf(cfg.init_from.removeprefix("hf:"), tok).to(device), tok, {}
-    body, ckpt = load_checkpoint(cfg.init_from, device)
-    if "tokenizer" not in ckpt:
-        raise ValueError(f"{cfg.init_from} has no tokenizer description (key 'tokenizer'): "
-                         f"not from train.py?")
-    tok = data.get_tokenizer(ckpt["tokenizer"]["tokenizer"])
-    data.check_tokenizer(tok.meta(), ckpt["tokenizer"], cfg.init_from,
-                         f"the tokenizer {tok.name} here")
-    return body, tok, ckpt
+    return finetune(configure(FinetuneConfig, argv))
 
 
 def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict]:
@@ -355,10 +297,10 @@ def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict
 
 def finetune(cfg: FinetuneConfig) -> dict:
     device, autocast = device_and_autocast(cfg.device, cfg.dtype)
-    body, tok, ckpt = load_body(cfg, device)
+    body, tok, ckpt = load_model(cfg.init_from, device)
     body = body.to(weights_dtype(cfg.weights, device))
-    # hf: bodies have none
-    data_dir = data.data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""
+    # where the demo tasks find their held-out docstrings (hf: bodies have none)
+    data_dir = data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""
     del ckpt  # the body holds the weights
     task = load_task(cfg, data_dir)
     max_len = min(cfg.max_len, body.config.block_size)

@@ -1,15 +1,9 @@
-"""
-The encoder/decoder transformer of
-"Should We Still Pretrain Encoders with Masked Language Modeling?".
-
-One network, the EuroBERT / Llama architecture the paper uses for every run: pre-norm RMSNorm,
-rotary position embeddings, grouped-query attention, SwiGLU MLP, no biases, no dropout. Whether it
-is a decoder (CLM) or an encoder (MLM, fine-tuning) is not a property of the weights but of one
-argument of the forward pass: `causal`. That is what makes the paper's CLM -> MLM switch and its
-continued pretraining possible: the same weights run both ways.
-
-The forward pass stops at the final hidden states; `logits()` is a separate step so that an
-objective can run the (large) LM head on only the positions it predicts.
+"""The encoder/decoder transformer of "Should We Still Pretrain Encoders with Masked Language
+Modeling?": the EuroBERT / Llama architecture of every run of the paper. Whether it is a decoder
+(CLM) or an encoder (MLM, fine-tuning) is not a property of the weights but of one argument of the
+forward pass, `causal`: that is what makes the CLM -> MLM switch possible. The forward pass stops at
+the hidden states; an objective runs the LM head (`logits`) on the positions it predicts.
+Also here: the presets, the FLOPs count, AdamW and the learning-rate schedule. docs/pretraining.md.
 """
 
 import math
@@ -18,10 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-LLAMA3_ROPE_KEYS = {"factor", "low_freq_factor", "high_freq_factor",
-                    "original_max_position_embeddings"}
 
 
 @dataclass
@@ -40,8 +30,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init of every matrix
     # "sdpa": F.scaled_dot_product_attention; "manual": explicit scores, mask and softmax
     attention: str = "sdpa"
-    # None, or Llama 3.1's {"rope_type": "llama3", factor, low_freq_factor, ...}
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # Llama 3.1's long-context RoPE, for its checkpoints only
 
     def __post_init__(self):
         problems = []
@@ -55,7 +44,7 @@ class ModelConfig:
         if self.attention not in ("sdpa", "manual"):
             problems.append(f"attention={self.attention!r} must be 'sdpa' or 'manual'")
         if self.rope_scaling is not None and (self.rope_scaling.get("rope_type") != "llama3"
-                                              or not LLAMA3_ROPE_KEYS <= set(self.rope_scaling)):
+                                              or set(self.rope_scaling) != LLAMA3_ROPE_KEYS | {"rope_type"}):
             problems.append(f"rope_scaling={self.rope_scaling} must be None or rope_type 'llama3' "
                             f"with {sorted(LLAMA3_ROPE_KEYS)}")
         if self.vocab_size < 1 or self.block_size < 1:
@@ -114,16 +103,7 @@ def rope_tables(head_dim: int, length: int, theta: float, scaling: dict | None =
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)
                                / head_dim)  # (D/2,)
     if scaling is not None:
-        # Llama 3.1's context extension: wavelengths longer than the original
-        # context / low_freq_factor are stretched by `factor` (positions beyond what pretraining saw
-        # then stay in the seen range of angles), those shorter than original / high_freq_factor
-        # (local order) are kept, and the band between is interpolated.
-        old_context, factor = scaling["original_max_position_embeddings"], scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        wavelen = 2 * math.pi / inv_freq
-        # 0: long waves, 1: short waves
-        smooth = ((old_context / wavelen - low) / (high - low)).clamp(0, 1)
-        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = llama3_scaled(inv_freq, **scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (L, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, D)
     return angles.cos(), angles.sin()
@@ -283,6 +263,19 @@ class Transformer(nn.Module):
         return 6 * n["body"] + 6 * head * head_fraction + attention
 
 
+def lr_at(step: int, peak: float, max_steps: int, warmup_steps: int, decay_steps: int) -> float:
+    """Warmup-stable-decay, the paper's schedule: linear warmup from 0, constant, then linear decay
+    reaching 0 right after the last step. It spans the whole budget, so the objective switch does
+    not touch it. Fine-tuning's schedule (10% warmup, then linear decay to 0) is the same function
+    with decay_steps = max_steps - warmup_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    decay_start = max_steps - decay_steps
+    if step >= decay_start:
+        return peak * (max_steps - step) / decay_steps
+    return peak
+
+
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                         eps: float = 1e-5, device_type: str = "cpu"):
     """AdamW with the paper's settings. Weight decay pulls matrices (linear layers and embeddings)
@@ -296,3 +289,21 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, 
               {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel does the whole update in a few launches instead of several per parameter.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+
+
+# -------------------------------------------------------------------------------------------------
+# Llama 3.1's context extension, which only its Hugging Face checkpoints need (mlm_vs_clm/hf.py)
+
+LLAMA3_ROPE_KEYS = {"factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings"}
+
+
+def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor,
+                  original_max_position_embeddings, rope_type="llama3"):
+    """Wavelengths longer than the original context / low_freq_factor are stretched by `factor`
+    (positions beyond what pretraining saw stay in the seen range of angles), those shorter than
+    original / high_freq_factor (local order) are kept, and the band between is interpolated."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original_max_position_embeddings / wavelen - low_freq_factor)
+              / (high_freq_factor - low_freq_factor)).clamp(0, 1)  # 0: long waves, 1: short waves
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq

@@ -1,14 +1,10 @@
-"""
-The two pretraining objectives the paper compares, and nothing else: this is the only file that
-masks tokens or computes a pretraining loss.
-
-CLM (causal language modeling): predict every next token, attention looking left only.
-MLM (masked language modeling): hide a random `mask_ratio` of the tokens and predict them from
-    both sides.
+"""The two pretraining objectives the paper compares, and when each runs: the only file that masks
+tokens or computes a pretraining loss. CLM predicts every next token, attention looking left
+only; MLM hides a random `mask_ratio` of the tokens and predicts them from both sides.
 
     loss, n_predicted = pretraining_loss(model, tokens, "mlm", vocab, generator=g)
 
-`tokens` is a (B, T) batch of packed token blocks, as data.py produces them.
+`tokens` is a (B, T) batch of packed token blocks, as data.py's loader yields them.
 """
 
 from dataclasses import dataclass
@@ -31,7 +27,9 @@ class Vocab:
     pad_id: int | None = None
 
 
-def check_tokens(tokens, vocab: Vocab, min_length: int):
+def check_shape(tokens, min_length: int):
+    """A batch the loss can read. The ids themselves were checked once, by data.BlockLoader on the
+    host: here that would cost a host sync per micro-batch."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 \
             or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tokens must be a (batch, length) integer tensor, got "
@@ -40,16 +38,14 @@ def check_tokens(tokens, vocab: Vocab, min_length: int):
     if tokens.size(1) < min_length:
         raise ValueError(f"tokens has length {tokens.size(1)}; at least {min_length} are needed to "
                          "predict anything")
-    if tokens.device.type != "cpu":
-        # Here the check would cost a host sync per micro-batch; data.BlockLoader has already
-        # checked every batch on the host before copying it over.
-        return
-    lo, hi = tokens.aminmax()
-    # an id past the vocabulary would silently read an untrained padding row
-    if lo < 0 or hi >= vocab.size:
-        raise ValueError(f"tokens holds ids in [{lo.item()}, {hi.item()}] but the vocabulary has "
-                         f"{vocab.size} (ids 0..{vocab.size - 1}): was the data prepared with "
-                         "another tokenizer?")
+
+
+def switch_step(switch_to: str, switch_at: float, max_steps: int) -> int | None:
+    """The first step of the second objective, or None for a single-objective run: switch_at is a
+    fraction of the budget if < 1 (the paper's 0.25, 0.5, 0.75), else a step."""
+    if switch_to == "none":
+        return None
+    return round(switch_at * max_steps) if switch_at < 1 else int(switch_at)
 
 
 def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str = "mask",
@@ -118,13 +114,13 @@ def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "clm":
-        check_tokens(tokens, vocab, min_length=2)
+        check_shape(tokens, min_length=2)
         inputs, labels = tokens[:, :-1], tokens[:, 1:]  # predict token t+1 from tokens 0..t
         if vocab.pad_id is not None:
             labels = labels.masked_fill(labels == vocab.pad_id, IGNORE)
         hidden = model(inputs, causal=True)  # (B, T-1, C)
     else:
-        check_tokens(tokens, vocab, min_length=1)
+        check_shape(tokens, min_length=1)
         inputs, labels = mask_tokens(tokens, vocab, mask_ratio, mask_replace, generator)
         hidden = model(inputs, causal=False)  # (B, T, C)
     return cross_entropy(model, hidden, labels, sparse=objective == "mlm" and sparse_head)

@@ -1,45 +1,12 @@
-"""
-Both faces of the same weights (nanoGPT's sample.py, for this project). As an encoder the model
-fills in masked tokens with bidirectional attention; as a decoder it continues a prompt with causal
-attention; several checkpoints side by side show what each pretraining made of them, with the loss
-each gets on one text under both objectives (the same masks for every model).
+"""Both faces of the same weights (nanoGPT's sample.py, for this project): as an encoder the model
+fills in masked tokens, as a decoder it continues a prompt; several checkpoints side by side, with
+the loss each gets on one text under both objectives (the same masks for every model).
 
-    python sample.py --init_from=out/demo/ckpt.pt                 # fill-mask, continuation, losses
-    python sample.py --init_from=out/demo/ckpt.pt --show=fill --text="Raise a <|mask|> error."
-    python sample.py --init_from=out/demo/ckpt.pt --text="Return the number of items." \
-        --mask_ratio=0.4 --seed=1 --loss_text=               # mask at random as MLM does
-    python sample.py --init_from=out/demo/ckpt.pt --show=continue --prompt="Return the" \
-        --temperature=0.8 --sample_top_k=50 --seed=3          # sample instead of greedy
-    python sample.py --init_from=out/exp/clm/ckpt.pt,out/exp/mlm/ckpt.pt,out/exp/clm25-mlm/ckpt.pt
-    python sample.py --init_from=hf:out/demo/hf               # an exported (or any hf:) directory
+    python sample.py --init_from=out/demo/ckpt.pt          # fill-mask, continuation, losses
+    python sample.py --init_from=out/exp/clm/ckpt.pt,out/exp/mlm/ckpt.pt --top_k=3
+    python sample.py --init_from=hf:out/demo/hf            # an exported (or any hf:) directory
 
-The comparison of three 400-step runs of the CPU experiment (`--top_k=3 --max_new_tokens=12`):
-
-    clm: out/exp/clm/ckpt.pt (step 400, last step trained CLM, 1.90M parameters)
-    ...
-    fill-mask, bidirectional attention: 'If<|mask|> is None, the default<|mask|> is used.'
-      mask 1, after 'If':
-        clm        ',' 7.9%  'ed' 6.3%  's' 6.2%
-        mlm        ' the' 5.6%  '\n' 4.2%  ' is' 3.5%
-        clm25-mlm  '.' 10.8%  ' `' 9.0%  '\n' 8.0%
-      mask 2, after '<|mask|> is None, the default':
-        ...
-    continuation, causal attention, greedy: 'Return the number of'
-        clm        'Return the number of the\n    ``torch.nn``'  [max_new_tokens=12]
-        mlm        'Return the number of\n` the\n` the\n` the\n` the'  [max_new_tokens=12]
-        clm25-mlm  'Return the number ofssssssssssss'  [max_new_tokens=12]
-
-    losses on 'Return the number of items that are not done yet, and raise ValueError if the
-    queue is closed.' (21 tokens; MLM: 40% masked with seed 0, the same masks for every model)
-                     clm loss  mlm loss
-        clm            5.1326    7.5467
-        mlm            7.1350    7.6922
-        clm25-mlm      6.9795    7.7159
-
-The mask token is the tokenizer's own (<|mask|> for ours), and the spaces before it go with it, as
-in the exported tokenizer.json (lstrip): a masked token carries its own leading space. With
---mask_ratio the truth is shown at each mask, and with --loss_text= the MLM loss is computed on
-exactly the masks shown (the same ratio and seed).
+Every option and an example comparison: docs/sample.md.
 """
 
 import os
@@ -50,15 +17,14 @@ from typing import NamedTuple
 
 import torch
 
-from checkpoints import model_from_checkpoint, read_checkpoint
-from data import get_tokenizer
-from hf import checkpoint_tokenizer, load_hf
-from objectives import IGNORE, Vocab, mask_tokens, pretraining_loss
-from settings import configure
+from mlm_vs_clm.checkpoints import load_model
+from mlm_vs_clm.settings import command, configure
+from objectives import IGNORE, mask_tokens, pretraining_loss
 
 
 LOSS_TEXT = ("Return the number of items that are not done yet, and raise ValueError if the queue "
              "is closed.")
+SHOWS = ("fill", "continue", "loss")
 
 
 @dataclass
@@ -77,15 +43,27 @@ class SampleConfig:
     seed: int = 0  # the random masks (--mask_ratio and the MLM loss) and the sampling
     device: str = "cpu"  # torch device: cpu, cuda, mps
 
+    def checks(self):
+        shows = self.shows()
+        return [(shows and set(shows) <= set(SHOWS),
+                 f"--show={self.show!r}: choose among {', '.join(SHOWS)}"),
+                (0 <= self.mask_ratio < 1 and 0 <= self.loss_mask_ratio < 1,
+                 "--mask_ratio and --loss_mask_ratio must be in [0, 1)"),
+                (self.top_k >= 1 and self.max_new_tokens >= 0 and self.sample_top_k >= 0
+                 and self.temperature >= 0, "--top_k >= 1, --max_new_tokens >= 0, "
+                 "--sample_top_k >= 0 and --temperature >= 0"),
+                (any(s.strip() for s in self.init_from.split(",")),
+                 "--init_from: give a checkpoint, hf:DIR, or several, comma-separated")]
 
-SHOWS = ("fill", "continue", "loss")
+    def shows(self) -> list[str]:
+        return [s.strip() for s in self.show.split(",") if s.strip()]
 
 
 class Loaded(NamedTuple):
     label: str  # short name for the tables
     spec: str  # what --init_from said
     model: torch.nn.Module
-    tok: object  # data.Tokenizer
+    tok: object  # mlm_vs_clm.tokenizer.Tokenizer
     about: str
 
 
@@ -109,18 +87,10 @@ def describe(ckpt: dict) -> str:
 
 
 def load(spec: str, device: str) -> Loaded:
-    """One of our checkpoints (pretrained, step-tagged or fine-tuned: its body) or hf:DIR, with the
-    tokenizer it was trained with."""
-    if os.path.isdir(spec):
-        raise ValueError(f"{spec} is a directory: write hf:{spec} for a Hugging Face checkpoint "
-                         "directory, or give a checkpoint file (out_dir/ckpt.pt)")
-    if spec.startswith("hf:"):
-        tok = get_tokenizer(spec)
-        model, about = load_hf(spec[3:], tok), "Hugging Face directory"
-    else:
-        ckpt = read_checkpoint(spec)
-        model, tok = model_from_checkpoint(ckpt, spec), checkpoint_tokenizer(ckpt, spec)
-        about = describe(ckpt)
+    """A checkpoint (a fine-tuned one: its body) or hf:DIR, with the tokenizer it was trained
+    with."""
+    model, tok, ckpt = load_model(spec)
+    about = describe(ckpt) if ckpt else "Hugging Face directory"
     if model.config.vocab_size != tok.n_vocab:
         raise ValueError(f"{spec}: the model has {model.config.vocab_size} token ids and its "
                          f"tokenizer {tok.name} {tok.n_vocab}: they do not belong together")
@@ -137,15 +107,6 @@ def same_vocabulary(a, b) -> bool:
             and a.encoding._mergeable_ranks == b.encoding._mergeable_ranks)
 
 
-def vocab_of(tok) -> Vocab:
-    return Vocab(size=tok.n_vocab, mask_id=tok.mask_id, special_ids=tok.special_ids,
-                 pad_id=tok.pad_id)
-
-
-def mask_name(tok) -> str:
-    return tok.encoding.decode_single_token_bytes(tok.mask_id).decode()
-
-
 def check_length(ids: list, block_size: int, what: str) -> None:
     if len(ids) > block_size:
         raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context of "
@@ -156,14 +117,14 @@ def masked_text(tok, text: str, mask_ratio: float, seed: int):
     """(input ids, the true token at each masked position or IGNORE), both (T,): the tokenizer's
     mask token marks the positions, or --mask_ratio masks at random exactly as MLM pretraining
     does (objectives.mask_tokens, seeded)."""
-    mask = mask_name(tok)
+    mask = tok.token_name(tok.mask_id)
     if mask_ratio > 0:
         if mask in text:
             raise ValueError(f"--text has {mask} marks and --mask_ratio={mask_ratio} is set: "
                              f"use one or the other")
         ids = torch.tensor([tok.encode(text)])
         generator = torch.Generator().manual_seed(seed)
-        inputs, labels = mask_tokens(ids, vocab_of(tok), mask_ratio, generator=generator)
+        inputs, labels = mask_tokens(ids, tok.vocab(), mask_ratio, generator=generator)
         if not (labels != IGNORE).any():
             raise ValueError(f"--mask_ratio={mask_ratio} with --seed={seed} masked none of the "
                              f"{ids.size(1)} tokens of --text: use a longer text, another seed "
@@ -237,9 +198,9 @@ def losses(model, tok, ids: list, mask_ratio: float, seed: int) -> tuple[float, 
     if len(ids) < 2:
         raise ValueError("the loss text needs at least 2 tokens (CLM predicts the next one)")
     tokens = torch.tensor([ids], device=model.lm_head.weight.device)
-    clm, _ = pretraining_loss(model, tokens, "clm", vocab_of(tok))
+    clm, _ = pretraining_loss(model, tokens, "clm", tok.vocab())
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same masks on any device
-    mlm, n = pretraining_loss(model, tokens, "mlm", vocab_of(tok), mask_ratio=mask_ratio,
+    mlm, n = pretraining_loss(model, tokens, "mlm", tok.vocab(), mask_ratio=mask_ratio,
                               generator=generator)
     if int(n) == 0:
         raise ValueError(f"the MLM loss masked none of the {len(ids)} tokens of the loss text at "
@@ -249,24 +210,6 @@ def losses(model, tok, ids: list, mask_ratio: float, seed: int) -> tuple[float, 
 
 def shown(tok, token_id: int) -> str:
     return repr(tok.decode([token_id]))
-
-
-def validate(cfg: SampleConfig) -> list[str]:
-    show = [s.strip() for s in cfg.show.split(",") if s.strip()]
-    problems = [f"--show: unknown {s!r} (choose among {', '.join(SHOWS)})"
-                for s in show if s not in SHOWS]
-    if not show:
-        problems.append(f"--show is empty (choose among {', '.join(SHOWS)})")
-    if not 0 <= cfg.mask_ratio < 1 or not 0 <= cfg.loss_mask_ratio < 1:
-        problems.append("--mask_ratio and --loss_mask_ratio must be in [0, 1)")
-    if cfg.top_k < 1 or cfg.max_new_tokens < 0 or cfg.sample_top_k < 0 or cfg.temperature < 0:
-        problems.append("--top_k >= 1, --max_new_tokens >= 0, --sample_top_k >= 0 and "
-                        "--temperature >= 0")
-    if not [s for s in cfg.init_from.split(",") if s.strip()]:
-        problems.append("--init_from: give a checkpoint, hf:DIR, or several, comma-separated")
-    if problems:
-        raise SystemExit("error: " + "; ".join(problems))
-    return show
 
 
 def print_fill(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
@@ -299,9 +242,9 @@ def print_continuations(models: list[Loaded], width: int, cfg: SampleConfig) -> 
 def print_losses(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
     tok, scores = models[0].tok, {}
     text = cfg.loss_text or cfg.text
-    if mask_name(tok) in text:
-        raise ValueError(f"the loss text {text!r} has {mask_name(tok)} marks: the losses need a "
-                         "plain text (give --loss_text, or --text with --mask_ratio)")
+    if tok.token_name(tok.mask_id) in text:
+        raise ValueError(f"the loss text {text!r} has {tok.token_name(tok.mask_id)} marks: the "
+                         "losses need a plain text (give --loss_text, or --text with --mask_ratio)")
     ratio = cfg.loss_mask_ratio or cfg.mask_ratio or 0.4
     ids = tok.encode(text)
     print(f"\nlosses on {text!r} ({len(ids)} tokens; MLM: {ratio:.0%} masked with seed "
@@ -314,7 +257,9 @@ def print_losses(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
     return scores
 
 
-def run(cfg: SampleConfig, show: list[str]) -> dict:
+@command
+def main(argv: list[str]) -> dict:
+    cfg = configure(SampleConfig, argv)
     models = [load(spec.strip(), cfg.device) for spec in cfg.init_from.split(",") if spec.strip()]
     for other in models[1:]:
         if not same_vocabulary(models[0].tok, other.tok):
@@ -327,16 +272,7 @@ def run(cfg: SampleConfig, show: list[str]) -> dict:
     for m in models:
         print(f"{m.label}: {m.spec} ({m.about})")
     parts = {"fill": print_fill, "continue": print_continuations, "loss": print_losses}
-    return {name: parts[name](models, width, cfg) for name in SHOWS if name in show}
-
-
-def main(argv: list[str]) -> dict:
-    cfg = configure(SampleConfig, argv)
-    show = validate(cfg)
-    try:
-        return run(cfg, show)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return {name: parts[name](models, width, cfg) for name in SHOWS if name in cfg.shows()}
 
 
 if __name__ == "__main__":

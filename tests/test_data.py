@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import data
-import docstrings
-from conftest import HERE, write_jsonl
-from data import BlockLoader, check_tokenizer, get_tokenizer, load_meta, prepare
-from docstrings import Document, docstring_documents, split_of
+from mlm_vs_clm import docstrings
+from tests.helpers import HERE, write_jsonl
+from data import BlockLoader, load_meta, prepare
+from mlm_vs_clm.tokenizer import SPECIAL_TOKENS, check_tokenizer, get_tokenizer
+from mlm_vs_clm.docstrings import Document, docstring_documents, split_of
 
 UNICODE_TEXT = ("Héllo wörld — naïve café, 東京 and emoji 🤖🚀; "
                 "tabs\tand\nnewlines  x² ∑ 𝔘")
@@ -43,7 +44,7 @@ def test_tokenizer_specials_and_round_trip(name, n_ordinary):
     assert tok.decode(ids) == text
     assert tok.decode(torch.tensor(ids)) == text and tok.decode(np.array(ids)) == text
     assert tok.encode_batch([text, "", "abc"]) == [ids, [], tok.encode("abc")]
-    assert tok.decode([tok.eot_id, tok.mask_id, tok.pad_id]) == "".join(data.SPECIAL_TOKENS)
+    assert tok.decode([tok.eot_id, tok.mask_id, tok.pad_id]) == "".join(SPECIAL_TOKENS)
 
 
 def test_special_strings_in_text_are_ordinary_text():
@@ -182,7 +183,7 @@ def test_prepare_docstrings_excludes_heldout(tmp_path, monkeypatch, real_docs):
     write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i}"} for i in range(20)])
     prepare(str(tmp_path / "docs.jsonl"), str(tmp_path), "cl100k_8k", val_fraction=0.5)
     # re-prepared with other data: the old list is gone
-    assert not (tmp_path / data.HELDOUT_FILE).exists()
+    assert not (tmp_path / docstrings.HELDOUT_FILE).exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,12 +316,12 @@ def test_load_meta_missing_and_truncated(tmp_path):
 
 def test_check_tokenizer():
     meta = {**get_tokenizer("cl100k_8k").meta(), "dtype": "uint16"}
-    check_tokenizer(meta, get_tokenizer("cl100k_8k").meta())
+    check_tokenizer(meta, get_tokenizer("cl100k_8k").meta(), "the model", "the data")
     with pytest.raises(ValueError) as e:
-        check_tokenizer(meta, get_tokenizer("cl100k_16k").meta())
-    assert "the data was prepared with cl100k_8k, but the model uses cl100k_16k" in str(e.value)
+        check_tokenizer(meta, get_tokenizer("cl100k_16k").meta(), "the model", "the data")
+    assert all(w in str(e.value) for w in ("the data", "cl100k_8k", "the model", "cl100k_16k"))
     with pytest.raises(ValueError, match="mask_id 8193 against 5"):
-        check_tokenizer(meta, {**meta, "mask_id": 5})
+        check_tokenizer(meta, {**meta, "mask_id": 5}, "the model", "the data")
 
 
 # --------------------------------------------------------------------------------------------------

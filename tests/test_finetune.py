@@ -15,18 +15,18 @@ import statistics
 import pytest
 import torch
 
-import checkpoints
-import docstrings
+from mlm_vs_clm import checkpoints
+from mlm_vs_clm import docstrings
 import finetune as ft
-import metrics
-import task_data
-import qa
-import tasks
-from conftest import (FILLER, TOK, error_of, make_checkpoint, make_family, rows, sc_files,
+from mlm_vs_clm import metrics
+from mlm_vs_clm import task_data
+from mlm_vs_clm import qa
+from mlm_vs_clm import tasks
+from tests.helpers import (FILLER, TOK, error_of, make_checkpoint, make_family, rows, sc_files,
                       tiny_body, write_jsonl)
-from settings import configure
-from finetune import FAMILIES
-from train import lr_at
+from mlm_vs_clm.settings import configure
+from mlm_vs_clm.task_data import FAMILIES
+from model import lr_at
 
 
 # --------------------------------------------------------------------------------------------------
@@ -630,7 +630,7 @@ def test_save_model_reloads_with_the_same_logits(tmp_path, monkeypatch):
     assert saved["path"] == os.path.join(f"{tmp_path}/out", "model.pt")
     assert (saved["lr"], saved["seed"], saved["test"]) == (best["lr"], best["seed"], best["test"])
 
-    body, payload = checkpoints.load_checkpoint(saved["path"])
+    body, _, payload = checkpoints.load_model(saved["path"])
     assert payload["step"] == 0 and payload["tokenizer"] == TOK.meta()
     tuned = payload["finetuned"]
     assert {k: tuned[k] for k in ("task", "family", "labels", "pooling", "input_format",

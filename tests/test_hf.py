@@ -1,5 +1,5 @@
 """
-Hugging Face checkpoints in (hf.py: load_hf; hf_tokenizer.py: data.get_tokenizer("hf:...")) and
+Hugging Face checkpoints in (hf.py: load_hf; hf_tokenizer.py: get_tokenizer("hf:...")) and
 out as Llama decoders, compared with transformers and tokenizers themselves, and train.py and
 finetune.py starting from them, FSDP included; train.py continuing from an exported encoder. The
 encoder and fine-tuned exports are in test_hf_export.py. Everything is built locally (tiny random
@@ -19,11 +19,12 @@ import torch
 
 import data
 import finetune as ft
-import hf
-import hf_tokenizer
+from mlm_vs_clm import export, hf
+from mlm_vs_clm import tokenizer as hf_tokenizer
 import train
-from checkpoints import checkpoint_payload
-from conftest import HERE, read_log, write_jsonl
+from mlm_vs_clm.checkpoints import checkpoint_payload
+from tests.helpers import HERE, read_log, write_jsonl
+from mlm_vs_clm.tokenizer import get_tokenizer
 
 # Every test here builds a checkpoint or a tokenizer with transformers or tokenizers and compares
 # against them; the FSDP one runs torchrun too.
@@ -92,7 +93,7 @@ def make_llama(path, tie=False, rope_scaling=None, shard=False, **overrides):
 
 
 def ours(path):
-    tok = data.get_tokenizer("hf:" + str(path))
+    tok = get_tokenizer("hf:" + str(path))
     return hf.load_hf(str(path), tok).eval(), tok
 
 
@@ -160,7 +161,7 @@ def test_export_round_trip(tmp_path, tie):
     make_llama(tmp_path / "src", tie=tie, rope_scaling=LLAMA3_SCALING)
     model, tok = ours(tmp_path / "src")
     torch.save(checkpoint_payload(model, tokenizer=tok.meta()), tmp_path / "ckpt.pt")
-    out = hf.export_hf(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"), kind="decoder")
+    out = export.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"), "decoder").out_dir
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(back).__name__ == "LlamaForCausalLM" and back.config.vocab_size == tok.n_vocab
     ids = torch.tensor([tok.encode(SAMPLE)[:40] + [tok.mask_id, tok.pad_id]])
@@ -190,7 +191,7 @@ def test_tokenizer_matches_tokenizers_library(tmp_path, style):
                pre_tokenizers.Digits(individual_digits=True),
                pre_tokenizers.ByteLevel(add_prefix_space=False)])}[style]
     tk = train_bpe(tmp_path, pre)
-    tok = data.get_tokenizer(f"hf:{tmp_path}")
+    tok = get_tokenizer(f"hf:{tmp_path}")
     texts = [SAMPLE, TRAIN_TEXT[:3000], "x  1  2\n 3", " 007 agent", "a\u00a0b\u2003c",
              "İstanbul ǅ ÅÆ"]
     for text in texts:
@@ -200,9 +201,9 @@ def test_tokenizer_matches_tokenizers_library(tmp_path, style):
 
 @needs_hf
 def test_cl100k_tokenizer_json_matches_tiktoken(tmp_path):
-    tok = data.get_tokenizer("cl100k_8k")
+    tok = get_tokenizer("cl100k_8k")
     path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(hf_tokenizer.tokenizer_json(tok)))
+    path.write_text(json.dumps(export.tokenizer_json(tok)))
     tk = tokenizers.Tokenizer.from_file(str(path))
     for text in (SAMPLE, TRAIN_TEXT[:4000]):
         assert tk.encode(text, add_special_tokens=False).ids == tok.encode(text)
@@ -213,7 +214,7 @@ def test_cl100k_tokenizer_json_matches_tiktoken(tmp_path):
 def test_tiktoken_format_tokenizer_model(tmp_path):
     import base64
     train_bpe(tmp_path / "json", llama3_pre())
-    reference = data.get_tokenizer(f"hf:{tmp_path / 'json'}")
+    reference = get_tokenizer(f"hf:{tmp_path / 'json'}")
     os.makedirs(tmp_path / "tt")
     with open(tmp_path / "tt" / "tokenizer.model", "w") as f:
         for token, rank in reference.encoding._mergeable_ranks.items():
@@ -221,7 +222,7 @@ def test_tiktoken_format_tokenizer_model(tmp_path):
     with open(tmp_path / "tt" / "tokenizer_config.json", "w") as f:
         json.dump({"eos_token": "<|endoftext|>",
                    "added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": True}}}, f)
-    tok = data.get_tokenizer(f"hf:{tmp_path / 'tt'}")
+    tok = get_tokenizer(f"hf:{tmp_path / 'tt'}")
     assert tok.encode(SAMPLE) == reference.encode(SAMPLE) and \
         tok.meta()["digest"] == reference.meta()["digest"]
 
@@ -232,7 +233,7 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         hf.load_hf(str(tmp_path), tok)
     make_llama(tmp_path / "m")
-    tok = data.get_tokenizer(f"hf:{tmp_path / 'm'}")
+    tok = get_tokenizer(f"hf:{tmp_path / 'm'}")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
 
     def with_config(**changes):
@@ -269,7 +270,7 @@ def test_bad_inputs_name_the_file(tmp_path):
     (tmp_path / "sp" / "tokenizer.json").write_text(
         json.dumps({"model": {"type": "Unigram"}, "normalizer": None}))
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a byte-level BPE"):
-        data.get_tokenizer(f"hf:{tmp_path / 'sp'}")
+        get_tokenizer(f"hf:{tmp_path / 'sp'}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,10 +303,10 @@ def test_train_from_hf_then_export(hf_run, tmp_path):
     train.main(hf_run_args(str(root / "data"), str(tmp_path), init_from=name, tokenizer=name))
     losses = [r["loss"] for r in read_log(tmp_path)[0]]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
-    train.main([f"--out_dir={tmp_path}", "--export=hf"])  # an MLM run: an encoder
+    export.main([f"--init_from={tmp_path / 'ckpt.pt'}"])  # an MLM run: an encoder
     back = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "hf"))
     assert type(back).__name__ == "EuroBertForMaskedLM"
-    assert back.config.vocab_size == data.get_tokenizer(name).n_vocab
+    assert back.config.vocab_size == get_tokenizer(name).n_vocab
     # and the export is an hf: checkpoint train.py continues from, with its own tokenizer
     exported = f"hf:{tmp_path / 'hf'}"
     data.prepare(str(root / "*.txt"), str(tmp_path / "data2"), exported)

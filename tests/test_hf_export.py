@@ -1,6 +1,6 @@
 """
-Our checkpoints out as Hugging Face directories (hf_export.py, through hf.export_hf and `python
-hf.py`), compared with transformers and sentence-transformers themselves: the encoder
+Our checkpoints out as Hugging Face directories (mlm_vs_clm/export.py, through export.export and
+`python -m mlm_vs_clm.export`), compared with transformers and sentence-transformers themselves: the encoder
 (EuroBertForMaskedLM and its fill-mask pipeline, EuroBertModel, a new classification head,
 sentence-transformers' mean pooling), the decoder's kind, fine-tuned models with their heads, and
 the bad input export refuses. Tiny random checkpoints with the project's tokenizer; nothing is
@@ -15,13 +15,14 @@ import torch
 
 import data
 import finetune as ft
-import hf
-import hf_tokenizer
+from mlm_vs_clm import export, hf
+from mlm_vs_clm import tokenizer as hf_tokenizer
 import sample
-from checkpoints import checkpoint_payload
-from conftest import TOK, make_checkpoint, sc_files
+from mlm_vs_clm.checkpoints import checkpoint_payload
+from tests.helpers import TOK, make_checkpoint, sc_files
 from model import Transformer, model_config
-from tasks import pool
+from mlm_vs_clm.tasks import pool
+from mlm_vs_clm.tokenizer import get_tokenizer
 
 # Every test but the bad-input ones compares with transformers (or sentence-transformers); one runs
 # finetune.py
@@ -64,7 +65,7 @@ def tiny_checkpoint(path, **payload):
 def encoder(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoder")
     model, ckpt = tiny_checkpoint(root / "ckpt.pt", objective="mlm")
-    return model, ckpt, hf.export_hf(ckpt, str(root / "hf"))
+    return model, ckpt, export.export(ckpt, str(root / "hf")).out_dir
 
 
 def batch(texts):
@@ -79,15 +80,15 @@ def batch(texts):
 def test_export_kind_follows_the_last_objective(tmp_path, capsys):
     for objective, architecture in (("clm", "LlamaForCausalLM"), ("mlm", "EuroBertForMaskedLM")):
         _, ckpt = tiny_checkpoint(tmp_path / f"{objective}.pt", objective=objective)
-        out = hf.export_hf(ckpt, str(tmp_path / objective))
+        out = export.main([f"--init_from={ckpt}", f"--out_dir={tmp_path / objective}"]).out_dir
         assert json.loads((tmp_path / objective / "config.json").read_text())["architectures"] \
             == [architecture] and architecture in capsys.readouterr().out
         assert os.path.exists(tmp_path / objective / "modules.json") == (objective == "mlm")
-        hf.export_hf(ckpt, out, kind={"clm": "encoder", "mlm": "decoder"}[objective])
+        export.export(ckpt, out, kind={"clm": "encoder", "mlm": "decoder"}[objective])
         assert os.path.exists(tmp_path / objective / "modules.json") == (objective == "clm")
     # the command line: any checkpoint file, hf_<name>/ beside it by default
     _, step = tiny_checkpoint(tmp_path / "ckpt_100.pt", objective="mlm")
-    hf.main([f"--init_from={step}"])
+    export.main([f"--init_from={step}"])
     printed = capsys.readouterr().out
     assert "EuroBertForMaskedLM" in printed and "AutoModelForMaskedLM" in printed
     assert os.path.exists(tmp_path / "hf_ckpt_100" / "model.safetensors")
@@ -152,7 +153,7 @@ def test_sequence_classification_loads_and_trains(encoder):
 @needs_hf
 def test_encoder_export_imports_back(encoder):
     model, _, out = encoder
-    tok = data.get_tokenizer(f"hf:{out}")
+    tok = get_tokenizer(f"hf:{out}")
     assert tok.encode(SAMPLE) == TOK.encode(SAMPLE) and tok.special_ids == TOK.special_ids
     assert tok.n_vocab == TOK.n_vocab and tok.base_vocab == TOK.n_vocab  # nothing added
     back = hf.load_hf(out, tok).eval()
@@ -171,7 +172,7 @@ def test_encoder_export_tied_with_llama3_rope(tmp_path):
                                      tie_embeddings=True, rope_scaling=LLAMA3_SCALING)).eval()
     torch.save(checkpoint_payload(model, tokenizer=TOK.meta(), objective="mlm"),
                tmp_path / "ckpt.pt")
-    out = hf.export_hf(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf"), quiet=True)
+    out = export.export(str(tmp_path / "ckpt.pt"), str(tmp_path / "hf")).out_dir
     mlm = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
     assert mlm.lm_head.weight.data_ptr() == mlm.model.embed_tokens.weight.data_ptr()
     ids, mask = batch(SENTENCES)
@@ -231,7 +232,7 @@ def fine_tuning_input(text, input_format):
 def test_sequence_classification_export(tmp_path, pooling, input_format):
     model, ckpt, head = finetuned(tmp_path / "model.pt", "sc", EuroBertHead(64, 3),
                                   ["neg", "neutral", 7], pooling, input_format)
-    out = hf.export_hf(ckpt, str(tmp_path / "hf"))
+    out = export.export(ckpt, str(tmp_path / "hf")).out_dir
     classify = transformers.pipeline("text-classification", model=out, device="cpu")
     assert type(classify.model).__name__ == "EuroBertForSequenceClassification"
     for text in SENTENCES:
@@ -257,7 +258,7 @@ def test_token_classification_export(tmp_path):
     tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     model, ckpt, head = finetuned(tmp_path / "model.pt", "tc", torch.nn.Linear(64, 5), tags,
                                   input_format="paper")
-    out = hf.export_hf(ckpt, str(tmp_path / "hf"))
+    out = export.export(ckpt, str(tmp_path / "hf")).out_dir
     tagger = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
     assert type(tagger).__name__ == "EuroBertForTokenClassification"
     assert [tagger.config.id2label[i] for i in range(5)] == tags
@@ -276,7 +277,7 @@ def test_token_classification_export(tmp_path):
 def test_question_answering_export(tmp_path, input_format, causal):
     model, ckpt, head = finetuned(tmp_path / "model.pt", "qa", torch.nn.Linear(64, 2),
                                   input_format=input_format, causal=causal)
-    out = hf.export_hf(ckpt, str(tmp_path / "hf"))
+    out = export.export(ckpt, str(tmp_path / "hf")).out_dir
     reader = transformers.AutoModelForQuestionAnswering.from_pretrained(out).eval()
     assert type(reader).__name__ == "LlamaForQuestionAnswering"
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
@@ -304,7 +305,7 @@ def test_retrieval_export_is_a_sentence_transformer(tmp_path, pooling, input_for
     st = pytest.importorskip("sentence_transformers")
     model, ckpt, _ = finetuned(tmp_path / "model.pt", "ir", torch.nn.Identity(), None, pooling,
                                input_format)
-    out = hf.export_hf(ckpt, str(tmp_path / "hf"))
+    out = export.export(ckpt, str(tmp_path / "hf")).out_dir
     retriever = st.SentenceTransformer(out, device="cpu")
     for prompt, texts in (("query", SENTENCES[:2]), ("document", SENTENCES)):
         got = retriever.encode(texts, prompt_name=prompt, convert_to_tensor=True)
@@ -325,7 +326,7 @@ def test_retrieval_export_is_a_sentence_transformer(tmp_path, pooling, input_for
 def test_export_bad_inputs(tmp_path):
     def fails(ckpt, match, **kw):
         with pytest.raises(ValueError, match=match):
-            hf.export_hf(ckpt, str(tmp_path / "out"), quiet=True, **kw)
+            export.export(ckpt, str(tmp_path / "out"), **kw)
 
     torch.save({"model": {}}, tmp_path / "theirs.pt")
     fails(str(tmp_path / "theirs.pt"), "not a checkpoint of this project")
@@ -344,20 +345,20 @@ def test_export_bad_inputs(tmp_path):
     _, family = finetuned(tmp_path / "family.pt", "ner", torch.nn.Linear(64, 3))[:2]
     fails(family, r"family 'ner'")
     # the head can always be left out
-    assert hf.export_hf(last, str(tmp_path / "body"), kind="encoder", quiet=True)
+    assert export.export(last, str(tmp_path / "body"), kind="encoder").out_dir
     for argv, match in (([], "--init_from=CHECKPOINT is required"),
                         ([f"--init_from={tmp_path}"], "is a directory"),
                         ([f"--init_from={last}"], "pools the last token")):
         with pytest.raises(SystemExit, match=match):
-            hf.main(argv)
+            export.main(argv)
 
 
 def test_export_refuses_a_changed_tokenizer(tmp_path):
     """A checkpoint trained with an hf: tokenizer whose files changed since: every id would mean
     another token."""
     model, ckpt = tiny_checkpoint(tmp_path / "ckpt.pt", objective="mlm")
-    src = hf.export_hf(ckpt, str(tmp_path / "src"), quiet=True)
-    tok = data.get_tokenizer(f"hf:{src}")
+    src = export.export(ckpt, str(tmp_path / "src")).out_dir
+    tok = get_tokenizer(f"hf:{src}")
     torch.save(checkpoint_payload(hf.load_hf(src, tok), tokenizer=tok.meta(), objective="mlm"),
                tmp_path / "cpt.pt")
     spec = json.loads((tmp_path / "src" / "tokenizer.json").read_text())
@@ -367,7 +368,7 @@ def test_export_refuses_a_changed_tokenizer(tmp_path):
     hf_tokenizer.hf_tokenizer.cache_clear()
     with pytest.raises(ValueError, match=r"cpt\.pt was trained with the tokenizer hf:.*digest.*"
                                          r"restore the tokenizer files"):
-        hf.export_hf(str(tmp_path / "cpt.pt"), str(tmp_path / "out"), quiet=True)
+        export.export(str(tmp_path / "cpt.pt"), str(tmp_path / "out"))
 
 
 @needs_hf
@@ -378,7 +379,7 @@ def test_a_model_finetune_py_saved_exports(tmp_path):
     ft.main([f"--init_from={ckpt}", "--task=sc", f"--train={train_file}", f"--test={test_file}",
              "--lrs=1e-3", "--seeds=1", "--max_steps=3", "--batch_size=8", "--max_len=32",
              f"--out_dir={tmp_path / 'ft'}", "--save_model=true", "--progress=False"])
-    hf.main([f"--init_from={tmp_path / 'ft' / 'model.pt'}"])
+    export.main([f"--init_from={tmp_path / 'ft' / 'model.pt'}"])
     classify = transformers.pipeline("text-classification", device="cpu",
                                      model=str(tmp_path / "ft" / "hf_model"))
     saved = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)

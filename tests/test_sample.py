@@ -10,13 +10,14 @@ import json
 import pytest
 import torch
 
-import checkpoints
+from mlm_vs_clm import checkpoints
 import data
-import hf
+from mlm_vs_clm import export, hf
 import model as M
 import sample
-from conftest import TOK, make_checkpoint
+from tests.helpers import TOK, make_checkpoint
 from objectives import IGNORE, mask_tokens, pretraining_loss
+from mlm_vs_clm.tokenizer import get_tokenizer
 
 TEXT = "Return a new list of the items in the sequence, sorted by their key."
 
@@ -32,7 +33,7 @@ def ckpt(tmp_path):
 
 
 def model_of(path):
-    model, _ = checkpoints.load_checkpoint(path)
+    model = checkpoints.load_model(path).model
     return model.eval()
 
 
@@ -65,7 +66,7 @@ def test_fill_mask_is_the_bidirectional_softmax_at_each_mask(ckpt, capsys):
 def test_mask_ratio_masks_as_pretraining_does(ckpt, capsys):
     out, printed = run(capsys, f"--init_from={ckpt}", "--show=fill", f"--text={TEXT}",
                        "--mask_ratio=0.4", "--seed=3", "--top_k=1")
-    inputs, labels = mask_tokens(torch.tensor([TOK.encode(TEXT)]), sample.vocab_of(TOK), 0.4,
+    inputs, labels = mask_tokens(torch.tensor([TOK.encode(TEXT)]), TOK.vocab(), 0.4,
                                  generator=torch.Generator().manual_seed(3))
     assert len(out["fill"]["a"]) == int((labels != IGNORE).sum()) > 0
     assert repr(TOK.decode(inputs[0])) in printed and "truth" in printed
@@ -114,7 +115,7 @@ def test_losses_use_the_same_masks_for_every_model(tmp_path, capsys):
     out, printed = run(capsys, f"--init_from={a},{b}", f"--loss_text={TEXT}", "--seed=5",
                        "--text=It returns <|mask|>.", "--max_new_tokens=3")
     ids = torch.tensor([TOK.encode(TEXT)])
-    vocab = sample.vocab_of(TOK)
+    vocab = TOK.vocab()
     for name, path in (("clm", a), ("mlm", b)):
         model = model_of(path)
         with torch.no_grad():
@@ -129,7 +130,7 @@ def test_losses_use_the_same_masks_for_every_model(tmp_path, capsys):
 def test_hf_directory_gives_the_same_results(ckpt, tmp_path, capsys):
     """An exported encoder directory (written without transformers) read back with hf:DIR, side by
     side with its checkpoint: another tokenizer name, the same token ids."""
-    hf.export_hf(ckpt, str(tmp_path / "a" / "hf"), kind="encoder", quiet=True)
+    export.export(ckpt, str(tmp_path / "a" / "hf"), kind="encoder")
     out, _ = run(capsys, f"--init_from={ckpt},hf:{tmp_path / 'a' / 'hf'}", "--show=fill,loss",
                  "--text=The value of <|mask|> is returned.", f"--loss_text={TEXT}")
     for (i, p), (j, q) in zip(out["fill"]["a"][0], out["fill"]["hf:a/hf"][0]):
@@ -155,7 +156,7 @@ def test_bad_input_is_one_line_naming_the_fix(ckpt, tmp_path):
     assert "more than the model's context of 64" in error(
         f"--init_from={ckpt}", "--show=fill", f"--text={long_prompt} <|mask|>")
     # another tokenizer in the same comparison
-    other = data.get_tokenizer("cl100k_1k")
+    other = get_tokenizer("cl100k_1k")
     torch.manual_seed(0)
     m = M.Transformer(M.model_config("test", vocab_size=other.n_vocab, block_size=64))
     torch.save(checkpoints.checkpoint_payload(m, tokenizer=other.meta()), tmp_path / "o.pt")
@@ -171,7 +172,7 @@ def test_bad_input_is_one_line_naming_the_fix(ckpt, tmp_path):
     assert "not a complete PyTorch checkpoint" in error(f"--init_from={tmp_path / 'notes.json'}")
     assert "write hf:" in error(f"--init_from={tmp_path}")
     assert "no checkpoint at" in error(f"--init_from={tmp_path / 'missing.pt'}")
-    assert "--show: unknown 'generate'" in error(f"--init_from={ckpt}", "--show=generate")
+    assert "--show='generate'" in error(f"--init_from={ckpt}", "--show=generate")
     assert "use one or the other" in error(f"--init_from={ckpt}", "--mask_ratio=0.3")
     assert "the losses need a plain text" in error(f"--init_from={ckpt}", "--show=loss",
                                                    "--loss_text=")

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import task_data
-from conftest import make_family
-from task_data import HF_TASKS, Judgment
+from mlm_vs_clm import task_data
+from tests.helpers import make_family
+from mlm_vs_clm.task_data import HF_TASKS, Judgment
 
 CONLL_NAMES = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 UNER_NAMES = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]

@@ -12,7 +12,7 @@ import types
 import pytest
 
 import train
-from conftest import HERE, run_args
+from tests.helpers import HERE, run_args
 
 
 def test_wandb_gets_what_log_jsonl_holds(tiny_data, tmp_path, monkeypatch):
@@ -30,7 +30,7 @@ def test_wandb_gets_what_log_jsonl_holds(tiny_data, tmp_path, monkeypatch):
         calls["init"] = kwargs
         return Run()
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    monkeypatch.setattr(train, "peak_flops", lambda device: float("nan"))  # MFU NaN: left out
+    monkeypatch.setattr(train.parallel, "peak_flops", lambda device: float("nan"))  # MFU NaN: left out
     out = tmp_path / "run"
     train.main(run_args(tiny_data, str(out), max_steps=4, switch_at=2, wandb_project="mlm-vs-clm"))
     with open(out / "log.jsonl") as f:

@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 
 import objectives as O
-import settings
+from mlm_vs_clm import settings
 import train
-from conftest import HERE, VOCAB, random_tokens, read_log, run_args, tiny_model
-from device import device_and_autocast
+from tests.helpers import HERE, VOCAB, random_tokens, read_log, run_args, tiny_model
+from mlm_vs_clm.parallel import Process, device_and_autocast
+from model import lr_at
 
 
 def test_lr_schedule_is_warmup_stable_decay():
     cfg = train.TrainConfig(max_steps=100, warmup_steps=10, decay_steps=20, lr=1.0)
-    lrs = [train.lr_of(s, cfg) for s in range(100)]
+    lrs = [lr_at(s, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_steps) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0  # linear from 0
     assert all(lr == 1.0 for lr in lrs[10:80])  # stable
     # linear decay, reaching 0 after the last step
@@ -29,14 +30,10 @@ def test_lr_schedule_is_warmup_stable_decay():
     assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
 
 
-def test_switch_step_and_objective():
-    cfg = train.TrainConfig(max_steps=40, objective="clm", switch_to="mlm", switch_at=0.25)
-    assert train.switch_step(cfg) == 10
-    assert [train.objective_at(s, cfg) for s in (0, 9, 10, 39)] == ["clm", "clm", "mlm", "mlm"]
-    cfg.switch_at = 30.0  # a step, not a fraction
-    assert train.objective_at(29, cfg) == "clm" and train.objective_at(30, cfg) == "mlm"
-    cfg.switch_to = "none"
-    assert train.switch_step(cfg) is None and train.objective_at(39, cfg) == "clm"
+def test_switch_step():
+    assert O.switch_step("mlm", 0.25, 40) == 10  # a fraction of the budget
+    assert O.switch_step("mlm", 30.0, 40) == 30  # a step
+    assert O.switch_step("none", 0.25, 40) is None
 
 
 def test_run_switches_objective_keeps_optimizer_and_does_not_rewarm(tiny_data, tmp_path):
@@ -45,7 +42,7 @@ def test_run_switches_objective_keeps_optimizer_and_does_not_rewarm(tiny_data, t
     steps, evals = read_log(out)
     assert [r["objective"] for r in steps] == ["clm"] * 4 + ["mlm"] * 4
     cfg = train.TrainConfig(max_steps=8, warmup_steps=2, decay_steps=2, lr=3e-3)
-    assert [r["lr"] for r in steps] == pytest.approx([train.lr_of(s, cfg) for s in range(8)])
+    assert [r["lr"] for r in steps] == pytest.approx([lr_at(s, cfg.lr, 8, cfg.warmup_steps, cfg.decay_steps) for s in range(8)])
     assert steps[4]["lr"] == 3e-3  # the first MLM step runs at the peak: no new warmup
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     # one optimizer for the whole run: AdamW's step count spans both phases
@@ -84,7 +81,8 @@ def test_gradient_accumulation_averages_over_predicted_tokens():
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     gen = torch.Generator()
     it = iter(batches)
-    train.train_step(model, opt, lambda: next(it), cfg, VOCAB, 5, 2, gen)
+    train.train_step(model, opt, lambda: next(it), "mlm", cfg.lr, 5, cfg, VOCAB, 2, gen,
+                     Process(torch.device("cpu"), nullcontext))
     # the same step by hand
     total, count = 0.0, 0
     for micro, tokens in enumerate(batches):
@@ -144,7 +142,7 @@ def test_device_choice_on_a_gpu_machine(monkeypatch):
     (["--max_steps=five"], "max_steps must be of type int"),
     (["--lr=fast"], "lr must be of type float"),
     (["--compile=maybe"], "compile must be"),
-    (["--objective=mlm", "--switch_to=mlm"], "switch_to equals objective"),
+    (["--objective=mlm", "--switch_to=mlm"], "switch_to equals --objective"),
     (["--switch_at=1.5", "--max_steps=1"], "switch_at"),
     (["--warmup_steps=300", "--decay_steps=300"], "warmup_steps"),
     (["--objective=bert"], "objective must be"),
@@ -232,12 +230,12 @@ def test_a_run_that_would_read_a_block_twice_stops_unless_told(tiny_data, tmp_pa
 def test_intermediate_checkpoints_hold_the_weights_of_their_step(tiny_data, tmp_path):
     """keep_checkpoints: ckpt_<step>.pt holds the weights after that step (the same as a run
     stopped there), without the optimizer state, and loads like any checkpoint."""
-    from checkpoints import load_checkpoint
+    from mlm_vs_clm.checkpoints import load_model
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     train.main(run_args(tiny_data, str(whole), keep_checkpoints="2,5"))
     train.main(run_args(tiny_data, str(stopped), stop_at=5))
     assert sorted(p.name for p in whole.glob("ckpt*.pt")) == ["ckpt.pt", "ckpt_2.pt", "ckpt_5.pt"]
-    model, kept = load_checkpoint(str(whole / "ckpt_5.pt"))
+    model, _, kept = load_model(str(whole / "ckpt_5.pt"))
     assert kept["step"] == 5 and "optimizer" not in kept and kept["objective"] == "mlm"
     reference = torch.load(stopped / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(w, reference[k]) for k, w in model.state_dict().items())
@@ -284,6 +282,6 @@ def test_paper_presets_hold_their_longest_run_and_the_cpt_budgets_are_valid():
             cpt = settings.configure(train.TrainConfig, [
                 preset, os.path.join(HERE, "config", "cpt.py"), "--init_from=x.pt",
                 f"--max_steps={steps}", f"--warmup_steps={warmup}", f"--decay_steps={decay}"])
-            train.validate(cpt)
+            settings.check(cpt)
             assert (cpt.objective, cpt.switch_to, cpt.mask_ratio, cpt.load_optimizer) == \
                 ("mlm", "none", 0.4, True)

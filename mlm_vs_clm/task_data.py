@@ -30,20 +30,20 @@ import random
 from collections.abc import Callable
 from typing import NamedTuple
 
-import files
-from docstrings import demo_task
-from tasks import FAMILY_NAMES, field
+from mlm_vs_clm import files
+from mlm_vs_clm.docstrings import demo_task
+from mlm_vs_clm.qa import QuestionAnswering
+from mlm_vs_clm.tasks import Retrieval, SequenceClassification, TokenClassification, field
+
+# The paper's four task families, each a head on the pretrained body with its loss and its metric
+FAMILIES = {"sc": SequenceClassification, "tc": TokenClassification, "qa": QuestionAnswering,
+            "ir": Retrieval}
 
 
 def read_jsonl(path: str) -> list[tuple[str, dict]]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
-    rows = []
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
-        for n, line in enumerate(f, start=1):
-            if line.strip():
-                rows.append((f"{path}, line {n}", files.parse_json_line(path, n, line)))
-    return rows
+    return [(f"{path}, line {n}", record) for n, record in files.jsonl_records(path)]
 
 
 class TaskData(NamedTuple):
@@ -433,7 +433,7 @@ def demo_data(cfg, data_dir: str) -> TaskData:
 def load_task(cfg, data_dir: str = "") -> TaskData:
     """The task's records; validation None when it is to be held out of train (hold_out). data_dir:
     the checkpoint's pretraining data, where the demo tasks find their held-out docstrings."""
-    if cfg.task in FAMILY_NAMES:
+    if cfg.task in FAMILIES:
         task = jsonl_task(cfg)
     elif cfg.task in HF_TASKS:
         task = HF_TASKS[cfg.task].load(cfg.input_format)
@@ -442,7 +442,7 @@ def load_task(cfg, data_dir: str = "") -> TaskData:
     for name, path, rows in (("training", cfg.train, task.train), ("validation", cfg.val, task.val),
                              ("test", cfg.test, task.test)):
         if rows is not None and not rows:
-            raise ValueError(f"{path if cfg.task in FAMILY_NAMES else '--task=' + cfg.task}: "
+            raise ValueError(f"{path if cfg.task in FAMILIES else '--task=' + cfg.task}: "
                              f"the {name} split is empty")
     if not cfg.corpus:
         return task

@@ -1,15 +1,9 @@
-"""
-The one settings parser of every script (train.py, finetune.py, data.py, bench.py):
-
-    defaults (a dataclass at the top of the script) < config files (config/610m.py) < --key=value
-
-A config file is plain Python that assigns some of the names, as in nanoGPT; it is executed, so
-only run config files you wrote or read. Unknown names, values of the wrong type and non-finite
-numbers stop the script before any work starts, with the setting and where it came from; `--help`
-lists every setting with its default and meaning (each field's trailing comment in the dataclass).
-"""
+"""The one settings parser and the one command-line wrapper of every script. Settings: the
+dataclass at the top of the script < config files (Python, executed, as in nanoGPT) < --key=value,
+checked before any work starts. docs/pretraining.md#settings shows them at work."""
 
 import difflib
+import functools
 import inspect
 import math
 import os
@@ -17,6 +11,25 @@ import re
 import sys
 import traceback
 from dataclasses import fields
+
+
+def command(main):
+    """Wraps a script's main(argv): a failure the user can fix ends in one 'error:' line, never a
+    traceback from deep inside torch."""
+    @functools.wraps(main)
+    def wrapped(argv: list[str]):
+        try:
+            return main(argv)
+        except (ValueError, OSError, ImportError, FloatingPointError) as e:
+            raise SystemExit(f"error: {e}") from None
+    return wrapped
+
+
+def check(cfg) -> None:
+    """Stops with every problem cfg.checks() finds: (condition, message) pairs."""
+    problems = [message for ok, message in cfg.checks() if not ok]
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
 
 
 def field_help(cls) -> dict:
@@ -36,14 +49,6 @@ def parse_value(kind, text: str):
                 raise
             return int(number)
     return kind(text)
-
-
-def print_help(cls) -> None:
-    cfg, helps = cls(), field_help(cls)
-    print("settings (defaults shown; override with a config file or --key=value):")
-    for f in fields(cls):
-        setting = f"--{f.name}={getattr(cfg, f.name)!r}"
-        print(f"  {setting:<40} {helps.get(f.name, '')}")
 
 
 def run_config_file(path: str) -> dict:
@@ -67,11 +72,14 @@ def run_config_file(path: str) -> dict:
 
 
 def configure(cls, argv: list[str]):
-    """Build a settings dataclass from argv: config file paths and --key=value. Unknown keys and
-    values of the wrong type are errors, raised before any work starts."""
+    """The settings dataclass from argv (config file paths and --key=value), checked: unknown keys,
+    wrong types, non-finite numbers and what cls.checks() refuses stop the script here."""
     cfg, names = cls(), [f.name for f in fields(cls)]
     if "--help" in argv or "-h" in argv:
-        print_help(cls)
+        helps = field_help(cls)
+        print("settings (defaults shown; override with a config file or --key=value):")
+        for name in names:
+            print(f"  {f'--{name}={getattr(cfg, name)!r}':<40} {helps.get(name, '')}")
         sys.exit(0)
 
     def set_value(key, value, where):
@@ -84,7 +92,7 @@ def configure(cls, argv: list[str]):
         if isinstance(value, str) and kind is not str:
             try:
                 value = parse_value(kind, value)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, OverflowError):
                 raise SystemExit(wrong_type) from None
         if kind is float and type(value) is int:
             value = float(value)
@@ -106,4 +114,6 @@ def configure(cls, argv: list[str]):
         else:
             raise SystemExit(f"error: unexpected argument {arg!r}: give config files (.py) and "
                              "--key=value settings")
+    if hasattr(cfg, "checks"):
+        check(cfg)
     return cfg

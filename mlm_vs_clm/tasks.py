@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics import accuracy, entity_f1, ndcg_mrr, rank_documents
+from mlm_vs_clm.metrics import accuracy, entity_f1, ndcg_mrr, rank_documents
 
 INPUT_FORMATS = ("paper", "eot")
 # transformers' _init_weights: what from_pretrained gives a head the checkpoint lacks (EuroBERT's
@@ -427,5 +427,3 @@ class Retrieval(Family):
                   for r in rank_documents(self.embed(body, c) @ docs.T, k)]
         return ndcg_mrr(ranked, split.relevance, k, self.cfg.empty_queries)
 
-
-FAMILY_NAMES = ("sc", "tc", "qa", "ir")  # finetune.FAMILIES maps them to their classes

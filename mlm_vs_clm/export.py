@@ -1,37 +1,35 @@
-"""
-Our checkpoints out as Hugging Face directories that transformers (and sentence-transformers) load
-with no custom code. Written with safetensors and JSON only: transformers is never imported here.
-hf.py has the way in and the command line (`python hf.py --init_from=CKPT --out_dir=DIR`).
+"""Our checkpoints out as Hugging Face directories that transformers and sentence-transformers load
+with no custom code (safetensors and JSON only): an encoder (EuroBertForMaskedLM), a decoder
+(LlamaForCausalLM) or a fine-tuned model with its head; the checkpoint decides unless --kind does.
+The kinds and how to load each: docs/huggingface.md.
 
-The same weights are a decoder or an encoder depending on the attention (model.py), so the kind is
-a choice. By default the checkpoint decides:
-
-    the checkpoint               written as (config.json's class)     load it with
-    last step trained MLM        EuroBertForMaskedLM, + the files     AutoModelForMaskedLM,
-                                 of sentence-transformers (mean)      AutoModel, SentenceTransformer
-    last step trained CLM        LlamaForCausalLM                     AutoModelForCausalLM
-    fine-tuned sc (mean, first)  EuroBertForSequenceClassification    AutoModelFor...Classification
-    fine-tuned tc                EuroBertForTokenClassification       AutoModelFor...Classification
-    fine-tuned qa                LlamaForQuestionAnswering, with      AutoModelForQuestionAnswering
-                                 is_causal false (no EuroBERT class)
-    fine-tuned ir                the encoder + sentence-transformers  SentenceTransformer
-                                 files: its pooling, then unit norm
-
---kind=encoder or --kind=decoder overrides the default (a fine-tuned model's head is then left out).
+    python -m mlm_vs_clm.export --init_from=out/demo/ckpt.pt [--out_dir=DIR] [--kind=encoder]
 """
 
-import json
 import os
+import re
 import shutil
+import sys
+from dataclasses import dataclass
 from typing import NamedTuple
 
-import files
-from checkpoints import load_checkpoint
-from hf import checkpoint_tokenizer, hf_name
-from hf_tokenizer import tokenizer_json
+from safetensors.torch import save_file
+
+from mlm_vs_clm import files
+from mlm_vs_clm.checkpoints import load_model
+from mlm_vs_clm.hf import hf_name
+from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.task_data import FAMILIES
+from mlm_vs_clm.tokenizer import Tokenizer, bytes_to_unicode
+
+
+@dataclass
+class ExportConfig:
+    init_from: str = ""  # the checkpoint: out/run/ckpt.pt, ckpt_<step>.pt, a fine-tuned model.pt
+    out_dir: str = ""  # directory to write; "": hf/ beside ckpt.pt, hf_<name>/ beside other files
+    kind: str = "auto"  # auto: from the checkpoint (docs/huggingface.md); or encoder, decoder
 
 KINDS = ("auto", "encoder", "decoder")
-FAMILIES = ("sc", "tc", "qa", "ir")
 # What an export may write besides config.json, model.safetensors and the tokenizer: removed first,
 # so that a directory exported again as another kind holds nothing stale.
 OPTIONAL_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
@@ -218,22 +216,17 @@ def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling
                         "type": "sentence_transformers.models.Normalize"})
         os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
-    write_json(os.path.join(out_dir, "modules.json"), modules)
-    write_json(os.path.join(out_dir, "sentence_bert_config.json"),
+    files.write_json(os.path.join(out_dir, "modules.json"), modules)
+    files.write_json(os.path.join(out_dir, "sentence_bert_config.json"),
                {"max_seq_length": max_len, "do_lower_case": False})
-    write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
+    files.write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
                {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-    write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
+    files.write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
                {"word_embedding_dimension": n_embd, "include_prompt": True,
                 **{mode: mode == ST_POOLING[pooling] for mode in (
                     "pooling_mode_cls_token", "pooling_mode_mean_tokens",
                     "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
                     "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")}})
-
-
-def write_json(path: str, content) -> None:
-    text = json.dumps(content, indent=1, ensure_ascii=False, default=str)  # str: odd metadata
-    files.write_text_atomically(path, text + "\n")
 
 
 def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, str, int | None]:
@@ -287,8 +280,7 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
     config.json, model.safetensors (float32), tokenizer.json + tokenizer_config.json, the
     sentence-transformers files for an encoder or a retriever, and finetuned.json for a fine-tuned
     model (its task, labels, input format and scores)."""
-    model, ckpt = load_checkpoint(ckpt_path)
-    tok = checkpoint_tokenizer(ckpt, ckpt_path)
+    model, tok, ckpt = load_model(ckpt_path)
     kind, why = choose_kind(ckpt, ckpt_path, kind)
     finetuned = ckpt.get("finetuned") if kind in FAMILIES else None
     pooling, input_format, max_len = check_finetuned(finetuned, kind, ckpt_path) \
@@ -296,8 +288,6 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
     architecture, config, state = weights_and_config(model, tok, kind, finetuned, pooling,
                                                      ckpt_path)
     max_len = min(max_len or model.config.block_size, model.config.block_size)
-
-    from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     for name in OPTIONAL_FILES:
         stale = os.path.join(out_dir, name)
@@ -314,10 +304,10 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
                         "eos_token": names[tok.eot_id], "mask_token": names[tok.mask_id],
                         "pad_token": names[tok.pad_id],
                         "model_input_names": ["input_ids", "attention_mask"]}
-    write_json(os.path.join(out_dir, "config.json"), config)
-    write_json(os.path.join(out_dir, "tokenizer.json"),
+    files.write_json(os.path.join(out_dir, "config.json"), config)
+    files.write_json(os.path.join(out_dir, "tokenizer.json"),
                tokenizer_json(tok, templates(kind, input_format)))
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
+    files.write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
     if kind in ("encoder", "ir"):
         prompts = {"query": "Query: ", "document": "Document: "} if input_format == "paper" \
             else {}
@@ -326,6 +316,104 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
     if finetuned is not None:  # what it was trained on and how well it did, for its users
         keep = ("task", "family", "labels", "pooling", "input_format", "max_len", "causal", "lr",
                 "seed", "val", "test", "source")
-        write_json(os.path.join(out_dir, "finetuned.json"),
+        files.write_json(os.path.join(out_dir, "finetuned.json"),
                    files.strict({k: finetuned[k] for k in keep if k in finetuned}))
     return Exported(out_dir, kind, architecture, why, input_format)
+
+# -------------------------------------------------------------------------------------------------
+# A tiktoken Encoding written back as a tokenizers-library tokenizer.json
+
+
+def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
+    """BPE of a token's own bytes using only the ranks below it: the two pieces whose merge made
+    it."""
+    limit, parts = ranks[token], [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= limit:
+            return parts
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+def post_processor(tok: Tokenizer, single: str = "$A", pair: str = "$A <eot> $B") -> dict:
+    """What tokenizer(text) and tokenizer(a, b) add around the texts: templates of "$A", "$B" and
+    "<eot>" (end-of-text), e.g. "$A <eot>" for the authors' fine-tuning inputs. The default adds
+    nothing to a single text, as in pretraining (no BOS, no CLS), and joins a pair with
+    end-of-text, the one boundary pretraining knows (tasks.py, --input_format=eot)."""
+    eot = tok.encoding.decode_single_token_bytes(tok.eot_id).decode()
+
+    def pieces(template):
+        return [{"SpecialToken": {"id": eot, "type_id": 0}} if word == "<eot>"
+                else {"Sequence": {"id": word.removeprefix("$"), "type_id": 0}}
+                for word in template.split()]
+    return {"type": "TemplateProcessing", "single": pieces(single), "pair": pieces(pair),
+            "special_tokens": {eot: {"id": eot, "ids": [tok.eot_id], "tokens": [eot]}}}
+
+
+def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot> $B")) -> dict:
+    """The tiktoken Encoding as a tokenizers-library byte-level BPE: the same pattern, ids and
+    merges; templates: (single, pair) for post_processor. The mask token strips the spaces on its
+    left (lstrip, RoBERTa's way): a masked token carries its own leading space in pretraining, so
+    "is <|mask|>." must give 'is', '<|mask|>', '.' and not a stray ' ' token before the mask."""
+    ranks, chars = tok.encoding._mergeable_ranks, bytes_to_unicode()
+    # The tokenizers library reads patterns with Oniguruma's Ruby syntax, where `X{1,3}+` is not
+    # possessive (as in tiktoken) but `(X{1,3})+`, any number of digits. A bounded repeat that ends
+    # its branch never backtracks anyway, so plain `X{1,3}` means the same as tiktoken's possessive
+    # one.
+    pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", tok.encoding._pat_str)
+    spell = lambda token: "".join(chars[b] for b in token)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = _bpe_parts(ranks, token) if len(token) > 1 else [token]
+        # a token BPE cannot build from two lower ones is only reachable as a whole piece
+        if len(parts) == 2:
+            merges.append(" ".join(map(spell, parts)))
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "post_processor": post_processor(tok, *templates),
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": i == tok.mask_id,
+                          "rstrip": False, "normalized": False, "special": True}
+                         for s, i in tok.encoding._special_tokens.items()],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+             "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+             "use_regex": False}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        # ignore_merges: a piece that is a whole token is that token, as in tiktoken
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": True,
+                  "merges": merges, "vocab": {spell(t): r for t, r in ranks.items()}
+                  # tokenizers keeps an added token's id only if the model's vocab has it; else it
+                  # renumbers it
+                  | {spell(s.encode()): i for s, i in tok.encoding._special_tokens.items()}},
+    }
+
+# -------------------------------------------------------------------------------------------------
+
+
+def default_out_dir(ckpt_path: str) -> str:
+    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
+    return os.path.join(os.path.dirname(ckpt_path), "hf" if stem == "ckpt" else f"hf_{stem}")
+
+
+@command
+def main(argv: list[str]) -> Exported:
+    cfg = configure(ExportConfig, argv)
+    if not cfg.init_from:
+        raise SystemExit("error: --init_from=CHECKPOINT is required (e.g. out/demo/ckpt.pt); "
+                         "see --help")
+    if cfg.init_from.startswith("hf:") or os.path.isdir(cfg.init_from):
+        raise SystemExit(f"error: --init_from={cfg.init_from} is a directory: give one of our "
+                         "checkpoint files (out_dir/ckpt.pt, ckpt_<step>.pt, a fine-tuned "
+                         "model.pt); a Hugging Face directory needs no export")
+    done = export(cfg.init_from, cfg.out_dir or default_out_dir(cfg.init_from), cfg.kind)
+    print(done.usage())
+    return done
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,45 +1,17 @@
-"""
-Hugging Face checkpoints in and out, without transformers at run time (safetensors and JSON only).
-
-In: a local Llama-architecture checkpoint directory (config.json + model.safetensors, or shards with
-their model.safetensors.index.json): Llama 2/3/3.1, SmolLM-style small Llamas, EuroBERT (the paper's
-released MLMvsCLM checkpoints, and our own exports) and Mistral without a sliding window. Out
-(hf_export.py): any of our checkpoints as an encoder (EuroBertForMaskedLM, with
-sentence-transformers files), a decoder (LlamaForCausalLM) or a fine-tuned model with its head. The
-tokenizer side is in hf_tokenizer.py.
-
-    python train.py --init_from=hf:DIR --tokenizer=hf:DIR ...   # continued pretraining from it
-    python train.py --out_dir=out/run --export=hf               # out/run/hf/, kind from the run
-    python hf.py --init_from=out/run/ckpt_2000.pt --out_dir=out/run/hf_2000 [--kind=encoder]
-    python hf.py --init_from=out/run/sst2/model.pt              # a fine-tuned model, with its head
-
-Each export prints the kind written and what to load it with, e.g.
-
-    out/run/hf: encoder (its last step trained MLM), written as EuroBertForMaskedLM; load it with no
-    custom code:
-      AutoModelForMaskedLM.from_pretrained('out/run/hf'), or pipeline('fill-mask', model=...)
-      ...
+"""Hugging Face checkpoints in, without transformers (safetensors and JSON only): Llama 2/3/3.1,
+SmolLM-style small Llamas, EuroBERT (our own exports too) and Mistral without a sliding window,
+mapped onto model.py's names. The way out is export.py. docs/huggingface.md.
 """
 
 import json
 import os
 import re
-import sys
-from dataclasses import dataclass
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from data import TOKENIZER_FIELDS, get_tokenizer
 from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer
-from settings import configure
-
-
-@dataclass
-class ExportConfig:
-    init_from: str = ""  # the checkpoint: out/run/ckpt.pt, ckpt_<step>.pt, a fine-tuned model.pt
-    out_dir: str = ""  # directory to write; "": hf/ beside ckpt.pt, hf_<name>/ beside other files
-    kind: str = "auto"  # auto: from the checkpoint (hf_export.py's table); or encoder, decoder
-
 
 # mistral: only without a sliding window, i.e. a Llama
 SUPPORTED_MODEL_TYPES = ("llama", "eurobert", "mistral")
@@ -133,8 +105,6 @@ def read_weights(path: str) -> dict:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 "(pickled pytorch_model.bin files are not read: re-save the model "
                                 "with safetensors)")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     weights = {}
     for file in files:
         try:
@@ -202,59 +172,3 @@ def load_hf(path: str, tok) -> Transformer:
                              f"config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict(state)
     return model
-
-
-def checkpoint_tokenizer(ckpt: dict, path: str):
-    """The tokenizer one of our checkpoints was trained with, checked to be that one still: an hf:
-    tokenizer's files may have changed since, and then every token id would mean another token."""
-    meta = ckpt.get("tokenizer")
-    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), str):
-        raise ValueError(f"{path} does not name its tokenizer (no 'tokenizer' entry): not a "
-                         "checkpoint train.py or finetune.py wrote")
-    try:
-        tok = get_tokenizer(meta["tokenizer"])
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} was trained with the tokenizer {meta['tokenizer']}, which cannot "
-                         f"be read here: {e}") from None
-    diffs = [f"{k} {tok.meta().get(k)!r} here, {meta.get(k)!r} in the checkpoint"
-             for k in TOKENIZER_FIELDS if tok.meta().get(k) != meta.get(k)]
-    if diffs:
-        raise ValueError(f"{path} was trained with the tokenizer {meta['tokenizer']}, and the one "
-                         f"here differs ({'; '.join(diffs)}): its token ids would mean other "
-                         "tokens; restore the tokenizer files it was trained with")
-    return tok
-
-
-def export_hf(ckpt_path: str, out_dir: str, kind: str = "auto", quiet: bool = False) -> str:
-    """One of our checkpoints -> a Hugging Face directory that transformers loads with no custom
-    code: an encoder, a decoder or a fine-tuned model (hf_export.py); kind "auto" lets the
-    checkpoint decide. Prints what was written and what to load it with; returns out_dir."""
-    from hf_export import export  # the way out, which uses this file's names
-    done = export(ckpt_path, out_dir, kind)
-    if not quiet:
-        print(done.usage())
-    return done.out_dir
-
-
-def default_out_dir(ckpt_path: str) -> str:
-    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
-    return os.path.join(os.path.dirname(ckpt_path), "hf" if stem == "ckpt" else f"hf_{stem}")
-
-
-def main(argv: list[str]):
-    cfg = configure(ExportConfig, argv)
-    if not cfg.init_from:
-        raise SystemExit("error: --init_from=CHECKPOINT is required (e.g. out/demo/ckpt.pt); "
-                         "see --help")
-    if cfg.init_from.startswith("hf:") or os.path.isdir(cfg.init_from):
-        raise SystemExit(f"error: --init_from={cfg.init_from} is a directory: give one of our "
-                         "checkpoint files (out_dir/ckpt.pt, ckpt_<step>.pt, a fine-tuned "
-                         "model.pt); a Hugging Face directory needs no export")
-    try:
-        export_hf(cfg.init_from, cfg.out_dir or default_out_dir(cfg.init_from), cfg.kind)
-    except (ValueError, OSError, ImportError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -1,13 +1,6 @@
-"""
-The offline default corpus, and the fine-tuning demo tasks built from it: the English docstrings of
-the Python standard library and of the installed numpy and torch, read with ast (nothing imported).
-
-Every machine with the requirements has it, so `python train.py` runs with nothing downloaded. Each
-docstring goes by a stable hash of its module and name to pretraining (85%), validation (5%) or a
-held-out 10% that pretraining never sees; the four demo tasks of finetune.py (demo_sc, demo_tc,
-demo_qa, demo_ir) are built from the held-out ones, their labels read from the docstrings
-themselves.
-"""
+"""The offline default corpus, and the four fine-tuning demo tasks built from it: the docstrings
+of the Python standard library and of the installed numpy and torch, read with ast (nothing is
+imported), split by a stable hash into pretraining, validation and a held-out 10%. docs/data.md."""
 
 import ast
 import functools
@@ -22,13 +15,13 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
-from data import HELDOUT_FILE, stable_fraction
 
 # Test suites are code, not prose. Everything else is kept, IDLE and lib2to3 included:
 # their docstrings are ordinary English. site-packages inside the stdlib dir is other
 # people's code (numpy and torch are added explicitly below).
 SKIP_DIRS = {"tests", "test", "testing", "idle_test", "site-packages", "__pycache__"}
 MIN_DOCSTRING_CHARS = 64  # shorter ones are mostly "Return self." style fragments, not prose
+HELDOUT_FILE = "heldout.jsonl"  # written beside the token files: the held-out docstrings
 
 
 @dataclass(frozen=True)
@@ -98,6 +91,11 @@ def docstring_documents() -> list[Document]:
                 seen.add(doc.text)
                 docs.append(doc)
     return docs
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) fixed by key, identical across runs and machines (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def split_of(doc: Document) -> str:
@@ -275,7 +273,5 @@ def demo_task(family: str, data_dir: str = "") -> tuple[list[dict], list[dict]]:
     prepared there."""
     train, test = [], []
     for d, record in demo_records(family, heldout_documents(data_dir)):
-        in_test = (int(hashlib.sha256(f"demo:{d.module}:{d.name}".encode()).hexdigest()[:8], 16)
-                   < 2 ** 30)
-        (test if in_test else train).append(record)
+        (test if stable_fraction(f"demo:{d.module}:{d.name}") < 0.25 else train).append(record)
     return train, test

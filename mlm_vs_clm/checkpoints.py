@@ -1,24 +1,20 @@
-"""
-Checkpoints and the log of a run: one checkpoint format for every run (single process, DDP or
-FSDP), which resume, continued pretraining, fine-tuning and export all read.
-
-- `save_checkpoint` writes atomically (files.py) and refuses a checkpoint with a NaN or an infinity.
-- `read_checkpoint` unpickles tensors and plain containers only (`torch.load(weights_only=True)`): a
-  checkpoint someone hands you cannot run code on your machine, and a file that is not one of ours
-  stops with one line that says what it is.
-- `load_checkpoint` rebuilds the model from the file alone, its config being saved inside.
-- `open_log` rewrites a resumed run's log.jsonl atomically, up to its checkpoint's step.
+"""One checkpoint format for every run (single process, DDP, FSDP, fine-tuned), which resume,
+continued pretraining, fine-tuning, sampling and export all read: written atomically and never
+with a NaN, read with weights_only=True, the model config inside. And the one loader of "a
+checkpoint or hf:DIR". docs/pretraining.md#checkpoints-and-failures-what-is-guaranteed.
 """
 
-import math
 import os
 import pickle
 import zipfile
 from dataclasses import asdict, fields
+from typing import NamedTuple
 
 import torch
 
-import files
+from mlm_vs_clm import files
+from mlm_vs_clm.hf import load_hf
+from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer, tokenizer_of
 from model import ModelConfig, Transformer
 
 # Every checkpoint train.py writes is a dict with this tag, the model config as a plain dict (so
@@ -27,7 +23,7 @@ from model import ModelConfig, Transformer
 CHECKPOINT_FORMAT = "mlm-vs-clm/1"
 
 
-def checkpoint_payload(model: "Transformer", state_dict: dict | None = None, **extra) -> dict:
+def checkpoint_payload(model: Transformer, state_dict: dict | None = None, **extra) -> dict:
     """state_dict: the full weights where model.state_dict() holds only this process's shards
     (FSDP)."""
     return {"format": CHECKPOINT_FORMAT, "model_config": asdict(model.config),
@@ -62,13 +58,28 @@ def read_checkpoint(path: str, device="cpu") -> dict:
     return ckpt
 
 
-def load_checkpoint(path: str, device="cpu"):
-    """Rebuild a model from one of our checkpoints; returns (model, the whole checkpoint dict)."""
-    ckpt = read_checkpoint(path, device)
-    return model_from_checkpoint(ckpt, path).to(device), ckpt
+class Loaded(NamedTuple):
+    """A model with the tokenizer it was trained with, and its checkpoint ({} for hf:DIR)."""
+    model: Transformer
+    tokenizer: Tokenizer
+    checkpoint: dict
 
 
-def model_from_checkpoint(ckpt: dict, path: str) -> "Transformer":
+def load_model(spec: str, device="cpu") -> Loaded:
+    """One of our checkpoint files (pretrained, ckpt_<step>.pt, fine-tuned: its body) or hf:DIR, a
+    Hugging Face checkpoint directory with its own tokenizer."""
+    if spec.startswith("hf:"):
+        tok = get_tokenizer(spec)
+        return Loaded(load_hf(spec.removeprefix("hf:"), tok).to(device), tok, {})
+    if os.path.isdir(spec):
+        raise ValueError(f"{spec} is a directory: write hf:{spec} for a Hugging Face checkpoint "
+                         "directory, or give a checkpoint file (out_dir/ckpt.pt)")
+    ckpt = read_checkpoint(spec)
+    tok = tokenizer_of(ckpt, spec)
+    return Loaded(model_from_checkpoint(ckpt, spec).to(device), tok, ckpt)
+
+
+def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
     """The model a checkpoint dict describes (read_checkpoint), with its weights; path is for
     messages."""
     unknown = set(ckpt["model_config"]) - {f.name for f in fields(ModelConfig)}
@@ -115,16 +126,6 @@ def last_good(ckpt_path: str, step: int | None) -> str:
         return f"No checkpoint of this run was written yet ({ckpt_path} does not exist)"
     return (f"The last good checkpoint is {ckpt_path} (step {step}): resume from it with "
             f"--init_from=resume")
-
-
-def open_log(path: str, resumed_step: int | None):
-    """log.jsonl for appending. A resumed run keeps its records up to the checkpoint's step (what an
-    interrupted run wrote after it is redone); a new run starts an empty log. Either way the file is
-    replaced atomically, so a crash here loses nothing."""
-    records = files.read_json_lines(path) if resumed_step is not None else []
-    kept = [r for r in records if r.get("step", math.inf) <= resumed_step]
-    files.write_text_atomically(path, "".join(files.json_line(r) for r in kept))
-    return open(path, "a", encoding="utf-8")
 
 
 def kept_steps(spec: str, max_steps: int) -> set[int]:

@@ -1,13 +1,6 @@
-"""
-Files that survive a crash. Everything train.py, data.py and finetune.py write goes through here:
-
-- `write_atomically`: write a temporary file, flush it to disk, rename it over the old one. A crash
-  or a full disk leaves the previous version whole and no temporary file behind.
-- JSON lines (`log.jsonl`, `results.jsonl`): strict JSON, a NaN or an infinity written as null;
-  `read_json_lines` drops a torn last line (what a crash in the middle of a write leaves).
-- `exclusive`: one process at a time in an output directory. The lock is the kernel's (flock), so
-  a run that crashes, or is killed with -9, never leaves it stuck.
-"""
+"""Files that survive a crash: atomic writes, strict JSON lines that tolerate a torn last line,
+and one process at a time in a directory (a kernel lock, never left stuck). docs/pretraining.md
+lists what is guaranteed."""
 
 import json
 import math
@@ -25,7 +18,8 @@ except ImportError:  # Windows
 
 
 def write_atomically(path: str, write) -> None:
-    """write(tmp_path) writes the new content; it replaces `path` once complete and on disk."""
+    """write(tmp_path) writes the new content; it replaces `path` once complete and on disk. A
+    crash or a full disk leaves the previous version whole and no temporary file behind."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -53,6 +47,11 @@ def write_text_atomically(path: str, text: str) -> None:
     write_atomically(path, write)
 
 
+def write_json(path: str, content) -> None:
+    text = json.dumps(strict(content), indent=1, ensure_ascii=False, default=str)  # str: odd metadata
+    write_text_atomically(path, text + "\n")
+
+
 def strict(value):
     """value with every non-finite float replaced by None: strict JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -68,11 +67,20 @@ def json_line(record: dict) -> str:
     return json.dumps(strict(record), allow_nan=False) + "\n"
 
 
+def read_json(path: str, what: str = "a JSON file"):
+    """The content of a JSON file, or one error that names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e)[:80]}): is it {what}, complete and "
+                         "unedited?") from None
+
+
 def read_json_lines(path: str, repair: bool = False) -> list[dict]:
-    """The records of a JSON-lines file. A last line that is not whole (no newline, not valid JSON)
-    is what a crash mid-write leaves: it is dropped with a warning, and with repair=True cut from
-    the file, so that the next append starts on a line of its own. Any other bad line stops with
-    its file and line number."""
+    """The records of a JSON-lines file. A last line that is not whole is what a crash mid-write
+    leaves: it is dropped with a warning, and with repair=True cut from the file, so that the next
+    append starts on a line of its own. Any other bad line stops with its file and line number."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -89,6 +97,15 @@ def read_json_lines(path: str, repair: bool = False) -> list[dict]:
     if repair and last:
         write_text_atomically(path, "".join(json_line(r) for r in records))
     return records
+
+
+def jsonl_records(path: str):
+    """Yields (line number, record) of a JSON-lines file that is data to read (a corpus, a task),
+    each bad line named with its file and number."""
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                yield n, parse_json_line(path, n, line)
 
 
 def parse_json_line(path: str, n: int, line: bytes) -> dict:
@@ -111,9 +128,8 @@ class Busy(OSError):
 
 @contextmanager
 def exclusive(lock_path: str, what: str, wait: bool = False):
-    """Hold an exclusive lock on lock_path for the body of the with block. wait=False: raise Busy
-    at once if another process holds it; wait=True: wait for it (saying so). `what` names the
-    work, for the messages."""
+    """Hold an exclusive lock on lock_path for the body of the with block: raise Busy at once if
+    another process holds it, or with wait=True wait for it, saying so. `what` names the work."""
     os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
     with open(lock_path, "a+") as f:
         if not _try_lock(f):
@@ -124,7 +140,8 @@ def exclusive(lock_path: str, what: str, wait: bool = False):
                            "locked); wait for it to finish or choose another directory")
             print(f"waiting for process {holder}, which is already {what} ({lock_path})",
                   file=sys.stderr)
-            _lock(f)
+            while not _try_lock(f, block=True):
+                time.sleep(1)  # msvcrt has no blocking lock without a time limit
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")  # for the message another process gets
@@ -132,21 +149,13 @@ def exclusive(lock_path: str, what: str, wait: bool = False):
         yield
 
 
-def _try_lock(f) -> bool:
+def _try_lock(f, block: bool = False) -> bool:
     try:
         if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         else:
             f.seek(0)
             msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
         return True
     except OSError:
         return False
-
-
-def _lock(f) -> None:
-    if fcntl:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        return
-    while not _try_lock(f):  # msvcrt has no blocking lock without a time limit
-        time.sleep(1)

