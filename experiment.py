@@ -32,7 +32,7 @@ from objectives import switch_step
 @dataclass
 class ExperimentConfig:
     out_dir: str = "out/exp"  # one train.py out_dir per run below it, each with its sweeps
-    figures: str = "auto"  # figures dir; auto: the experiment's own if matplotlib is there; "": none
+    figures: str = "auto"  # figures dir; auto: the experiment's, if matplotlib is there; "": none
     summarize: str = ""  # only summarize this directory of runs (any experiment's), run nothing
     jobs: int = 2  # processes at a time, one thread each (one per core)
     steps: int = 400  # pretraining steps of every run (8 x 128 tokens a step)

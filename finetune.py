@@ -87,7 +87,7 @@ class FinetuneConfig:
             (0 <= self.warmup < 1 and 0 < self.val_fraction < 1,
              "--warmup must be in [0, 1), --val_fraction in (0, 1)"),
             (self.grad_clip >= 0,
-             "--grad_clip must be >= 0 (0 = off; a negative bound would turn clipping into ascent)"),
+             "--grad_clip must be >= 0 (0 = off; a negative bound would make clipping ascend)"),
             (self.pooling in ("mean", "first", "last"), "--pooling must be mean, first or last"),
             (self.input_format in INPUT_FORMATS,
              f"--input_format must be {' or '.join(INPUT_FORMATS)}"),

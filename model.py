@@ -43,8 +43,9 @@ class ModelConfig:
                             "half-split rotation")
         if self.attention not in ("sdpa", "manual"):
             problems.append(f"attention={self.attention!r} must be 'sdpa' or 'manual'")
+        llama3 = LLAMA3_ROPE_KEYS | {"rope_type"}
         if self.rope_scaling is not None and (self.rope_scaling.get("rope_type") != "llama3"
-                                              or set(self.rope_scaling) != LLAMA3_ROPE_KEYS | {"rope_type"}):
+                                              or set(self.rope_scaling) != llama3):
             problems.append(f"rope_scaling={self.rope_scaling} must be None or rope_type 'llama3' "
                             f"with {sorted(LLAMA3_ROPE_KEYS)}")
         if self.vocab_size < 1 or self.block_size < 1:

@@ -9,7 +9,6 @@
 Settings, the switch, continued pretraining, resume and checkpoints: docs/pretraining.md.
 """
 
-import json
 import math
 import os
 import sys
@@ -109,7 +108,7 @@ class TrainConfig:
              "--warmup_steps + --decay_steps must fit in --max_steps"),
             (self.lr > 0, "--lr must be positive"),
             (self.grad_clip >= 0,
-             "--grad_clip must be >= 0 (0 = off; a negative bound would turn clipping into ascent)"),
+             "--grad_clip must be >= 0 (0 = off; a negative bound would make clipping ascend)"),
             (self.dtype in ("auto", "bfloat16", "float32"),
              "--dtype must be auto, bfloat16 or float32"),
             (self.compile in ("auto", "true", "false"), "--compile must be auto, true or false"),
@@ -209,6 +208,7 @@ def evaluate(model, cfg: TrainConfig, vocab: Vocab, data_dir: str, generator,
 
 @command
 def main(argv: list[str]):
+    # the settings: defaults < config files < --key=value; a resumed run keeps its own
     cfg = configure(TrainConfig, argv)
     proc = parallel.setup(cfg.device, cfg.dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -217,89 +217,81 @@ def main(argv: list[str]):
             if proc.master else nullcontext():
         cfg, resumed = runs.resume_settings(cfg, argv)
         check(cfg)
+        # the setup: data, model, optimizer and loader, at step 0 or where the checkpoint stopped
         run = runs.start(cfg, proc, resumed)
-        train(run)
-    parallel.finish(proc)
+        vocab, tokens_per_step = run.token_files.vocab, run.tokens_per_step
+        switch, kept = run.switch, kept_steps(cfg.keep_checkpoints, cfg.max_steps)
+        peak = parallel.peak_flops(proc.device) * proc.world_size
+        generator = torch.Generator(device=proc.device)
+        log = runs.RunLog(run) if proc.master else None
+        proc.print(run.describe())
 
+        def validation():
+            val = evaluate(run.model, cfg, vocab, run.token_files.dir, generator, proc)
+            if log:
+                log.write({"step": run.step, "val_clm": val["clm"], "val_mlm": val["mlm"]})
+            phase = f" ({run.objective} phase)" if run.objective else ""
+            proc.print(f"step {run.step}: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f}"
+                       f"{phase}")
+            return val
 
-def train(run: runs.Run):
-    cfg, proc = run.cfg, run.proc
-    tokens_per_step = run.grad_accum * cfg.batch_size * proc.world_size * cfg.block_size
-    switch, kept = run.switch, kept_steps(cfg.keep_checkpoints, cfg.max_steps)
-    end = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
-    peak = parallel.peak_flops(proc.device) * proc.world_size
-    generator = torch.Generator(device=proc.device)
-    log = runs.RunLog(run) if proc.master else None
-    proc.print(run.describe())
-
-    def validation():
-        val = evaluate(run.model, cfg, run.token_files.vocab, run.token_files.dir, generator, proc)
-        if log:
-            log.write({"step": run.step, "val_clm": val["clm"], "val_mlm": val["mlm"]})
-        phase = f" ({run.objective} phase)" if run.objective else ""
-        proc.print(f"step {run.step}: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f}{phase}")
-        return val
-
-    val = validation() if run.step == 0 else None
-    bar = tqdm(total=cfg.max_steps, initial=run.step, dynamic_ncols=True) \
-        if proc.master and cfg.progress and sys.stderr.isatty() else None
-    t_start, tokens_seen = time.perf_counter(), run.step * tokens_per_step
-    while run.step < end:
-        # the paper's switch: the objective, and with it the attention, changes; nothing else
-        run.objective = cfg.objective if switch is None or run.step < switch else cfg.switch_to
-        lr = lr_at(run.step, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_steps)
-        if run.step == switch:
-            proc.print(f"step {run.step}: switching {cfg.objective} -> {cfg.switch_to} (weights "
-                       f"and optimizer state kept, lr continues at {lr:.2e})")
-        t0 = time.perf_counter()
-        try:
-            loss, grad_norm = train_step(run.model, run.optimizer, run.loader.next_batch,
-                                         run.objective, lr, run.step, cfg, run.token_files.vocab,
-                                         run.grad_accum, generator, proc)
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{e}; stopping. {run.last_good()}") from None
-        dt = time.perf_counter() - t0
-        run.step += 1
-        tokens_seen += tokens_per_step
-        causal = run.objective == "clm"
-        flops = run.raw_model.flops_per_token(cfg.block_size, causal,
-                                              1.0 if causal else cfg.mask_ratio)
-        record = {"step": run.step, "objective": run.objective, "loss": loss.item(), "lr": lr,
-                  "grad_norm": grad_norm.item(), "tokens": tokens_seen,
-                  "tokens_per_s": tokens_per_step / dt, "mfu": flops * tokens_per_step / dt / peak}
-        if log:
-            log.write(record)
-        if bar:
-            bar.update(1)
-            bar.set_postfix_str(f"{run.objective} loss {record['loss']:.3f} lr {lr:.1e} "
-                                f"{record['tokens_per_s']:,.0f} tok/s")
-        elif run.step % cfg.log_interval == 0:
-            proc.print(f"step {run.step}: {run.objective} loss {record['loss']:.4f} | lr {lr:.2e} | "
-                       f"{record['tokens_per_s']:,.0f} tok/s | mfu {record['mfu']:.1%}")
-        if (cfg.eval_interval and run.step % cfg.eval_interval == 0) \
-                or run.step in (cfg.max_steps, cfg.stop_at):
-            val = validation()
+        # the loop
+        val = validation() if run.step == 0 else None
+        bar = tqdm(total=cfg.max_steps, initial=run.step, dynamic_ncols=True) \
+            if proc.master and cfg.progress and sys.stderr.isatty() else None
+        t_start, tokens_seen = time.perf_counter(), run.step * tokens_per_step
+        while run.step < min(cfg.max_steps, cfg.stop_at or cfg.max_steps):
+            # the paper's switch: the objective, and with it the attention, changes; nothing else
+            run.objective = cfg.objective if switch is None or run.step < switch \
+                else cfg.switch_to
+            lr = lr_at(run.step, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_steps)
+            if run.step == switch:
+                proc.print(f"step {run.step}: switching {cfg.objective} -> {cfg.switch_to} "
+                           f"(weights and optimizer state kept, lr continues at {lr:.2e})")
+            t0 = time.perf_counter()
             try:
-                run.save(val)
+                loss, grad_norm = train_step(run.model, run.optimizer, run.loader.next_batch,
+                                             run.objective, lr, run.step, cfg, vocab,
+                                             run.grad_accum, generator, proc)
             except FloatingPointError as e:
-                raise FloatingPointError(f"{e}. {run.last_good()}") from None
-        if run.step in kept:
-            run.keep()
-    if bar:
-        bar.close()
-    elapsed = time.perf_counter() - t_start
-    val = val or validation()
-    if proc.master:
-        summary = {"steps": run.step, "max_steps": cfg.max_steps, "switch_step": switch,
-                   "tokens": tokens_seen, "val_clm": val["clm"], "val_mlm": val["mlm"],
-                   "seconds": elapsed, "checkpoint": run.ckpt_path}
-        files.write_text_atomically(os.path.join(cfg.out_dir, "summary.json"),
-                                    json.dumps(files.strict(summary), indent=1))
-        done = ("finished" if run.step == cfg.max_steps
-                else f"stopped at step {run.step} (resume with --init_from=resume)")
-        proc.print(f"{done} in {elapsed:.0f}s: val clm {val['clm']:.4f} | val mlm "
-                   f"{val['mlm']:.4f} | {run.ckpt_path}")
-        log.close()
+                raise FloatingPointError(f"{e}; stopping. {run.last_good()}") from None
+            dt = time.perf_counter() - t0
+            run.step += 1
+            tokens_seen += tokens_per_step
+            causal = run.objective == "clm"
+            flops = run.raw_model.flops_per_token(cfg.block_size, causal,
+                                                  1.0 if causal else cfg.mask_ratio)
+            record = {"step": run.step, "objective": run.objective, "loss": loss.item(),
+                      "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                      "tokens_per_s": tokens_per_step / dt,
+                      "mfu": flops * tokens_per_step / dt / peak}
+            if log:
+                log.write(record)
+            if bar:
+                bar.update(1)
+                bar.set_postfix_str(f"{run.objective} loss {record['loss']:.3f} lr {lr:.1e} "
+                                    f"{record['tokens_per_s']:,.0f} tok/s")
+            elif run.step % cfg.log_interval == 0:
+                proc.print(f"step {run.step}: {run.objective} loss {record['loss']:.4f} | lr "
+                           f"{lr:.2e} | {record['tokens_per_s']:,.0f} tok/s | mfu "
+                           f"{record['mfu']:.1%}")
+            if (cfg.eval_interval and run.step % cfg.eval_interval == 0) \
+                    or run.step in (cfg.max_steps, cfg.stop_at):
+                val = validation()
+                try:
+                    run.save(val)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"{e}. {run.last_good()}") from None
+            if run.step in kept:
+                run.keep()
+        if bar:
+            bar.close()
+        elapsed = time.perf_counter() - t_start
+        val = val or validation()
+        if proc.master:
+            runs.write_summary(run, val, tokens_seen, elapsed)
+            log.close()
+    parallel.finish(proc)
 
 
 if __name__ == "__main__":

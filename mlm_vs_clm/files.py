@@ -48,7 +48,8 @@ def write_text_atomically(path: str, text: str) -> None:
 
 
 def write_json(path: str, content) -> None:
-    text = json.dumps(strict(content), indent=1, ensure_ascii=False, default=str)  # str: odd metadata
+    # default=str: metadata of an odd type is written as text, not refused
+    text = json.dumps(strict(content), indent=1, ensure_ascii=False, default=str)
     write_text_atomically(path, text + "\n")
 
 

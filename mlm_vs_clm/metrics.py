@@ -1,22 +1,7 @@
-"""
-The paper's metrics, written out and checked against the reference scorers (seqeval/conlleval for
-entities, the SQuAD v2 script, trec_eval for nDCG), and the 95% confidence interval of a seed mean.
-Each metric returns fractions; finetune.py's report multiplies by 100.
+"""The paper's metrics, checked against the reference scorers (seqeval/conlleval, the SQuAD v2
+script, trec_eval), and the 95% interval of a seed mean. Fractions: the report turns them into
+points. Where the authors' EncodEval scores differently: docs/finetuning.md."""
 
-These are the standard metrics. The authors' evaluation code (EncodEval, branch MLM_vs_CLM)
-computes its own variants, so absolute numbers can differ from the paper's (not implemented here):
-
-- token classification: per sentence, sklearn's macro F1 over the tag ids (O included) of the
-  words, averaged over sentences; here, micro entity F1 over the whole split (conlleval);
-- question answering: the answer is a 2-label (inside / outside the answer) token classification,
-  scored by the F1 of the predicted against the gold token positions of the first gold answer,
-  averaged over questions; here, SQuAD's word-level F1 (and exact match), the best over all gold
-  answers, on the text of a start/end span;
-- retrieval: sklearn's ndcg_score on the top 10 retrieved documents only (binary relevance, the
-  ideal ranking built from those 10 alone, so a query with two relevant documents of which one is
-  ranked first scores 1); here, trec_eval's nDCG@10 (graded gain, the ideal ranking from all
-  judgments). Equal for a query with one relevant document.
-"""
 
 import math
 import re

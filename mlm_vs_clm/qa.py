@@ -1,9 +1,7 @@
-"""
-The extractive question-answering family (SQuAD, SQuAD v2, ReCoRD), the largest of the four: long
-contexts are cut into overlapping windows, token character offsets map a predicted span back to the
-context's text, unanswerable questions point at the final end-of-text token, and ReCoRD's answers
-are restricted to its entity candidates. tasks.py holds the other three and what they share.
-"""
+"""Extractive question answering (SQuAD, SQuAD v2, ReCoRD): overlapping windows over long contexts,
+start/end logits, character offsets back to the answer text, the null answer on the final
+end-of-text, and ReCoRD's entity candidates. docs/finetuning.md."""
+
 
 import json
 import statistics

@@ -80,7 +80,7 @@ def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Tra
         ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         model = model_from_checkpoint(resumed, ckpt_path)
         check_tokenizer(token_files.tokenizer, resumed["tokenizer"], ckpt_path, meta_path)
-        origin = Origin(resumed["step"], resumed["data"], resumed["optimizer"], ckpt_path)
+        origin = Origin(resumed["step"], loader_state(resumed), resumed["optimizer"], ckpt_path)
     elif cfg.init_from == "scratch":
         model = Transformer(model_config(cfg.model, vocab_size=token_files.vocab.size,
                                          block_size=cfg.block_size))
@@ -105,7 +105,7 @@ def continued_pretraining(cfg, token_files: TokenFiles, source: dict) -> Origin:
     The learning rate follows this run's own schedule (config/cpt.py sets the paper's CPT)."""
     saved = source.get("train_config", {})
     same_stream = (os.path.realpath(data_dir_of(saved)) == os.path.realpath(token_files.dir)
-                   and "data" in source and saved.get("seed") == cfg.seed
+                   and loader_state(source) and saved.get("seed") == cfg.seed
                    and saved.get("block_size") == cfg.block_size)
     optimizer = source.get("optimizer") if cfg.load_optimizer else None
     if cfg.load_optimizer and optimizer is None:
@@ -116,7 +116,11 @@ def continued_pretraining(cfg, token_files: TokenFiles, source: dict) -> Origin:
         raise ValueError(f"{cfg.init_from} was written by a run with fsdp={sharded}, and its AdamW "
                          f"state is laid out for it: run with --fsdp={str(sharded).lower()} or "
                          "--load_optimizer=false")
-    return Origin(0, source["data"] if same_stream else None, optimizer, cfg.init_from)
+    return Origin(0, loader_state(source) if same_stream else None, optimizer, cfg.init_from)
+
+
+def loader_state(ckpt: dict) -> dict | None:
+    return ckpt.get("loader", ckpt.get("data"))  # "data": checkpoints written before 2026-12
 
 
 def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, allowed: bool):
@@ -161,13 +165,17 @@ class Run:
         return os.path.join(self.cfg.out_dir, "ckpt.pt")
 
     @property
+    def tokens_per_step(self) -> int:
+        return self.grad_accum * self.cfg.batch_size * self.proc.world_size * self.cfg.block_size
+
+    @property
     def switch(self) -> int | None:
         return switch_step(self.cfg.switch_to, self.cfg.switch_at, self.cfg.max_steps)
 
     def payload(self, weights: dict | None, **extra) -> dict:
         return checkpoint_payload(self.raw_model, weights, step=self.step,
                                   tokenizer=self.token_files.tokenizer,
-                                  train_config=asdict(self.cfg), data=self.loader.state_dict(),
+                                  train_config=asdict(self.cfg), loader=self.loader.state_dict(),
                                   objective=self.objective, **extra)
 
     def save(self, val: dict):
@@ -236,6 +244,19 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
     return Run(cfg, proc, token_files, raw_model, model, optimizer, loader, grad_accum,
                origin.step, resumed and resumed.get("objective"),
                saved_step=origin.step if resumed is not None else None)
+
+
+def write_summary(run: Run, val: dict, tokens: int, seconds: float):
+    """summary.json, and the run's last line."""
+    cfg = run.cfg
+    summary = {"steps": run.step, "max_steps": cfg.max_steps, "switch_step": run.switch,
+               "tokens": tokens, "val_clm": val["clm"], "val_mlm": val["mlm"],
+               "seconds": seconds, "checkpoint": run.ckpt_path}
+    files.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    done = ("finished" if run.step == cfg.max_steps
+            else f"stopped at step {run.step} (resume with --init_from=resume)")
+    run.proc.print(f"{done} in {seconds:.0f}s: val clm {val['clm']:.4f} | val mlm "
+                   f"{val['mlm']:.4f} | {run.ckpt_path}")
 
 
 class RunLog:

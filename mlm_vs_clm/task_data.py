@@ -1,27 +1,7 @@
-"""
-Where fine-tuning records come from: JSON-lines files (one record a line, in the schemas below), the
-paper's datasets on the Hugging Face hub (through the optional `datasets` package), or the offline
-demo tasks built from held-out docstrings (docstrings.py). Then the validation split: the task's own
-when it has one, else held out of the training records.
+"""Where fine-tuning records come from: JSON-lines files, the paper's twelve datasets on the
+Hugging Face hub with the authors' splits (through the optional `datasets` package), or the offline
+demo tasks; then the validation split. Record schemas and sources: docs/finetuning.md."""
 
-  sc  {"text": str, "text_pair": str (sentence-pair tasks only), "label": str | int}
-  tc  {"words": [str, ...], "tags": [str, ...]}, one BIO tag per word: "O", "B-PER", "I-PER"
-  qa  {"id": str, "question": str, "context": str,
-       "answers": {"text": [str, ...], "answer_start": [int, ...]},
-       "candidates": [[start, end], ...] (optional)}
-      answer_start is a character offset into context; empty lists = unanswerable (SQuAD v2).
-      candidates: the [start, end) character spans the answer must be one of (ReCoRD's entity
-      mentions); without them any span of the context can be the answer.
-  ir  {"query": str, "document": str, "grade": number (optional, default 1)}
-      one line per judged (query, document) pair; lines with the same query text are one query.
-      grade > 0 is relevant (higher = more relevant), 0 a judged non-relevant document.
-
-The paper's datasets (HF_TASKS) follow the authors' evaluation code (EncodEval, branch MLM_vs_CLM,
-encodeval/datasets.py): the same hub copies and the same splits. sc and qa: validation = 5% of the
-official train (held out here by a stable hash, theirs by a seeded random split), test = the
-official validation split. tc: the dataset's own train / validation / test. ir: trained on MS MARCO
-(query, positive) pairs, evaluated on the judged queries of another dataset.
-"""
 
 import hashlib
 import json

@@ -1,24 +1,8 @@
-"""
-The paper's four task families, each a head on the pretrained body with its loss and its metric:
+"""The task families sc, tc and ir (qa.py has the fourth): each checks its records, encodes them in
+one of two input formats (paper, eot), and has a head, a loss and a metric. Records come as
+(where, dict) rows; `where` ("train.jsonl, line 12") starts every error about them.
+docs/finetuning.md."""
 
-  sc  sequence classification   EuroBERT's head: pooled -> dense -> GELU -> linear   accuracy
-  tc  token classification      linear on each word's first sub-token  entity F1 (conlleval)
-  qa  extractive QA             start/end logits per token             SQuAD F1 (and exact match)
-  ir  retrieval                 pooled, L2-normalised embedding        nDCG@10 (and MRR@10)
-
-Each family checks its records (task_data.py reads them), encodes them into token ids, builds its
-head and computes a loss and a metric. Records come as (where, dict) pairs; `where`
-("train.jsonl, line 12") starts every error message about them. finetune.py trains and sweeps.
-
-Inputs are written in one of two formats (--input_format):
-
-  paper  the authors' (EncodEval): labelled text, end-of-text appended, no other special token.
-         sc: the text ("{text}\n{text_pair}" for a pair; the named tasks give one labelled text,
-         "Premise: ...\nHypothesis: ..."); tc: the words; qa: "Question: {question}\nContext: "
-         then the context; ir: "Query: {query}" and "Document: {document}". Each + <eot>.
-  eot    this project's first format: a pair is "a <eot> b", qa "question <eot> context <eot>",
-         nothing appended to single texts, words or retrieval texts, no prefixes.
-"""
 
 import json
 import re

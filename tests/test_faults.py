@@ -144,7 +144,8 @@ def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_step_0_once(ti
 
 
 def test_log_is_strict_json_when_a_figure_is_not_finite(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(train.parallel, "peak_flops", lambda device: float("nan"))  # unknown GPU: MFU NaN
+    # an unknown GPU: MFU NaN
+    monkeypatch.setattr(train.parallel, "peak_flops", lambda device: float("nan"))
     out = str(tmp_path / "run")
     train.main(run_args(tiny_data, out, max_steps=2, switch_at=1, warmup_steps=1, decay_steps=1))
     records = strict_json_lines(os.path.join(out, "log.jsonl"))

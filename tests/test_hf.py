@@ -1,5 +1,5 @@
 """
-Hugging Face checkpoints in (hf.py: load_hf; hf_tokenizer.py: get_tokenizer("hf:...")) and
+Hugging Face checkpoints in (mlm_vs_clm/hf.py: load_hf; mlm_vs_clm/tokenizer.py: "hf:...") and
 out as Llama decoders, compared with transformers and tokenizers themselves, and train.py and
 finetune.py starting from them, FSDP included; train.py continuing from an exported encoder. The
 encoder and fine-tuned exports are in test_hf_export.py. Everything is built locally (tiny random

@@ -1,8 +1,8 @@
 """
 Our checkpoints out as Hugging Face directories (mlm_vs_clm/export.py, through export.export and
-`python -m mlm_vs_clm.export`), compared with transformers and sentence-transformers themselves: the encoder
-(EuroBertForMaskedLM and its fill-mask pipeline, EuroBertModel, a new classification head,
-sentence-transformers' mean pooling), the decoder's kind, fine-tuned models with their heads, and
+`python -m mlm_vs_clm.export`), compared with transformers and sentence-transformers themselves:
+the encoder (EuroBertForMaskedLM and its fill-mask pipeline, EuroBertModel, a new classification
+head, sentence-transformers' mean pooling), the decoder's kind, fine-tuned models with their heads, and
 the bad input export refuses. Tiny random checkpoints with the project's tokenizer; nothing is
 downloaded. (The Llama export, and train.py continuing from an export, are in test_hf.py.)
 """
@@ -373,7 +373,7 @@ def test_export_refuses_a_changed_tokenizer(tmp_path):
 
 @needs_hf
 def test_a_model_finetune_py_saved_exports(tmp_path):
-    """finetune.py --save_model=true, then hf.py: transformers' pipeline classifies as our model."""
+    """finetune.py --save_model=true, then the export: transformers' pipeline classifies as ours."""
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     train_file, test_file = sc_files(tmp_path)
     ft.main([f"--init_from={ckpt}", "--task=sc", f"--train={train_file}", f"--test={test_file}",

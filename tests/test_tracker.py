@@ -1,5 +1,5 @@
 """
-The optional experiment tracker (tracker.py, --wandb_project): it logs what log.jsonl holds.
+The optional experiment tracker (--wandb_project, runs.RunLog): it logs what log.jsonl holds.
 """
 
 import json
@@ -30,7 +30,8 @@ def test_wandb_gets_what_log_jsonl_holds(tiny_data, tmp_path, monkeypatch):
         calls["init"] = kwargs
         return Run()
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    monkeypatch.setattr(train.parallel, "peak_flops", lambda device: float("nan"))  # MFU NaN: left out
+    # MFU NaN: left out
+    monkeypatch.setattr(train.parallel, "peak_flops", lambda device: float("nan"))
     out = tmp_path / "run"
     train.main(run_args(tiny_data, str(out), max_steps=4, switch_at=2, wandb_project="mlm-vs-clm"))
     with open(out / "log.jsonl") as f:

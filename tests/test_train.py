@@ -42,7 +42,8 @@ def test_run_switches_objective_keeps_optimizer_and_does_not_rewarm(tiny_data, t
     steps, evals = read_log(out)
     assert [r["objective"] for r in steps] == ["clm"] * 4 + ["mlm"] * 4
     cfg = train.TrainConfig(max_steps=8, warmup_steps=2, decay_steps=2, lr=3e-3)
-    assert [r["lr"] for r in steps] == pytest.approx([lr_at(s, cfg.lr, 8, cfg.warmup_steps, cfg.decay_steps) for s in range(8)])
+    assert [r["lr"] for r in steps] == pytest.approx(
+        [lr_at(s, cfg.lr, 8, cfg.warmup_steps, cfg.decay_steps) for s in range(8)])
     assert steps[4]["lr"] == 3e-3  # the first MLM step runs at the peak: no new warmup
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     # one optimizer for the whole run: AdamW's step count spans both phases
@@ -190,12 +191,13 @@ def test_continued_pretraining_starts_from_weights(tiny_data, tmp_path):
     assert [r["objective"] for r in cpt_steps] == ["mlm"] * 4
     assert cpt_steps[0]["tokens"] == 2 * 32  # a new run: fresh schedule and step count
     # ... on the blocks after the source's: CPT reads on in the same data stream
-    assert torch.load(os.path.join(cpt, "ckpt.pt"), weights_only=False)["data"]["position"] == 8 * 2
+    cpt_ckpt = torch.load(os.path.join(cpt, "ckpt.pt"), weights_only=False)
+    assert cpt_ckpt["loader"]["position"] == 8 * 2
     # another data order is another stream: it starts at its beginning
     other = str(tmp_path / "other_seed")
     train.main(run_args(tiny_data, other, init_from=os.path.join(base, "ckpt.pt"), objective="mlm",
                         switch_to="none", max_steps=4, seed=1))
-    assert torch.load(os.path.join(other, "ckpt.pt"), weights_only=False)["data"]["position"] == \
+    assert torch.load(os.path.join(other, "ckpt.pt"), weights_only=False)["loader"]["position"] == \
         4 * 2
 
 
