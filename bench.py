@@ -1,301 +1,356 @@
-"""
-Measure the training step: milliseconds per step, tokens/s, model FLOPs utilisation and peak memory,
-with side-by-side comparisons run in one process so that each one is a ratio on the same machine.
+"""Speed and memory of the training step, measured on train.py's own loop (docs/speed.md).
 
-    python bench.py                       # the tiny preset on this machine, every comparison
+    python bench.py                                  # the real step here: tiny, CLM then MLM
     python bench.py --model=210m --block_size=2048 --batch_size=8 --tokenizer=cl100k
-                                          # one paper preset
-    python bench.py --scaling=true        # also: how speed and memory grow with size and context
-    python bench.py --suite=gpu --out=bench_gpu.md
-                                          # the fixed GPU suite for the README (Hopper, < 8 minutes)
-    python bench.py --json=true           # one JSON object per line, for machines
-    python bench.py --profile=trace.json  # a torch.profiler trace of a few steps (chrome://tracing)
-
-Every timed step is train.py's `train_step`: the same forward, loss, backward, gradient
-scaling, clipping and AdamW update, not a copy. Batches are random token ids made on the device
-once, so the step is timed alone; the data loader is timed on its own (the "loader" comparison)
-against the step rate.
-
-MFU = model FLOPs per token (model.py's `flops_per_token`: 6 per weight a token meets, attention's
-T x T matmuls halved when causal, the MLM head counted on the masked share only) x tokens/s / peak
-FLOP/s (data sheet for known GPUs in bf16, a measured float32 matmul on a CPU).
+    python bench.py --compare=transformers           # against transformers' Llama and EuroBERT
+    python bench.py --memory=true --gpu_gb=80        # the memory model of the paper's presets
+    python bench.py --suite=gpu --out=bench_gpu.md   # the GPU suite, under 8 minutes
 """
 
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch._dynamo.utils import counters
 
-from data import BlockLoader, write_tokens
-from mlm_vs_clm.parallel import Process, device_and_autocast, peak_flops
-from mlm_vs_clm.settings import configure
+import train
+from data import write_tokens
+from mlm_vs_clm import files
+from mlm_vs_clm.parallel import device_and_autocast
+from mlm_vs_clm.settings import command, configure, run_config_file
 from mlm_vs_clm.tokenizer import get_tokenizer
 from model import Transformer, configure_optimizer, model_config
-from objectives import Vocab
-from train import TrainConfig, train_step
+from objectives import linear_cross_entropy, mask_draws, predicted_rows, pretraining_loss
 
 
 @dataclass
 class BenchConfig:
-    model: str = "tiny"  # model.py preset for the comparisons
+    model: str = "tiny"  # model.py preset
     block_size: int = 128  # tokens per sequence
-    batch_size: int = 16  # sequences per step
-    tokenizer: str = "cl100k_8k"  # vocab size and special ids come from it (paper presets: cl100k)
-    steps: int = 10  # timed steps per row
-    warmup: int = 3  # untimed steps before (compilation, allocator, caches)
-    compare: str = "objective,head,attention,compile,loader"  # comparisons to run; "" = none
-    scaling: bool = False  # also the scaling table over scaling_models x scaling_contexts
-    scaling_models: str = "test,tiny"  # presets of the scaling table
-    scaling_contexts: str = "64,128,256"  # context lengths of the scaling table
-    suite: str = ""  # "gpu": the fixed GPU suite of the README (overrides the settings above)
-    device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
-    compile: str = "auto"  # compile rows that do not compare it: "auto" (on CUDA), "true", "false"
-    json: bool = False  # print one JSON object per row instead of tables
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 2  # micro-batches per step
+    tokenizer: str = "cl100k_8k"  # vocabulary size and special ids (the paper presets: cl100k)
+    steps: int = 40  # steps of the timed run: CLM for the first half, then MLM
+    compile: str = "auto"  # torch.compile, as train.py: auto (on CUDA), true, false
+    device: str = "auto"  # auto (cuda, then mps, then cpu) or a torch device string
+    compare: str = ""  # "transformers": also time transformers' steps on the same shapes
+    memory: bool = False  # print the memory model of the paper's presets instead of timing
+    gpu_gb: float = 80.0  # the memory model's GPU memory
+    gpus: int = 8  # the memory model's processes, for FSDP's shards
+    memory_presets: str = "210m,610m,1b"  # the presets of the memory model
+    suite: str = ""  # "gpu": the fixed GPU suite (docs/speed.md), overriding the settings above
     out: str = ""  # also write the report to this file
-    profile: str = ""  # torch.profiler chrome trace of a few steps of the first row to this file
+    json: bool = False  # one JSON object per row instead of the report
+
+    def checks(self):
+        return [(self.compare in ("", "transformers"), "--compare must be '' or transformers"),
+                (self.suite in ("", "gpu"), "--suite must be '' or gpu"),
+                (min(self.block_size, self.batch_size, self.grad_accum) >= 1
+                 and self.steps >= 4, "--block_size, --batch_size, --grad_accum >= 1, --steps >= 4")]
+
+# -------------------------------------------------------------------------------------------------
+# The real step: train.py on synthetic token files
 
 
-@dataclass
-class Row:
-    """One configuration to time."""
-    name: str
-    model: str
-    objective: str = "clm"
-    block_size: int = 128
-    batch_size: int = 16
-    attention: str = "sdpa"
-    sparse_head: bool = True
-    compiled: bool = False
-
-
-def measure(row: Row, vocab: Vocab, device, autocast, cfg: BenchConfig, peak: float,
-            profile: str = "") -> dict:
-    """Time train_step for one row; returns its measurements (or the error, e.g. out of memory)."""
-    torch.manual_seed(0)
-    model = Transformer(model_config(row.model, vocab_size=vocab.size, block_size=row.block_size,
-                                     attention=row.attention)).to(device)
-    optimizer = configure_optimizer(model, 1e-4, device_type=device.type)
-    stepped = torch.compile(model) if row.compiled else model
-    train_cfg = TrainConfig(objective=row.objective, switch_to="none", sparse_head=row.sparse_head,
-                            max_steps=10**9, warmup_steps=0, decay_steps=0, lr=1e-4)
-    n_ordinary = vocab.size - len(vocab.special_ids)
-    tokens = torch.randint(0, n_ordinary, (row.batch_size, row.block_size), device=device)
-    generator = torch.Generator(device=device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    try:
-        for i in range(cfg.warmup + cfg.steps):
-            t0 = time.perf_counter()
-            train_step(stepped, optimizer, lambda: tokens, row.objective, 1e-4, i, train_cfg,
-                       vocab, 1, generator, Process(device, autocast))
-            # train_step ends on a host sync: the GPU work is done
-            times.append(time.perf_counter() - t0)
-        if profile:
-            from torch.profiler import ProfilerActivity, profile as profiler
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
-                                                   else [])
-            with profiler(activities=activities) as prof:
-                for i in range(3):
-                    train_step(stepped, optimizer, lambda: tokens, row.objective, 1e-4, i,
-                               train_cfg, vocab, 1, generator, Process(device, autocast))
-            prof.export_chrome_trace(profile)
-    except torch.OutOfMemoryError:
-        return {**row.__dict__, "error": "out of memory"}
-    ms = statistics.median(times[cfg.warmup:]) * 1000
-    tokens_per_step = row.batch_size * row.block_size
-    causal = row.objective == "clm"
-    # The work the step needs:
-    # a dense MLM head does more for the same loss, and that excess does not count.
-    flops = model.flops_per_token(row.block_size, causal, 1.0 if causal else train_cfg.mask_ratio)
-    tok_s = tokens_per_step / (ms / 1000)
-    return {**row.__dict__, "ms_per_step": ms, "tokens_per_s": tok_s, "mfu": flops * tok_s / peak,
-            "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 2**30
-                            if device.type == "cuda" else None)}
-
-
-def measure_loader(cfg: BenchConfig, tokenizer_meta: dict, device, n_batches: int = 200) -> dict:
-    """Batches per second of the real BlockLoader (memory-mapped file, random block order) on a
-    synthetic token file large enough that the blocks come from all over it."""
-    n_tokens = max(4 * n_batches * cfg.batch_size * cfg.block_size, 1 << 20)
+def real_run(cfg: BenchConfig, model: str, block_size: int, batch_size: int) -> dict:
+    """One train.py run (gradient accumulation, the loader, the switch, validation, checkpoints)
+    timed from its log: tokens/s of each phase after its first interval, compile time, graphs,
+    graph breaks and, on CUDA, host syncs per step (torch.cuda.set_sync_debug_mode)."""
+    tok = get_tokenizer(cfg.tokenizer)
+    rng = np.random.default_rng(0)
+    n = (cfg.steps * cfg.grad_accum + 4) * batch_size * block_size
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        write_tokens(tmp, {"train": rng.integers(0, 1000, n_tokens),
-                           "val": rng.integers(0, 1000, cfg.block_size)},
-                     tokenizer_meta, "synthetic")
-        loader = BlockLoader(tmp, "train", cfg.block_size, cfg.batch_size, device=device)
-        loader.next_batch()
-        t0 = time.perf_counter()
-        for _ in range(n_batches):
-            batch = loader.next_batch()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        del batch
-        return {"name": "data loader alone",
-                "batches_per_s": n_batches / (time.perf_counter() - t0)}
+        write_tokens(tmp, {"train": rng.integers(0, tok.n_vocab - 3, n),
+                           "val": rng.integers(0, tok.n_vocab - 3, 4 * batch_size * block_size)},
+                     tok.meta(), "synthetic")
+        argv = [f"--data_dir={tmp}", f"--tokenizer={cfg.tokenizer}", f"--model={model}",
+                f"--block_size={block_size}", f"--batch_size={batch_size}",
+                f"--total_batch_size={batch_size * cfg.grad_accum}", f"--max_steps={cfg.steps}",
+                "--switch_at=0.5", "--warmup_steps=1", "--decay_steps=1", "--eval_batches=2",
+                f"--eval_interval={cfg.steps // 2}", f"--log_interval={max(1, cfg.steps // 8)}",
+                "--progress=False", f"--compile={cfg.compile}", f"--device={cfg.device}",
+                f"--out_dir={os.path.join(tmp, 'out')}"]
+        counters.clear()
+        torch._dynamo.reset()
+        cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t0 = time.perf_counter()
+            train.main(argv)
+            seconds = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        records = [r for r in files.read_json_lines(os.path.join(tmp, "out", "log.jsonl"))
+                   if "loss" in r]
+    syncs = sum("synchroniz" in str(w.message) for w in caught) if cuda else None
+    row = {"model": model, "block_size": block_size, "batch_size": batch_size,
+           "grad_accum": cfg.grad_accum, "seconds": seconds,
+           "compile_s": sum(torch._dynamo.utils.calculate_time_spent().values()),
+           "graphs": counters["stats"]["unique_graphs"],
+           "graph_breaks": sum(counters["graph_break"].values()),
+           "syncs_per_step": None if syncs is None else syncs / cfg.steps,
+           "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "memory_model_gb": memory_model(model, tok.n_vocab, block_size, 1,
+                                           activation_bytes(model))(batch_size)["ddp_gb"]}
+    for objective in ("clm", "mlm"):  # the first interval of each phase holds its compilation
+        steady = [r for r in records if r["objective"] == objective][cfg.steps // 8:]
+        row[f"{objective}_tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in steady)
+        row[f"{objective}_mfu"] = statistics.median(r["mfu"] for r in steady)
+    return row
 
 
-def rows_for(cfg: BenchConfig, device) -> list[Row]:
-    compiled = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
-    base = dict(model=cfg.model, block_size=cfg.block_size, batch_size=cfg.batch_size,
-                compiled=compiled)
-    wanted = [c for c in cfg.compare.split(",") if c]
-    unknown = set(wanted) - {"objective", "head", "attention", "compile", "loader"}
-    if unknown:
-        raise SystemExit(f"error: unknown comparison(s) {sorted(unknown)}; choose from objective, "
-                         f"head, attention, compile, loader")
-    rows = [Row("clm", **base), Row("mlm", objective="mlm", **base)]
-    if "head" in wanted:
-        rows.append(Row("mlm, dense head", objective="mlm", sparse_head=False, **base))
-    if "attention" in wanted:
-        rows += [Row("clm, manual attention", attention="manual", **base),
-                 Row("mlm, manual attention", objective="mlm", attention="manual", **base)]
-    if "compile" in wanted:
-        other = dict(base, compiled=not compiled)
-        tag = "compiled" if not compiled else "eager"
-        rows += [Row(f"clm, {tag}", **other), Row(f"mlm, {tag}", objective="mlm", **other)]
-    if cfg.scaling:
-        for model in cfg.scaling_models.split(","):
-            for context in map(int, cfg.scaling_contexts.split(",")):
-                for objective in ("clm", "mlm"):
-                    rows.append(Row("scaling", model=model, objective=objective, block_size=context,
-                                    batch_size=cfg.batch_size, compiled=compiled))
+def head_share(cfg: BenchConfig, model_name: str, block_size: int, batch_size: int,
+               device, autocast) -> dict:
+    """The LM head and its loss alone (objectives.linear_cross_entropy, forward and backward) on a
+    micro-batch's rows, against the whole forward and backward: its share of the time and, on
+    CUDA, of the peak memory."""
+    vocab = get_tokenizer(cfg.tokenizer).vocab()
+    model = Transformer(model_config(model_name, vocab_size=vocab.size,
+                                     block_size=block_size)).to(device)
+    tokens = torch.randint(0, vocab.size - 3, (batch_size, block_size), device=device)
+    shares = {}
+    for objective in ("clm", "mlm"):
+        draws = mask_draws(tokens.shape, "mask", device=device) if objective == "mlm" else None
+
+        def whole():
+            with autocast():
+                loss, n = pretraining_loss(model, tokens, objective, vocab, draws=draws)
+            (loss * n).backward()
+
+        def head():
+            hidden = torch.randn(batch_size, block_size, model.config.n_embd, device=device,
+                                 requires_grad=True)
+            labels = tokens if objective == "clm" else torch.where(draws[0] < 0.4, tokens, -100)
+            rows, y = (hidden.flatten(0, 1), labels.flatten()) if objective == "clm" \
+                else predicted_rows(hidden, labels, 0.4)
+            with autocast():
+                loss, _ = linear_cross_entropy(rows, model.lm_head.weight, y)
+            loss.backward()
+        times, peaks = {}, {}
+        for name, fn in (("whole", whole), ("head", head)):
+            fn()  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = torch.cuda.max_memory_allocated()
+            times[name] = time.perf_counter() - t0
+            model.zero_grad(set_to_none=True)
+        shares[f"{objective}_head_time"] = times["head"] / times["whole"]
+        shares[f"{objective}_head_memory"] = peaks["head"] / peaks["whole"] if peaks else None
+    return shares
+
+
+def sdpa_kernel(device) -> dict:
+    """Which attention kernel SDPA runs at the 1b shape (head dim 96, 18 query heads over 6 KV
+    heads), read from the profiler: flash, efficient (memory-efficient), cudnn, or math."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(1, 18, 512 if device.type == "cpu" else 2048, 96, device=device, dtype=dtype)
+    kv = torch.randn(1, 6, q.size(2), 96, device=device, dtype=dtype)
+    kernels = {}
+    for causal in (True, False):
+        with torch.profiler.profile() as prof:
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=causal,
+                                                             enable_gqa=True)
+        names = [e.name for e in prof.events() if "attention" in e.name.lower()]
+        kernels["causal" if causal else "bidirectional"] = next(
+            (k for k in ("cudnn", "flash", "efficient") if any(k in n for n in names)), "math")
+    return kernels
+
+# -------------------------------------------------------------------------------------------------
+# Against transformers, one thread, the same shapes
+
+
+def compare_transformers(cfg: BenchConfig, rounds: int = 9) -> dict:
+    """Thread CPU time of one training step (forward, loss, backward, fused AdamW) of ours and of
+    transformers' LlamaForCausalLM (CLM) and EuroBertForMaskedLM (MLM, every position through the
+    head, as it computes the loss), the rows interleaved; and the matrix products' share of our
+    CLM step's CPU time (the linear layers and the SDPA kernels)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("--compare=transformers needs transformers: pip install "
+                          "transformers") from None
+    torch.set_num_threads(1)
+    vocab = get_tokenizer(cfg.tokenizer).vocab()
+    ours = Transformer(model_config(cfg.model, vocab_size=vocab.size, block_size=cfg.block_size))
+    c = ours.config
+    shape = dict(vocab_size=c.padded_vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
+                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                 intermediate_size=c.mlp_hidden, max_position_embeddings=c.block_size,
+                 attn_implementation="sdpa", bos_token_id=None, eos_token_id=vocab.special_ids[0],
+                 pad_token_id=vocab.pad_id, mask_token_id=vocab.mask_id)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape))
+    eurobert = transformers.EuroBertForMaskedLM(transformers.EuroBertConfig(**shape))
+    tokens = torch.randint(0, vocab.size - 3, (cfg.batch_size, cfg.block_size))
+    draws = mask_draws(tokens.shape, "mask", torch.Generator().manual_seed(0))
+    masked = torch.where(draws[0] < 0.4, vocab.mask_id, tokens)
+    labels = torch.where(draws[0] < 0.4, tokens, -100)
+    optimizers = {m: configure_optimizer(m, 1e-4) for m in (ours, llama, eurobert)}
+
+    def step(model, loss):
+        loss.backward()
+        optimizers[model].step()
+        optimizers[model].zero_grad(set_to_none=True)
+    rows = {"ours clm": lambda: step(ours, pretraining_loss(ours, tokens, "clm", vocab)[0]),
+            "llama clm": lambda: step(llama, llama(input_ids=tokens, labels=tokens).loss),
+            "ours mlm": lambda: step(ours, pretraining_loss(ours, tokens, "mlm", vocab,
+                                                            draws=draws)[0]),
+            "eurobert mlm": lambda: step(eurobert, eurobert(input_ids=masked, labels=labels).loss)}
+    times = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            t0 = time.thread_time()
+            fn()
+            times[name].append(time.thread_time() - t0)
+    ms = {name: 1000 * statistics.median(t[1:]) for name, t in times.items()}
+    with torch.profiler.profile() as prof:
+        rows["ours clm"]()
+    events = prof.key_averages()
+    # matrix products: the linear layers, and attention's two inside the SDPA kernels
+    matmul = sum(e.self_cpu_time_total for e in events
+                 if e.key in ("aten::mm", "aten::addmm", "aten::bmm") or "dot_product" in e.key)
+    return {**{f"{k} ms": v for k, v in ms.items()},
+            "clm speed-up": ms["llama clm"] / ms["ours clm"],
+            "mlm speed-up": ms["eurobert mlm"] / ms["ours mlm"],
+            "matmul share of our clm step": matmul / sum(e.self_cpu_time_total for e in events)}
+
+# -------------------------------------------------------------------------------------------------
+# The memory model
+
+
+def saved_bytes(preset: str, n_layer: int, tokens: int) -> int:
+    """Bytes a forward pass saves for backward under bf16 autocast, measured on the CPU with
+    saved-tensor hooks: one sequence of `tokens`, the preset cut to n_layer blocks. The forward
+    stops before the LM head, so a small vocabulary saves the same."""
+    model = Transformer(model_config(preset, vocab_size=256, n_layer=n_layer, block_size=tokens))
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 256, (1, tokens)), causal=False)
+    return total[0]
+
+
+def activation_bytes(preset: str) -> dict:
+    """Saved bytes per token per block, per block whatever the tokens (autocast's bf16 copies of
+    the weights), and per token outside the blocks: from one and two blocks at 16 and 32 tokens."""
+    s = {(n, t): saved_bytes(preset, n, t) for n in (1, 2) for t in (16, 32)}
+    per_token = ((s[2, 32] - s[1, 32]) - (s[2, 16] - s[1, 16])) / 16
+    return {"per_token_block": per_token, "per_block": s[2, 32] - s[1, 32] - 32 * per_token,
+            "per_token_outside": (s[1, 32] - s[1, 16]) / 16 - per_token}
+
+
+def memory_model(preset: str, vocab_size: int, block_size: int, gpus: int, saved: dict):
+    """micro-batch -> estimated peak GB of one GPU training `preset`: fp32 weights, gradients and
+    AdamW moments (16 bytes a parameter; FSDP shards them over the GPUs but holds the gathered
+    bf16 root unit and two blocks), the activations saved for backward (bf16 autocast), and one
+    chunk of the LM head's logits with its gradients (objectives.LinearCrossEntropy)."""
+    cfg = model_config(preset, vocab_size=vocab_size, block_size=block_size)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    root = params - cfg.n_layer * block
+
+    def estimate(micro: int) -> dict:
+        tokens = micro * block_size
+        activations = (tokens * (saved["per_token_block"] * cfg.n_layer
+                                 + saved["per_token_outside"]) + saved["per_block"] * cfg.n_layer)
+        head = cfg.n_embd * cfg.padded_vocab_size * (4 + 4 + 2) + tokens * cfg.n_embd * 4
+        return {"params": params, "activations_gb": activations / 2**30,
+                "ddp_gb": (16 * params + activations + head) / 2**30,
+                "fsdp_gb": (16 * params / gpus + 4 * (root + 2 * block) + activations + head)
+                / 2**30}
+    return estimate
+
+
+def memory_table(cfg: BenchConfig) -> list[dict]:
+    """Each preset at its config file's context and micro-batch (or this command's): the estimate,
+    and the largest micro-batch that fits --gpu_gb with 10% to spare, under DDP and FSDP."""
+    vocab_size = get_tokenizer(cfg.tokenizer).n_vocab
+    rows = []
+    for preset in cfg.memory_presets.split(","):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"{preset}.py")
+        preset_cfg = run_config_file(path) if os.path.exists(path) else {}
+        micro = preset_cfg.get("batch_size", cfg.batch_size)
+        block_size = preset_cfg.get("block_size", cfg.block_size)
+        estimate = memory_model(preset, vocab_size, block_size, cfg.gpus, activation_bytes(preset))
+        largest = {kind: max([b for b in range(1, 257) if estimate(b)[kind] <= 0.9 * cfg.gpu_gb],
+                             default=0) for kind in ("ddp_gb", "fsdp_gb")}
+        rows.append({"preset": preset, "block_size": block_size, "micro_batch": micro,
+                     **estimate(micro), "largest_ddp": largest["ddp_gb"],
+                     "largest_fsdp": largest["fsdp_gb"], "gpu_gb": cfg.gpu_gb})
     return rows
 
-
-def ratios(results: list[dict]) -> list[tuple[str, float]]:
-    """The comparisons as speed ratios (> 1: the first is faster)."""
-    by_name = {r["name"]: r for r in results if "ms_per_step" in r}
-
-    def speedup(slow, fast):
-        return by_name[slow]["ms_per_step"] / by_name[fast]["ms_per_step"]
-
-    pairs = [("MLM step vs CLM step (sparse head)", "clm", "mlm"),
-             ("MLM sparse head vs dense head", "mlm, dense head", "mlm"),
-             ("SDPA vs manual attention, CLM", "clm, manual attention", "clm"),
-             ("SDPA vs manual attention, MLM", "mlm, manual attention", "mlm"),
-             ("compiled vs eager, CLM", "clm, eager", "clm"),
-             ("compiled vs eager, MLM", "mlm, eager", "mlm"),
-             ("compiled vs eager, CLM", "clm", "clm, compiled"),
-             ("compiled vs eager, MLM", "mlm", "mlm, compiled")]
-    return [(label, speedup(slow, fast)) for label, slow, fast in pairs
-            if slow in by_name and fast in by_name]
+# -------------------------------------------------------------------------------------------------
 
 
-def table(results: list[dict]) -> str:
-    header = (f"{'row':<24} {'model':<6} {'ctx':>5} {'batch':>5} {'ms/step':>9} {'tokens/s':>11} "
-              f"{'MFU':>6} {'peak GB':>8}")
-    lines = [header, "-" * len(header)]
-    for r in results:
-        if "batches_per_s" in r:
-            continue
-        if "error" in r:
-            lines.append(f"{r['name']:<24} {r['model']:<6} {r['block_size']:>5} "
-                         f"{r['batch_size']:>5}  {r['error']}")
-            continue
-        mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
-        name = (r["name"] if r["name"] != "scaling"
-                else f"{r['objective']}{', compiled' if r['compiled'] else ''}")
-        lines.append(f"{name:<24} {r['model']:<6} {r['block_size']:>5} {r['batch_size']:>5} "
-                     f"{r['ms_per_step']:>9.1f} {r['tokens_per_s']:>11,.0f} {r['mfu']:>6.1%} "
-                     f"{mem:>8}")
-    return "\n".join(lines)
+GPU_SUITE = (("210m", 2048, 16), ("610m", 2048, 8), ("1b", 2048, 4))
+GPU_SUITE_BUDGET_S = 420  # rows not started by then are skipped: the suite ends within 8 minutes
 
 
-# rows not started by then are reported as skipped, so the suite ends within 8 minutes
-GPU_SUITE_BUDGET_S = 420
+def report_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        lines.append("  ".join(f"{k} {v:,.3g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in row.items() if v is not None))
+    return lines
 
 
-def gpu_suite(cfg: BenchConfig) -> tuple[BenchConfig, list[Row]]:
-    """The README's GPU figures: the paper presets at the paper's context, compiled, bf16, the most
-    telling rows first since compilation takes most of the time budget."""
-    suite = BenchConfig(tokenizer="cl100k", steps=10, warmup=3, compile="true", device=cfg.device,
-                        json=cfg.json)
-    big = lambda name, model, objective, batch, **kw: \
-        Row(name, model, objective, 2048, batch, compiled=True, **kw)  # noqa: E731
-    return suite, [
-        big("210m clm", "210m", "clm", 8), big("210m mlm", "210m", "mlm", 8),
-        big("210m mlm, dense head", "210m", "mlm", 8, sparse_head=False),
-        big("610m clm", "610m", "clm", 4), big("610m mlm", "610m", "mlm", 4),
-        big("1b clm", "1b", "clm", 4), big("1b mlm", "1b", "mlm", 4),
-        Row("210m clm, ctx 512", "210m", "clm", 512, 32, compiled=True),
-        Row("210m clm, ctx 1024", "210m", "clm", 1024, 16, compiled=True),
-    ]
-
-
-def flash_check(device) -> str:
-    """Whether the flash kernel really runs for both attention directions at the paper's shapes."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    q = torch.randn(1, 12, 2048, 64, device=device, dtype=torch.bfloat16)
-    verdicts = []
-    for causal in (True, False):
-        try:
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=causal)
-            verdicts.append(f"{'causal' if causal else 'bidirectional'}: flash")
-        except RuntimeError as e:
-            verdicts.append(f"{'causal' if causal else 'bidirectional'}: no flash ({str(e)[:80]})")
-    return "; ".join(verdicts)
-
-
+@command
 def main(argv: list[str]):
     cfg = configure(BenchConfig, argv)
-    device, autocast = device_and_autocast(cfg.device, "auto")  # bfloat16 on CUDA, as train.py
-    if cfg.suite not in ("", "gpu"):
-        raise SystemExit("error: suite must be '' or 'gpu'")
-    if cfg.suite == "gpu":
-        if device.type != "cuda":
-            raise SystemExit("error: --suite=gpu needs a CUDA device")
-        cfg, rows = gpu_suite(cfg)
-    else:
-        rows = rows_for(cfg, device)
-    tok = get_tokenizer(cfg.tokenizer)
-    vocab = tok.vocab()
-    peak = peak_flops(device)
+    device, autocast = device_and_autocast(cfg.device, "auto")
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
-    header = (f"# bench.py on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; peak "
-              f"{peak / 1e12:.3g} TFLOP/s "
-              f"({'data sheet, bf16' if device.type == 'cuda' else 'measured, float32'}); "
-              f"median of {cfg.steps} steps after {cfg.warmup}; "
+    header = (f"# bench.py on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
               f"command: python bench.py {' '.join(argv)}")
-    results, t_start = [], time.perf_counter()
-    for i, row in enumerate(rows):
-        if cfg.suite == "gpu" and time.perf_counter() - t_start > GPU_SUITE_BUDGET_S:
-            result = {**row.__dict__, "error": "skipped: suite time budget spent"}
-        else:
-            result = measure(row, vocab, device, autocast, cfg, peak, cfg.profile if i == 0 else "")
-        results.append(result)
-        if cfg.json:
-            print(json.dumps(result))
-        else:
-            print(f"  measured {row.name} ({row.model}, ctx {row.block_size})", file=sys.stderr)
-    if cfg.suite == "gpu" or "loader" in cfg.compare.split(","):
-        loader = measure_loader(cfg, tok.meta(), device)
-        step_rate = 1000 / next(r["ms_per_step"] for r in results if "ms_per_step" in r)
-        loader["times_step_rate"] = loader["batches_per_s"] / step_rate
-        results.append(loader)
-        if cfg.json:
-            print(json.dumps(loader))
-    report = [header, "", table(results), ""]
-    report += [f"{label}: {ratio:.2f}x" for label, ratio in ratios(results)]
-    report += [f"data loader alone: {r['batches_per_s']:,.0f} batches/s, "
-               f"{r['times_step_rate']:,.0f}x the rate of the first row's steps"
-               for r in results if "batches_per_s" in r]
-    if device.type == "cuda":
-        report.append(f"flash attention at (1, 12, 2048, 64) bf16: {flash_check(device)}")
-    text = "\n".join(report)
-    if not cfg.json:
-        print(text)
+    rows, t_start = [], time.perf_counter()
+    if cfg.memory:
+        rows = memory_table(cfg)
+    elif cfg.suite == "gpu":
+        if device.type != "cuda":
+            raise SystemExit("error: --suite=gpu needs a CUDA device")
+        cfg.tokenizer, cfg.compile, cfg.steps = "cl100k", "true", 12
+        for model, block, batch in GPU_SUITE:
+            if time.perf_counter() - t_start > GPU_SUITE_BUDGET_S:
+                rows.append({"model": model, "skipped": "suite time budget spent"})
+                continue
+            rows.append({**real_run(cfg, model, block, batch),
+                         **head_share(cfg, model, block, batch, device, autocast)})
+        rows.append({"sdpa at the 1b shape": sdpa_kernel(device)})
+        rows += memory_table(cfg)
+    else:
+        rows.append({**real_run(cfg, cfg.model, cfg.block_size, cfg.batch_size),
+                     **head_share(cfg, cfg.model, cfg.block_size, cfg.batch_size, device,
+                                  autocast)})
+        rows.append({"sdpa at the 1b shape": sdpa_kernel(device)})
+        if cfg.compare:
+            rows.append(compare_transformers(cfg))
+    text = "\n".join([header, *(json.dumps(r) for r in rows)] if cfg.json
+                     else [header, *report_lines(rows)])
+    print(text)
     if cfg.out:
-        with open(cfg.out, "w") as f:
-            f.write(text + "\n")
+        files.write_text_atomically(cfg.out, text + "\n")
+    return rows
 
 
 if __name__ == "__main__":

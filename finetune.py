@@ -66,7 +66,8 @@ class FinetuneConfig:
     # system
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, else float32), bfloat16, float32
-    weights: str = "auto"  # auto (bf16 on CUDA, else fp32), fp32 (float32 master), bf16 (pure bf16)
+    weights: str = "fp32"  # fp32 master weights (under bf16 autocast on CUDA); bf16: the authors'
+    compile: bool = False  # torch.compile the body (sequence lengths vary: dynamic shapes)
     progress: bool = True  # tqdm progress bars
     save_model: bool = False  # retrain the chosen cell and save it to out_dir/model.pt
 
@@ -91,7 +92,7 @@ class FinetuneConfig:
             (self.pooling in ("mean", "first", "last"), "--pooling must be mean, first or last"),
             (self.input_format in INPUT_FORMATS,
              f"--input_format must be {' or '.join(INPUT_FORMATS)}"),
-            (self.weights in ("auto", "fp32", "bf16"), "--weights must be auto, fp32 or bf16"),
+            (self.weights in ("fp32", "bf16"), "--weights must be fp32 or bf16"),
             (self.empty_queries in ("skip", "zero"), "--empty_queries must be skip or zero"),
             ((self.max_len >= 8 and self.max_answer_tokens >= 1 and self.doc_stride >= 0
               and self.temperature > 0),
@@ -103,7 +104,7 @@ class FinetuneConfig:
 
 
 # Settings that do not change a cell's result: a sweep run with other values reuses its cells
-NOT_IN_KEY = ("lrs", "seeds", "out_dir", "device", "progress", "save_model")
+NOT_IN_KEY = ("lrs", "seeds", "out_dir", "device", "progress", "save_model", "compile")
 
 
 def learning_rates(cfg: FinetuneConfig) -> list[float]:
@@ -127,15 +128,6 @@ def family_of(task: str) -> str | None:
     return name if name in FAMILIES else None
 
 
-def weights_dtype(weights: str, device: torch.device) -> torch.dtype:
-    """--weights: bf16 casts the whole model, body and new head, to bfloat16, so AdamW keeps its
-    state in bfloat16 too (the authors'); fp32 keeps float32 weights under bf16 autocast; auto is
-    the authors' bf16 on CUDA and fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
-    if weights == "auto":
-        weights = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if weights == "bf16" else torch.float32
-
-
 # --------------------------------------------------------------------------------------------------
 # One cell: fine-tune from the checkpoint at one learning rate and seed,
 # then score validation and test
@@ -154,8 +146,9 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
     bfloat16 for --weights=bf16, where the whole model is bfloat16."""
     torch.manual_seed(seed)
     head = family.head(body.config.n_embd).to(family.device, next(body.parameters()).dtype)
+    run_body = torch.compile(body, dynamic=True) if cfg.compile else body
     both = nn.ModuleDict({"body": body, "head": head})
-    optimizer = configure_optimizer(both, lr, cfg.weight_decay, device_type=family.device.type)
+    optimizer = configure_optimizer(both, lr, cfg.weight_decay)
     items = splits["train"].items
     steps = min(cfg.max_steps, math.ceil(len(items) / cfg.batch_size))
     warmup_steps = math.ceil(cfg.warmup * steps)
@@ -166,7 +159,7 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
                      disable=not cfg.progress):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, steps, warmup_steps, steps - warmup_steps)
-        loss = family.loss(body, head, [items[i] for i in
+        loss = family.loss(run_body, head, [items[i] for i in
                                         order[step * cfg.batch_size:(step + 1) * cfg.batch_size]])
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(both.parameters(), cfg.grad_clip or float("inf"))
@@ -181,7 +174,7 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
         optimizer.zero_grad(set_to_none=True)
     both.eval()
     with torch.no_grad():
-        scores = {name: {k: 100 * v for k, v in family.evaluate(body, head, split).items()}
+        scores = {name: {k: 100 * v for k, v in family.evaluate(run_body, head, split).items()}
                   for name, split in splits.items() if name != "train"}
     return {**scores, "steps": steps, "diverged_at": diverged}, head
 
@@ -298,7 +291,8 @@ def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict
 def finetune(cfg: FinetuneConfig) -> dict:
     device, autocast = device_and_autocast(cfg.device, cfg.dtype)
     body, tok, ckpt = load_model(cfg.init_from, device)
-    body = body.to(weights_dtype(cfg.weights, device))
+    # bf16, the authors' pure bfloat16 weights: AdamW's small updates round away (docs/finetuning.md)
+    body = body.to(torch.bfloat16 if cfg.weights == "bf16" else torch.float32)
     # where the demo tasks find their held-out docstrings (hf: bodies have none)
     data_dir = data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""
     del ckpt  # the body holds the weights

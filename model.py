@@ -278,7 +278,7 @@ def lr_at(step: int, peak: float, max_steps: int, warmup_steps: int, decay_steps
 
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                        eps: float = 1e-5, device_type: str = "cpu"):
+                        eps: float = 1e-5):
     """AdamW with the paper's settings. Weight decay pulls matrices (linear layers and embeddings)
     towards zero, which regularises; the RMSNorm gains are 1-D scales around 1, and decaying them
     towards 0 would only fight the normalisation, so they get none (nanoGPT's and the Llama recipe's
@@ -288,8 +288,9 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, 
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel does the whole update in a few launches instead of several per parameter.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
+    # The fused kernel does the whole update in a few launches instead of several per parameter,
+    # and can skip it on the device (train.py's non-finite check) without waiting for the host.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 # -------------------------------------------------------------------------------------------------

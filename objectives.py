@@ -9,8 +9,9 @@ only; MLM hides a random `mask_ratio` of the tokens and predicts them from both 
 
 from dataclasses import dataclass
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 OBJECTIVES = ("clm", "mlm")
 MASK_REPLACE = ("mask", "bert")
@@ -48,79 +49,155 @@ def switch_step(switch_to: str, switch_at: float, max_steps: int) -> int | None:
     return round(switch_at * max_steps) if switch_at < 1 else int(switch_at)
 
 
+def mask_draws(shape, mask_replace: str, generator=None, device=None) -> list:
+    """The uniform numbers MLM masking uses, one (B, T) tensor per decision: selection, and for
+    BERT's rule the replacement roll and the random token. They are drawn on the generator's device
+    (a seed gives the same masks on any device) and outside any compiled region: torch.compile
+    cannot trace a torch.Generator."""
+    draw_device = generator.device if generator is not None else device
+    return [torch.rand(shape, generator=generator, device=draw_device).to(device)
+            for _ in range(1 if mask_replace == "mask" else 3)]
+
+
 def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str = "mask",
-                generator=None):
+                generator=None, draws=None):
     """The MLM corruption. Each non-special token is selected independently with probability
-    mask_ratio (the paper's default 0.4; BERT used 0.15). A selected token is replaced by <|mask|>
-    ("mask", the rule of the paper's code), or, BERT's rule ("bert"), by <|mask|> 80% of the time, a
-    random ordinary token 10%, and left unchanged 10%. Returns (inputs, labels), both (B, T): labels
-    hold the original token at selected positions and IGNORE everywhere else, so the loss is over
-    the selected positions only."""
+    mask_ratio (the paper's default 0.4; BERT used 0.15). A selected token becomes <|mask|> ("mask",
+    the rule of the paper's code) or, BERT's rule ("bert"), <|mask|> 80% of the time, a random
+    ordinary token 10%, unchanged 10%. Returns (inputs, labels), both (B, T): labels hold the
+    original token where selected and IGNORE elsewhere, so the loss is over those alone."""
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
     if mask_replace not in MASK_REPLACE:
         raise ValueError(f"mask_replace must be one of {MASK_REPLACE}, got {mask_replace!r}")
-    device = tokens.device
-
-    # drawn on the generator's device so that a seed gives the same batch on any device
-    def uniform(shape):
-        return torch.rand(shape, generator=generator,
-                          device=generator.device if generator else device).to(device)
-
-    is_special = torch.isin(tokens, torch.tensor(vocab.special_ids, device=device))
-    selected = (uniform(tokens.shape) < mask_ratio) & ~is_special  # (B, T) bool
+    if draws is None:
+        draws = mask_draws(tokens.shape, mask_replace, generator, tokens.device)
+    special, ordinary = token_sets(vocab, tokens.device)
+    selected = (draws[0] < mask_ratio) & ~torch.isin(tokens, special)  # (B, T) bool
     labels = torch.where(selected, tokens, IGNORE)
     inputs = tokens.masked_fill(selected, vocab.mask_id)
     if mask_replace == "bert":
-        roll = uniform(tokens.shape)  # one draw decides between the three outcomes
-        to_random = selected & (roll >= 0.8) & (roll < 0.9)
-        keep = selected & (roll >= 0.9)
-        ordinary = torch.ones(vocab.size, dtype=torch.bool, device=device)
-        ordinary[list(vocab.special_ids)] = False
-        ordinary_ids = ordinary.nonzero().squeeze(1)  # (n_ordinary,)
-        pick = (uniform(tokens.shape) * len(ordinary_ids)).long().clamp_(max=len(ordinary_ids) - 1)
-        inputs = torch.where(to_random, ordinary_ids[pick], inputs)
-        inputs = torch.where(keep, tokens, inputs)
+        roll = draws[1]  # one draw decides between the three outcomes
+        pick = (draws[2] * len(ordinary)).long().clamp_(max=len(ordinary) - 1)
+        inputs = torch.where(selected & (roll >= 0.8) & (roll < 0.9), ordinary[pick], inputs)
+        inputs = torch.where(selected & (roll >= 0.9), tokens, inputs)
     return inputs, labels
 
 
-def cross_entropy(model, hidden, labels, sparse: bool):
-    """Mean cross-entropy over the positions whose label is not IGNORE; returns (loss, number of
-    predictions). sparse=True runs the LM head on the predicted positions only: with 40% masking
-    that skips 60% of the largest matmul of the step (the vocabulary projection) and of its
-    (B, T, vocab) logits, for the same result. CLM predicts every position, where gathering them
-    first would only add a copy."""
-    head = getattr(model, "module", model).logits  # the LM head, also when model is wrapped in DDP
-    keep = labels != IGNORE  # (B, T)
-    n = keep.sum()
-    if not sparse:
-        logits = head(hidden)  # (B, T, vocab)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                               ignore_index=IGNORE), n
-    logits = head(hidden[keep])  # (N, vocab)
-    # nothing selected (a tiny batch at a low ratio): a zero loss that still has a graph
-    if logits.size(0) == 0:
-        return hidden.sum() * 0.0, n
-    return F.cross_entropy(logits.float(), labels[keep]), n
+_token_sets = {}
+
+
+def token_sets(vocab: Vocab, device) -> tuple:
+    """(special ids, ordinary ids) on the device, built once: building them per micro-batch would
+    copy from the host each time."""
+    key = (vocab, str(device))
+    if key not in _token_sets:
+        special = torch.tensor(vocab.special_ids)
+        ordinary = torch.tensor([i for i in range(vocab.size) if i not in vocab.special_ids])
+        _token_sets[key] = special.to(device), ordinary.to(device)
+    return _token_sets[key]
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The LM head and the cross-entropy in one: the summed loss of cross_entropy(hidden @ weight.T,
+    labels) over the rows whose label is not IGNORE, computed a chunk of rows at a time, so that no
+    (tokens x vocabulary) logits ever exist. Each chunk's gradients are computed while its logits
+    are at hand (softmax minus the one-hot target), so the backward pass only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, with_grads: bool):
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.zeros_like(hidden) if with_grads else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
+        rows = hidden.size(1)  # a chunk of logits is as large as the LM head itself
+        for start in range(0, hidden.size(0), rows):
+            h, y = hidden[start:start + rows], labels[start:start + rows]  # (R, C), (R,)
+            logits = (h @ weight.T).float()  # (R, V); bf16 under autocast, as the head would be
+            valid = (y != IGNORE).unsqueeze(1)  # (R, 1)
+            target = torch.where(valid.squeeze(1), y, 0).unsqueeze(1)
+            top = logits.amax(-1, keepdim=True)
+            exp = (logits - top).exp_()  # one pass for the loss and the softmax
+            total = exp.sum(-1, keepdim=True)
+            loss = loss + ((total.log() + top - logits.gather(1, target)) * valid).sum()
+            if with_grads:
+                dlogits = exp.mul_(valid / total)  # softmax, zero on ignored rows
+                dlogits.scatter_add_(1, target, -valid.float())  # minus the one-hot target
+                grad_hidden[start:start + rows] = dlogits @ weight
+                grad_weight += dlogits.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if with_grads else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels):
+    """(summed cross-entropy, number of predicted rows) of hidden (N, C) through the LM head weight
+    (V, C) against labels (N,)."""
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(hidden, weight, labels, with_grads), (labels != IGNORE).sum()
+
+
+def predicted_rows(hidden, labels, ratio: float):
+    """The masked positions of (B, T, C) hidden states, gathered into a fixed number of rows so that
+    shapes stay static (torch.compile) and nothing waits on the host: as many rows as masked tokens
+    can be, ratio * N plus 10 standard deviations, the rows past the masked ones labelled IGNORE.
+    Masking stays an independent draw per token; more masked tokens than rows (odds below 1e-20)
+    stop the run with a device-side assertion rather than drop any."""
+    labels = labels.flatten()  # (N,)
+    n = labels.numel()
+    rows = min(n, math.ceil(ratio * n + 10 * math.sqrt(n * ratio * (1 - ratio))))
+    masked = labels != IGNORE
+    torch._assert_async(masked.sum() <= rows, "more masked tokens than predicted_rows holds")
+    where = torch.nonzero_static(masked, size=rows, fill_value=0).squeeze(1)  # (rows,)
+    kept = torch.arange(rows, device=labels.device) < masked.sum()
+    return (hidden.flatten(0, 1).index_select(0, where),
+            torch.where(kept, labels.index_select(0, where), IGNORE))
 
 
 def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio: float = 0.4,
-                     mask_replace: str = "mask", generator=None, sparse_head: bool = True):
+                     mask_replace: str = "mask", generator=None, draws=None,
+                     sparse_head: bool = True):
     """The one entry point of the training loop. Returns (mean loss over predicted tokens, number of
     predicted tokens), the count as a tensor so that no host sync is forced: the loop multiplies the
-    two back into a sum to average exactly over micro-batches and ranks that predict different
-    numbers of tokens. sparse_head=False runs MLM's LM head on every position, only to measure what
-    the sparse head saves (bench.py)."""
+    two back into a sum to average exactly over micro-batches and ranks. Both objectives read the
+    same (B, T) shape (CLM's last position predicts nothing), so one compiled graph serves each.
+    MLM's randomness comes from `generator`, or ready-drawn (mask_draws) under torch.compile;
+    sparse_head=False runs its head on every position, to measure what that costs (bench.py)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    check_shape(tokens, min_length=2 if objective == "clm" else 1)
     if objective == "clm":
-        check_shape(tokens, min_length=2)
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]  # predict token t+1 from tokens 0..t
+        # predict token t+1 from tokens 0..t; the last position has no next token
+        labels = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], IGNORE)], dim=1)
         if vocab.pad_id is not None:
             labels = labels.masked_fill(labels == vocab.pad_id, IGNORE)
-        hidden = model(inputs, causal=True)  # (B, T-1, C)
+        hidden = model(tokens, causal=True)  # (B, T, C)
     else:
-        check_shape(tokens, min_length=1)
-        inputs, labels = mask_tokens(tokens, vocab, mask_ratio, mask_replace, generator)
+        inputs, labels = mask_tokens(tokens, vocab, mask_ratio, mask_replace, generator, draws)
         hidden = model(inputs, causal=False)  # (B, T, C)
-    return cross_entropy(model, hidden, labels, sparse=objective == "mlm" and sparse_head)
+    if objective == "mlm" and sparse_head:  # the head on the masked ~40% of the positions only
+        hidden, labels = predicted_rows(hidden, labels, mask_ratio)
+    loss_sum, n = linear_cross_entropy(hidden.flatten(0, -2), model.lm_head.weight,
+                                       labels.flatten())
+    return loss_sum / n.clamp(min=1), n
+
+
+class PretrainingLoss(torch.nn.Module):
+    """pretraining_loss as a module that holds the model, so that torch.compile traces the model
+    and its loss as one graph and DDP wraps them together. Its forward takes the MLM draws
+    (mask_draws) ready-made: a torch.Generator cannot be traced."""
+
+    def __init__(self, model, vocab: Vocab, mask_ratio: float, mask_replace: str,
+                 sparse_head: bool):
+        super().__init__()
+        self.model, self.vocab = model, vocab
+        self.mask_ratio, self.mask_replace, self.sparse_head = mask_ratio, mask_replace, sparse_head
+        token_sets(vocab, model.lm_head.weight.device)  # built here, outside any compiled graph
+
+    def forward(self, tokens, objective: str, draws=None):
+        return pretraining_loss(self.model, tokens, objective, self.vocab, draws=draws,
+                                mask_ratio=self.mask_ratio, mask_replace=self.mask_replace,
+                                sparse_head=self.sparse_head)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model as M
 import objectives as O
@@ -118,6 +119,69 @@ def test_mlm_uses_bidirectional_attention_and_clm_causal():
     O.pretraining_loss(model, random_tokens((2, 16)), "clm", VOCAB)
     O.pretraining_loss(model, random_tokens((2, 16)), "mlm", VOCAB)
     assert calls == [True, False]
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused LM head and loss, and a micro-step that never waits for the host
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_linear_cross_entropy_equals_the_full_logits(dtype, tolerance):
+    """Chunk by chunk, with the gradients computed in the forward pass: the same loss and gradients
+    as F.cross_entropy on the whole (tokens x vocabulary) logits, in fp32 and under bf16."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 32, requires_grad=True)  # 300 rows: ten chunks of 32 and a rest
+    weight = (0.1 * torch.randn(1000, 32)).requires_grad_()
+    labels = torch.randint(0, 1000, (300,)).masked_fill(torch.rand(300) < 0.3, O.IGNORE)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss, n = O.linear_cross_entropy(hidden, weight, labels)
+        ours = torch.autograd.grad(loss, (hidden, weight))
+        full = F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=O.IGNORE,
+                               reduction="sum")
+        reference = torch.autograd.grad(full, (hidden, weight))
+    assert n.item() == (labels != O.IGNORE).sum().item()
+    assert torch.allclose(loss, full, rtol=tolerance)
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item())
+
+
+class Watch(TorchDispatchMode):
+    """Every aten op a block of code runs, and the largest tensor it creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.largest = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((func.overloadpacket.__name__, args))
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_a_micro_step_never_waits_for_the_host_nor_builds_full_logits(objective):
+    """Forward and backward of a micro-step: no op that needs the host to see a device value
+    (nonzero, item, masked_select, boolean indexing), and no tensor as large as tokens x
+    vocabulary; the static-size gather of the masked positions is nonzero_static."""
+    model = M.Transformer(M.model_config("test", vocab_size=1000))
+    vocab = O.Vocab(size=1000, mask_id=998, special_ids=(997, 998, 999), pad_id=999)
+    tokens = torch.randint(0, 997, (4, 64))
+    draws = O.mask_draws(tokens.shape, "bert", torch.Generator().manual_seed(0))
+    with Watch() as watch:
+        loss, n = O.pretraining_loss(model, tokens, objective, vocab, draws=draws,
+                                     mask_replace="bert")
+        (loss * n).backward()
+    syncing = [op for op, args in watch.ops if op in ("nonzero", "item", "_local_scalar_dense",
+                                                      "masked_select", "is_nonzero")
+               or (op.startswith("index") and any(
+                   isinstance(a, (list, tuple)) and any(getattr(i, "dtype", None) == torch.bool
+                                                        for i in a) for a in args))]
+    assert syncing == []
+    assert watch.largest < tokens.numel() * 1000
+    assert ("nonzero_static" in [op for op, _ in watch.ops]) == (objective == "mlm")
 
 
 @pytest.mark.parametrize("bad, message", [

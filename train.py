@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import BlockLoader
@@ -27,7 +26,7 @@ from mlm_vs_clm import files, parallel, runs
 from mlm_vs_clm.checkpoints import kept_steps
 from mlm_vs_clm.settings import check, command, configure
 from model import lr_at
-from objectives import MASK_REPLACE, OBJECTIVES, Vocab, pretraining_loss, switch_step
+from objectives import MASK_REPLACE, OBJECTIVES, mask_draws, switch_step
 
 
 @dataclass
@@ -133,27 +132,27 @@ def reseed(generator: torch.Generator, *keys: int) -> torch.Generator:
     return generator.manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
-def train_step(model, optimizer, next_batch, objective: str, lr: float, step: int,
-               cfg: TrainConfig, vocab: Vocab, grad_accum: int, generator: torch.Generator,
-               proc: parallel.Process):
-    """Forward and backward over grad_accum micro-batches, then one AdamW step at learning rate lr.
-    Returns (mean loss, grad norm) as tensors. The loss is averaged exactly over every predicted
-    token of every micro-batch on every process: MLM predicts a different number each time."""
-    for group in optimizer.param_groups:
+def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Generator):
+    """Forward and backward over the run's micro-batches, then one AdamW step at learning rate lr.
+    Returns (mean loss, grad norm) as tensors, still on the device: nothing here waits for the
+    host. The loss is averaged exactly over every predicted token of every micro-batch on every
+    process: MLM predicts a different number each time."""
+    cfg, proc, model = run.cfg, run.proc, run.loss
+    for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = n_sum = 0
-    for micro in range(grad_accum):
-        tokens = next_batch()
-        last = micro == grad_accum - 1
+    for micro in range(run.grad_accum):
+        tokens = run.loader.next_batch()
+        last = micro == run.grad_accum - 1
         # DDP all-reduces gradients only on the last micro-step; FSDP2 reduce-scatters once there
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(last)
-        with (model.no_sync() if isinstance(model, DDP) and not last else nullcontext()), \
+        if cfg.fsdp:
+            run.raw_model.set_requires_gradient_sync(last)
+        draws = mask_draws(tokens.shape, cfg.mask_replace, reseed(
+            generator, cfg.seed, run.step, micro * proc.world_size + proc.rank), tokens.device) \
+            if objective == "mlm" else None
+        with (model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()), \
                 proc.autocast():
-            loss, n = pretraining_loss(model, tokens, objective, vocab, mask_ratio=cfg.mask_ratio,
-                                       mask_replace=cfg.mask_replace, sparse_head=cfg.sparse_head,
-                                       generator=reseed(generator, cfg.seed, step,
-                                                        micro * proc.world_size + proc.rank))
+            loss, n = model(tokens, objective, draws)
         (loss * n).backward()  # the sum over predicted tokens, normalised once the count is known
         loss_sum, n_sum = loss_sum + loss.detach() * n, n_sum + n
     totals = torch.stack([loss_sum, n_sum.to(loss_sum.dtype)])
@@ -161,46 +160,45 @@ def train_step(model, optimizer, next_batch, objective: str, lr: float, step: in
         dist.all_reduce(totals)
     mean_loss, n_total = totals[0] / totals[1], totals[1]
     # DDP averaged the gradient sums over processes: make that the mean over every predicted token
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in run.raw_model.parameters() if p.grad is not None]
     torch._foreach_mul_(grads, proc.world_size / n_total)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
+                                               cfg.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    # The one host sync of the step: a non-finite loss or gradient never reaches the weights (a
-    # finite loss can come with an infinite gradient: a huge learning rate overflows the backward)
-    if not torch.isfinite(torch.stack([mean_loss, grad_norm.to(mean_loss.dtype)])).all():
-        raise FloatingPointError(f"step {step + 1} ({objective}) has loss {mean_loss.item():.4g} "
-                                 f"and gradient norm {grad_norm.item():.4g}; its update was not "
-                                 "applied")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # A non-finite loss or gradient never reaches the weights, and the host need not look: the
+    # fused AdamW skips the whole update on the device when found_inf is 1 (a finite loss can come
+    # with an infinite gradient: a huge learning rate overflows the backward pass first).
+    finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
+    run.optimizer.found_inf = (~finite).float()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return mean_loss, grad_norm
 
 
 @torch.no_grad()
-def evaluate(model, cfg: TrainConfig, vocab: Vocab, data_dir: str, generator,
-             proc: parallel.Process) -> dict:
+def evaluate(run: runs.Run, generator) -> dict:
     """Validation loss under BOTH objectives, whatever the current one, so the transfer at the
     switch shows: the same first blocks of the validation split, masked the same way every time,
-    the loss over every predicted token of every process."""
-    losses = {}
+    the loss over every predicted token of every process. Every process runs every forward (under
+    FSDP each one gathers weights from all), those past eval_batches with zero weight."""
+    cfg, proc, losses = run.cfg, run.proc, {}
     for objective in OBJECTIVES:
-        loader = BlockLoader(data_dir, "val", cfg.block_size, cfg.batch_size, seed=0,
+        loader = BlockLoader(run.token_files.dir, "val", cfg.block_size, cfg.batch_size, seed=0,
                              rank=proc.rank, world_size=proc.world_size, device=proc.device)
         totals = torch.zeros(2, device=proc.device)
         # global micro-batch g = k * world_size + rank: the same blocks for any number of processes
         for k in range(math.ceil(cfg.eval_batches / proc.world_size)):
             tokens, g = loader.next_batch(), k * proc.world_size + proc.rank
-            if g < cfg.eval_batches:
-                with proc.autocast():
-                    loss, n = pretraining_loss(model, tokens, objective, vocab,
-                                               mask_ratio=cfg.mask_ratio,
-                                               mask_replace=cfg.mask_replace,
-                                               generator=reseed(generator, 1, g))
-                totals += torch.stack([loss.float() * n, n.float()])
+            draws = mask_draws(tokens.shape, cfg.mask_replace, reseed(generator, 1, g),
+                               tokens.device) if objective == "mlm" else None
+            with proc.autocast():
+                loss, n = run.loss(tokens, objective, draws)
+            totals += (g < cfg.eval_batches) * torch.stack([loss.float() * n, n.float()])
         if proc.world_size > 1:
             dist.all_reduce(totals)
         losses[objective] = (totals[0] / totals[1]).item()
     return losses
+
 
 # -------------------------------------------------------------------------------------------------
 # The run: settings, setup, then the loop
@@ -219,7 +217,7 @@ def main(argv: list[str]):
         check(cfg)
         # the setup: data, model, optimizer and loader, at step 0 or where the checkpoint stopped
         run = runs.start(cfg, proc, resumed)
-        vocab, tokens_per_step = run.token_files.vocab, run.tokens_per_step
+        tokens_per_step = run.tokens_per_step
         switch, kept = run.switch, kept_steps(cfg.keep_checkpoints, cfg.max_steps)
         peak = parallel.peak_flops(proc.device) * proc.world_size
         generator = torch.Generator(device=proc.device)
@@ -227,7 +225,7 @@ def main(argv: list[str]):
         proc.print(run.describe())
 
         def validation():
-            val = evaluate(run.model, cfg, vocab, run.token_files.dir, generator, proc)
+            val = evaluate(run, generator)
             if log:
                 log.write({"step": run.step, "val_clm": val["clm"], "val_mlm": val["mlm"]})
             phase = f" ({run.objective} phase)" if run.objective else ""
@@ -235,11 +233,45 @@ def main(argv: list[str]):
                        f"{phase}")
             return val
 
+        pending = []  # (step, objective, lr, tensor([loss, grad norm])) not yet seen by the host
+
+        def flush():
+            """The one host sync of the loop, every log_interval steps and before validation:
+            the pending steps' losses come over, each becomes a log record, and a non-finite one
+            (whose update the device skipped) stops the run."""
+            nonlocal t_last
+            if not pending:
+                return
+            values = torch.stack([p[3] for p in pending]).tolist()
+            seconds, t_last = time.perf_counter() - t_last, time.perf_counter()
+            tokens_per_s = tokens_per_step * len(pending) / seconds
+            for (step, objective, lr, _), (loss, grad_norm) in zip(pending, values):
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    raise FloatingPointError(
+                        f"step {step} ({objective}) has loss {loss:.4g} and gradient norm "
+                        f"{grad_norm:.4g}; its update was not applied; stopping. {run.last_good()}")
+                causal = objective == "clm"
+                flops = run.raw_model.flops_per_token(cfg.block_size, causal,
+                                                      1.0 if causal else cfg.mask_ratio)
+                record = {"step": step, "objective": objective, "loss": loss, "lr": lr,
+                          "grad_norm": grad_norm, "tokens": step * tokens_per_step,
+                          "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak}
+                if log:
+                    log.write(record)
+            pending.clear()
+            if bar:
+                bar.update(step - bar.n)
+                bar.set_postfix_str(f"{objective} loss {loss:.3f} lr {lr:.1e} "
+                                    f"{tokens_per_s:,.0f} tok/s")
+            else:
+                proc.print(f"step {step}: {objective} loss {loss:.4f} | lr {lr:.2e} | "
+                           f"{tokens_per_s:,.0f} tok/s | mfu {record['mfu']:.1%}")
+
         # the loop
         val = validation() if run.step == 0 else None
         bar = tqdm(total=cfg.max_steps, initial=run.step, dynamic_ncols=True) \
             if proc.master and cfg.progress and sys.stderr.isatty() else None
-        t_start, tokens_seen = time.perf_counter(), run.step * tokens_per_step
+        t_start = t_last = time.perf_counter()
         while run.step < min(cfg.max_steps, cfg.stop_at or cfg.max_steps):
             # the paper's switch: the objective, and with it the attention, changes; nothing else
             run.objective = cfg.objective if switch is None or run.step < switch \
@@ -248,35 +280,14 @@ def main(argv: list[str]):
             if run.step == switch:
                 proc.print(f"step {run.step}: switching {cfg.objective} -> {cfg.switch_to} "
                            f"(weights and optimizer state kept, lr continues at {lr:.2e})")
-            t0 = time.perf_counter()
-            try:
-                loss, grad_norm = train_step(run.model, run.optimizer, run.loader.next_batch,
-                                             run.objective, lr, run.step, cfg, vocab,
-                                             run.grad_accum, generator, proc)
-            except FloatingPointError as e:
-                raise FloatingPointError(f"{e}; stopping. {run.last_good()}") from None
-            dt = time.perf_counter() - t0
+            loss, grad_norm = train_step(run, run.objective, lr, generator)
             run.step += 1
-            tokens_seen += tokens_per_step
-            causal = run.objective == "clm"
-            flops = run.raw_model.flops_per_token(cfg.block_size, causal,
-                                                  1.0 if causal else cfg.mask_ratio)
-            record = {"step": run.step, "objective": run.objective, "loss": loss.item(),
-                      "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
-                      "tokens_per_s": tokens_per_step / dt,
-                      "mfu": flops * tokens_per_step / dt / peak}
-            if log:
-                log.write(record)
-            if bar:
-                bar.update(1)
-                bar.set_postfix_str(f"{run.objective} loss {record['loss']:.3f} lr {lr:.1e} "
-                                    f"{record['tokens_per_s']:,.0f} tok/s")
-            elif run.step % cfg.log_interval == 0:
-                proc.print(f"step {run.step}: {run.objective} loss {record['loss']:.4f} | lr "
-                           f"{lr:.2e} | {record['tokens_per_s']:,.0f} tok/s | mfu "
-                           f"{record['mfu']:.1%}")
-            if (cfg.eval_interval and run.step % cfg.eval_interval == 0) \
-                    or run.step in (cfg.max_steps, cfg.stop_at):
+            pending.append((run.step, run.objective, lr, torch.stack([loss, grad_norm.float()])))
+            validate_now = (cfg.eval_interval and run.step % cfg.eval_interval == 0) \
+                or run.step in (cfg.max_steps, cfg.stop_at)
+            if validate_now or run.step % cfg.log_interval == 0 or run.step in kept:
+                flush()
+            if validate_now:
                 val = validation()
                 try:
                     run.save(val)
@@ -284,12 +295,15 @@ def main(argv: list[str]):
                     raise FloatingPointError(f"{e}. {run.last_good()}") from None
             if run.step in kept:
                 run.keep()
+            if validate_now or run.step in kept:
+                t_last = time.perf_counter()  # tokens/s counts training steps only
+        flush()
         if bar:
             bar.close()
         elapsed = time.perf_counter() - t_start
         val = val or validation()
         if proc.master:
-            runs.write_summary(run, val, tokens_seen, elapsed)
+            runs.write_summary(run, val, run.step * tokens_per_step, elapsed)
             log.close()
     parallel.finish(proc)
 

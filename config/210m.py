@@ -7,7 +7,7 @@
 # Every run of the paper with this preset: docs/experiment.md. Continued pretraining: config/cpt.py.
 model = "210m"
 block_size = 2048
-batch_size = 8  # sequences per GPU per micro-batch
+batch_size = 36  # sequences per GPU per micro-batch
 total_batch_size = 1152  # sequences per optimizer step, all GPUs together
 max_steps = 42_000
 warmup_steps = 2_000

@@ -83,6 +83,10 @@ class Process:
     def master(self) -> bool:
         return self.rank == 0
 
+    @property
+    def bf16(self) -> bool:
+        return self.autocast is not nullcontext
+
     def print(self, text: str):
         if self.master:  # tqdm.write: above a progress bar, if one is drawn
             tqdm.write(text)
@@ -99,30 +103,32 @@ def setup(device: str, dtype: str) -> Process:
     return Process(chosen, autocast, rank, local_rank, world_size)
 
 
-def shard(model: torch.nn.Module) -> None:
+def shard(model: torch.nn.Module, bf16: bool) -> None:
     """FSDP2: each block is one unit whose weights are all-gathered just before it runs and freed
     after, so a rank holds 1/world_size of the weights, gradients and AdamW state plus one block in
-    full. The root unit holds the rest (embedding, final norm, LM head) and stays gathered after its
-    forward, which is what lets objectives.py call the LM head outside forward(); the gradients it
-    gets there are reduce-scattered at the end of backward like the others."""
+    full. The root unit (embedding, final norm, LM head) stays gathered after its forward, which
+    lets objectives.py use the LM head's weight; its gradients are reduce-scattered at the end of
+    backward like the others. bf16: gathered weights and gradients in bfloat16 (half the bytes of
+    every collective), gradients reduced in float32."""
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
         raise SystemExit(f"error: --fsdp needs FSDP2, in torch >= 2.6 (this is "
                          f"{torch.__version__})") from None
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if bf16 else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
-def wrap(model: torch.nn.Module, proc: Process, compile: bool, sharded: bool) -> torch.nn.Module:
-    """The module the training step calls: compiled and/or in DDP. The unwrapped one keeps the
-    weights, for the optimizer and the checkpoints."""
-    if compile:
-        model = torch.compile(model)
+def wrap(module: torch.nn.Module, proc: Process, compile: bool, sharded: bool) -> torch.nn.Module:
+    """What the training step calls: DDP (unless sharded), then torch.compile, the order torch's
+    DDPOptimizer expects (it cuts the graph at DDP's gradient buckets). Under FSDP2 the graph
+    breaks at each block's hooks, which run outside it."""
     if proc.world_size > 1 and not sharded:
-        model = DDP(model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
-    return model
+        module = DDP(module, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
+    return torch.compile(module) if compile else module
 
 
 def full_weights(model, sharded: bool) -> dict | None:

@@ -15,7 +15,7 @@ from mlm_vs_clm.checkpoints import (checkpoint_payload, kept_steps, load_model,
                                     model_from_checkpoint, read_checkpoint, save_checkpoint)
 from mlm_vs_clm.tokenizer import TOKENIZER_FIELDS, check_tokenizer, get_tokenizer
 from model import Transformer, configure_optimizer, model_config
-from objectives import Vocab, switch_step
+from objectives import PretrainingLoss, Vocab, switch_step
 
 
 @dataclass
@@ -152,7 +152,7 @@ class Run:
     proc: parallel.Process
     token_files: TokenFiles
     raw_model: Transformer  # the weights, which the optimizer and the checkpoints see
-    model: torch.nn.Module  # what the step calls: raw_model compiled and/or wrapped in DDP
+    loss: torch.nn.Module  # what the step calls: raw_model and its loss, in DDP and/or compiled
     optimizer: torch.optim.Optimizer
     loader: BlockLoader
     grad_accum: int  # micro-batches per step on each process
@@ -220,9 +220,9 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
     raw_model, origin = build_model(cfg, token_files, resumed)
     raw_model.to(proc.device)
     if cfg.fsdp:
-        parallel.shard(raw_model)
+        parallel.shard(raw_model, proc.bf16)
     optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                    cfg.adam_eps, proc.device.type)
+                                    cfg.adam_eps)
     loader = BlockLoader(token_files.dir, "train", cfg.block_size, cfg.batch_size, seed=cfg.seed,
                          rank=proc.rank, world_size=proc.world_size, device=proc.device)
     if origin.optimizer_state is not None:
@@ -237,11 +237,13 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
                    + (f", data stream at block {loader.position:,}" if origin.loader_state
                       else ", data from the start"))
     compile = cfg.compile == "true" or (cfg.compile == "auto" and proc.device.type == "cuda")
-    model = parallel.wrap(raw_model, proc, compile, sharded=cfg.fsdp)
+    loss = parallel.wrap(PretrainingLoss(raw_model, token_files.vocab, cfg.mask_ratio,
+                                         cfg.mask_replace, cfg.sparse_head),
+                         proc, compile, sharded=cfg.fsdp)
     grad_accum = micro_batches(cfg, proc.world_size)
     check_unique_blocks(loader, cfg.max_steps - origin.step,
                         grad_accum * cfg.batch_size * proc.world_size, cfg.repeat_data)
-    return Run(cfg, proc, token_files, raw_model, model, optimizer, loader, grad_accum,
+    return Run(cfg, proc, token_files, raw_model, loss, optimizer, loader, grad_accum,
                origin.step, resumed and resumed.get("objective"),
                saved_step=origin.step if resumed is not None else None)
 

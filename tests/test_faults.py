@@ -31,7 +31,7 @@ def train_in_subprocess(args, crash_at_step=None, timeout=120):
     crash = "" if crash_at_step is None else textwrap.dedent(f"""
         real = train.train_step
         def train_step(*a, **k):
-            if a[5] == {crash_at_step}:
+            if a[0].step == {crash_at_step}:
                 os._exit(9)
             return real(*a, **k)
         train.train_step = train_step

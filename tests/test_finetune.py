@@ -554,12 +554,31 @@ def test_same_cell_gives_same_result(tmp_path):
     assert a["per_lr"] == b["per_lr"]
 
 
-def test_weights_setting_resolves_to_a_dtype():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert ft.weights_dtype("auto", cpu) == torch.float32  # bf16 matmuls are slow on CPUs
-    assert ft.weights_dtype("auto", cuda) == torch.bfloat16  # the authors' choice on GPU
-    assert ft.weights_dtype("bf16", cpu) == torch.bfloat16
-    assert ft.weights_dtype("fp32", cuda) == torch.float32
+@pytest.mark.slow
+def test_compiled_fine_tuning_matches_eager(tmp_path):
+    """--compile=true: the body compiled with dynamic sequence lengths scores as the eager one."""
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    train, test = sc_files(tmp_path)
+    base = [f"--init_from={ckpt}", "--task=sc", f"--train={train}", f"--test={test}", "--lrs=1e-3",
+            "--seeds=1", "--batch_size=8", "--max_steps=3", "--progress=False"]
+    eager = ft.main(base + [f"--out_dir={tmp_path}/eager"])
+    compiled = ft.main(base + [f"--out_dir={tmp_path}/compiled", "--compile=true"])
+    assert compiled["test_mean"] == pytest.approx(eager["test_mean"], abs=1e-6)
+
+
+def test_default_master_weights_keep_updates_bf16_rounds_away():
+    """fp32 master weights (the default) take a tiny update that bfloat16 weights round away."""
+    assert ft.FinetuneConfig().weights == "fp32"
+    records = [{"text": f"{w} film", "label": w} for w in ["good", "bad"] * 8]
+    family, cfg = make_family("sc", records, batch_size=8, max_steps=1, warmup=0.0)
+    splits = {"train": family.encode(rows(records)), "test": family.encode(rows(records))}
+    changed = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        body = tiny_body().to(dtype)
+        before = body.blocks[0].mlp.up_proj.weight.detach().clone()
+        ft.train_cell(family, body, splits, cfg, 1e-7, seed=0)
+        changed[dtype] = (body.blocks[0].mlp.up_proj.weight != before).float().mean().item()
+    assert changed[torch.float32] > 0.5 and changed[torch.bfloat16] < 0.05
 
 
 SMALL_TASKS = {

@@ -2,8 +2,8 @@
 Our checkpoints out as Hugging Face directories (mlm_vs_clm/export.py, through export.export and
 `python -m mlm_vs_clm.export`), compared with transformers and sentence-transformers themselves:
 the encoder (EuroBertForMaskedLM and its fill-mask pipeline, EuroBertModel, a new classification
-head, sentence-transformers' mean pooling), the decoder's kind, fine-tuned models with their heads, and
-the bad input export refuses. Tiny random checkpoints with the project's tokenizer; nothing is
+head, sentence-transformers' mean pooling), the decoder's kind, fine-tuned models with their heads,
+and the bad input export refuses. Tiny random checkpoints with the project's tokenizer; nothing is
 downloaded. (The Llama export, and train.py continuing from an export, are in test_hf.py.)
 """
 

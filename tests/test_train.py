@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,11 +80,14 @@ def test_gradient_accumulation_averages_over_predicted_tokens():
     batches = [random_tokens((2, 32), seed=1), random_tokens((2, 32), seed=2)]
     model, reference = tiny_model(), tiny_model()
     # plain SGD: the update is the (clipped) gradient itself
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, fused=True)
     gen = torch.Generator()
     it = iter(batches)
-    train.train_step(model, opt, lambda: next(it), "mlm", cfg.lr, 5, cfg, VOCAB, 2, gen,
-                     Process(torch.device("cpu"), nullcontext))
+    run = SimpleNamespace(cfg=cfg, proc=Process(torch.device("cpu"), nullcontext), step=5,
+                          loss=O.PretrainingLoss(model, VOCAB, cfg.mask_ratio, "mask", True),
+                          raw_model=model, optimizer=opt, grad_accum=2,
+                          loader=SimpleNamespace(next_batch=lambda: next(it)))
+    train.train_step(run, "mlm", cfg.lr, gen)
     # the same step by hand
     total, count = 0.0, 0
     for micro, tokens in enumerate(batches):
@@ -287,3 +291,51 @@ def test_paper_presets_hold_their_longest_run_and_the_cpt_budgets_are_valid():
             settings.check(cpt)
             assert (cpt.objective, cpt.switch_to, cpt.mask_ratio, cpt.load_optimizer) == \
                 ("mlm", "none", 0.4, True)
+
+
+@pytest.mark.slow
+def test_compiled_run_has_static_shapes_and_no_graph_break(tiny_data, tmp_path):
+    """--compile=true on the CPU: the model and its loss in one graph per objective for training
+    and one for validation, whatever the switch and the steps; no graph break, no recompile."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    train.main(run_args(tiny_data, str(tmp_path), compile="true", max_steps=6, eval_interval=3))
+    assert counters["stats"]["unique_graphs"] == 4  # {clm, mlm} x {training, validation}
+    assert sum(counters["graph_break"].values()) == 0
+    steps, evals = read_log(str(tmp_path))
+    assert [r["objective"] for r in steps] == ["clm"] * 3 + ["mlm"] * 3 and len(evals) == 3
+
+
+def torchrun_train(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", os.path.join(HERE, "train.py"), *args],
+                            capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp, eval_batches", [("true", 1), ("false", 3)])
+def test_validation_cannot_deadlock(tiny_data, tmp_path, fsdp, eval_batches):
+    """eval_batches below the number of processes, or not a multiple of it: every process still
+    runs every validation forward (FSDP gathers weights from all of them), and the losses are
+    those of one process over the same eval_batches micro-batches."""
+    settings = dict(eval_batches=eval_batches, max_steps=4, eval_interval=2, total_batch_size=4)
+    train.main(run_args(tiny_data, str(tmp_path / "one"), **settings))
+    torchrun_train(run_args(tiny_data, str(tmp_path / "two"), fsdp=fsdp, **settings))
+    one, two = read_log(str(tmp_path / "one"))[1], read_log(str(tmp_path / "two"))[1]
+    for a, b in zip(one, two):
+        assert b["val_clm"] == pytest.approx(a["val_clm"], rel=1e-4)
+        assert b["val_mlm"] == pytest.approx(a["val_mlm"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_matches_ddp_in_bf16(tiny_data, tmp_path):
+    """FSDP2 gathers weights and gradients in bfloat16 and reduces in float32; under bf16 autocast
+    its losses follow DDP's within bf16 precision."""
+    settings = dict(dtype="bfloat16", total_batch_size=4)
+    torchrun_train(run_args(tiny_data, str(tmp_path / "ddp"), **settings))
+    torchrun_train(run_args(tiny_data, str(tmp_path / "fsdp"), fsdp="true", **settings))
+    ddp, fsdp = read_log(str(tmp_path / "ddp"))[0], read_log(str(tmp_path / "fsdp"))[0]
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], rel=2e-2)
