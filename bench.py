@@ -23,8 +23,8 @@ from torch._dynamo.utils import counters
 import train
 from data import write_tokens
 from mlm_vs_clm import files
-from mlm_vs_clm.parallel import device_and_autocast
-from mlm_vs_clm.settings import command, configure, run_config_file
+from mlm_vs_clm.parallel import device_and_autocast, device_problem
+from mlm_vs_clm.settings import above, at_least, command, configure, run_config_file
 from mlm_vs_clm.tokenizer import get_tokenizer
 from model import Transformer, configure_optimizer, model_config
 from objectives import linear_cross_entropy, mask_draws, predicted_rows, pretraining_loss
@@ -51,9 +51,11 @@ class BenchConfig:
 
     def checks(self):
         return [(self.compare in ("", "transformers"), "--compare must be '' or transformers"),
+                (device_problem(self.device) is None, device_problem(self.device)),
+                *above(self, 0, "gpu_gb"), *at_least(self, 1, "gpus"),
                 (self.suite in ("", "gpu"), "--suite must be '' or gpu"),
-                (min(self.block_size, self.batch_size, self.grad_accum) >= 1
-                 and self.steps >= 4, "--block_size, --batch_size, --grad_accum >= 1, --steps >= 4")]
+                *at_least(self, 1, "block_size", "batch_size", "grad_accum"),
+                *at_least(self, 4, "steps")]
 
 # -------------------------------------------------------------------------------------------------
 # The real step: train.py on synthetic token files

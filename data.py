@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from mlm_vs_clm import files
 from mlm_vs_clm.docstrings import HELDOUT_FILE, stable_fraction
-from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.settings import at_least, command, configure
 from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer
 
 
@@ -37,6 +37,9 @@ class PrepareConfig:
     text_field: str = "text"  # .jsonl sources: the field holding the text
     seed: int = 0  # decides which documents go to validation
 
+    def checks(self):
+        return [*at_least(self, 0, "max_tokens", "seed"),
+                (0 < self.val_fraction < 1, "--val_fraction must be in (0, 1)")]
 
 
 FORMAT_VERSION = 1

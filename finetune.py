@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from data import data_dir_of
 from mlm_vs_clm import files
-from mlm_vs_clm.checkpoints import checkpoint_payload, load_model, save_checkpoint
+from mlm_vs_clm.checkpoints import (checkpoint_payload, load_model, save_checkpoint,
+                                    source_problem)
 from mlm_vs_clm.metrics import mean_ci
-from mlm_vs_clm.parallel import device_and_autocast
-from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.parallel import device_and_autocast, device_problem
+from mlm_vs_clm.settings import above, at_least, command, configure
 from mlm_vs_clm.task_data import FAMILIES, HF_TASKS, hold_out, load_task
 from mlm_vs_clm.tasks import INPUT_FORMATS, Family
 from model import configure_optimizer, lr_at
@@ -74,6 +75,13 @@ class FinetuneConfig:
     def checks(self):
         return [
             (self.init_from != "", "--init_from (a pretraining checkpoint) is required"),
+            (not self.init_from or source_problem("init_from", self.init_from) is None,
+             source_problem("init_from", self.init_from)),
+            *[(not path or os.path.isfile(path), f"--{name}={path}: no such file")
+              for name, path in (("train", self.train), ("val", self.val), ("test", self.test),
+                                 ("corpus", self.corpus))],
+            (device_problem(self.device) is None, device_problem(self.device)),
+            (self.out_dir.strip() != "", "--out_dir must name a directory"),
             (family_of(self.task) is not None,
              f"--task must be one of {', '.join(FAMILIES)} (with --train/--test), "
              f"{', '.join('demo_' + f for f in FAMILIES)}, or {', '.join(HF_TASKS)}"),
@@ -83,8 +91,8 @@ class FinetuneConfig:
              "--train/--val/--test are for --task=sc|tc|qa|ir only"),
             (not self.corpus or family_of(self.task) == "ir",
              "--corpus is for retrieval tasks only"),
-            (self.seeds >= 1 and self.batch_size >= 1 and self.max_steps >= 1,
-             "--seeds, --batch_size, --max_steps must be >= 1"),
+            *at_least(self, 1, "seeds", "batch_size", "max_steps", "max_answer_tokens"),
+            *at_least(self, 0, "weight_decay", "doc_stride"), *at_least(self, 8, "max_len"),
             (0 <= self.warmup < 1 and 0 < self.val_fraction < 1,
              "--warmup must be in [0, 1), --val_fraction in (0, 1)"),
             (self.grad_clip >= 0,
@@ -94,9 +102,7 @@ class FinetuneConfig:
              f"--input_format must be {' or '.join(INPUT_FORMATS)}"),
             (self.weights in ("fp32", "bf16"), "--weights must be fp32 or bf16"),
             (self.empty_queries in ("skip", "zero"), "--empty_queries must be skip or zero"),
-            ((self.max_len >= 8 and self.max_answer_tokens >= 1 and self.doc_stride >= 0
-              and self.temperature > 0),
-             "--max_len >= 8, --max_answer_tokens >= 1, --doc_stride >= 0, --temperature > 0"),
+            *above(self, 0, "temperature"),
             (self.dtype in ("auto", "bfloat16", "float32"),
              "--dtype must be auto, bfloat16 or float32"),
             (lrs_problem(self.lrs) is None, lrs_problem(self.lrs)),
@@ -116,8 +122,8 @@ def lrs_problem(text: str) -> str | None:
         lrs = [float(x) for x in text.split(",")]
     except ValueError:
         return f"--lrs must be comma-separated numbers, got {text!r}"
-    if not lrs or min(lrs) <= 0 or len(set(lrs)) != len(lrs):
-        return f"--lrs must be distinct positive numbers, got {text!r}"
+    if not all(0 < lr < math.inf for lr in lrs) or len(set(lrs)) != len(lrs):
+        return f"--lrs must be distinct positive finite numbers, got {text!r}"
     return None
 
 
@@ -291,7 +297,8 @@ def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict
 def finetune(cfg: FinetuneConfig) -> dict:
     device, autocast = device_and_autocast(cfg.device, cfg.dtype)
     body, tok, ckpt = load_model(cfg.init_from, device)
-    # bf16, the authors' pure bfloat16 weights: AdamW's small updates round away (docs/finetuning.md)
+    # bf16, the authors' pure bfloat16 weights: AdamW's small updates round away
+    # (docs/finetuning.md)
     body = body.to(torch.bfloat16 if cfg.weights == "bf16" else torch.float32)
     # where the demo tasks find their held-out docstrings (hf: bodies have none)
     data_dir = data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""

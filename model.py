@@ -14,6 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+ATTENTION = ("sdpa", "manual")  # how attention is computed: the library's kernel, or written out
+
+
 @dataclass
 class ModelConfig:
     # tokens the tokenizer can produce; the embedding is padded up (see padded_vocab_size)
@@ -41,7 +44,7 @@ class ModelConfig:
         if (self.n_embd // self.n_head) % 2:
             problems.append(f"head dim {self.n_embd // self.n_head} must be even for RoPE's "
                             "half-split rotation")
-        if self.attention not in ("sdpa", "manual"):
+        if self.attention not in ATTENTION:
             problems.append(f"attention={self.attention!r} must be 'sdpa' or 'manual'")
         llama3 = LLAMA3_ROPE_KEYS | {"rope_type"}
         if self.rope_scaling is not None and (self.rope_scaling.get("rope_type") != "llama3"

@@ -17,8 +17,9 @@ from typing import NamedTuple
 
 import torch
 
-from mlm_vs_clm.checkpoints import load_model
-from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.checkpoints import load_model, source_problem
+from mlm_vs_clm.parallel import device_problem
+from mlm_vs_clm.settings import at_least, command, configure
 from objectives import IGNORE, mask_tokens, pretraining_loss
 
 
@@ -53,7 +54,12 @@ class SampleConfig:
                  and self.temperature >= 0, "--top_k >= 1, --max_new_tokens >= 0, "
                  "--sample_top_k >= 0 and --temperature >= 0"),
                 (any(s.strip() for s in self.init_from.split(",")),
-                 "--init_from: give a checkpoint, hf:DIR, or several, comma-separated")]
+                 "--init_from: give a checkpoint, hf:DIR, or several, comma-separated"),
+                *[(source_problem("init_from", spec.strip()) is None,
+                   source_problem("init_from", spec.strip()))
+                  for spec in self.init_from.split(",") if spec.strip()],
+                *at_least(self, 0, "seed"), (device_problem(self.device) is None,
+                                             device_problem(self.device))]
 
     def shows(self) -> list[str]:
         return [s.strip() for s in self.show.split(",") if s.strip()]
@@ -91,9 +97,6 @@ def load(spec: str, device: str) -> Loaded:
     with."""
     model, tok, ckpt = load_model(spec)
     about = describe(ckpt) if ckpt else "Hugging Face directory"
-    if model.config.vocab_size != tok.n_vocab:
-        raise ValueError(f"{spec}: the model has {model.config.vocab_size} token ids and its "
-                         f"tokenizer {tok.name} {tok.n_vocab}: they do not belong together")
     n = model.num_params()["paper"] / 1e6
     return Loaded(label_of(spec), spec, model.to(device).eval(), tok,
                   f"{about}, {n:.2f}M parameters")
@@ -177,7 +180,8 @@ def continuation(model, tok, prompt_ids: list, cfg: SampleConfig) -> tuple[list,
         if cfg.temperature == 0:
             token = int(logits.argmax())
         else:
-            logits = logits / cfg.temperature
+            # from the top logit down: no temperature, however small, overflows
+            logits = (logits - logits.max()) / cfg.temperature
             if 0 < cfg.sample_top_k < logits.numel():
                 kth = logits.topk(cfg.sample_top_k).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from data import BlockLoader
 from mlm_vs_clm import files, parallel, runs
-from mlm_vs_clm.checkpoints import kept_steps
-from mlm_vs_clm.settings import check, command, configure
-from model import lr_at
+from mlm_vs_clm.checkpoints import kept_steps, source_problem
+from mlm_vs_clm.parallel import device_problem
+from mlm_vs_clm.settings import above, at_least, check, command, configure, one_of
+from model import ATTENTION, lr_at
 from objectives import MASK_REPLACE, OBJECTIVES, mask_draws, switch_step
 
 
@@ -87,10 +88,11 @@ class TrainConfig:
             kept = None
         except ValueError as e:
             kept = str(e)
+        source = None if self.init_from in ("scratch", "resume") \
+            else source_problem("init_from", self.init_from)
         return [
-            (self.objective in OBJECTIVES, f"--objective must be one of {OBJECTIVES}"),
-            (self.switch_to in OBJECTIVES + ("none",),
-             f"--switch_to must be one of {OBJECTIVES + ('none',)}"),
+            *one_of(self, "objective", OBJECTIVES),
+            *one_of(self, "switch_to", (*OBJECTIVES, "none")),
             (self.switch_to != self.objective,
              "--switch_to equals --objective; use --switch_to=none for a single objective"),
             (0 < self.switch_at < self.max_steps,
@@ -100,21 +102,22 @@ class TrainConfig:
              f"{self.max_steps}, which leaves one phase empty: choose a switch inside the run, or "
              "--switch_to=none"),
             (0 < self.mask_ratio < 1, "--mask_ratio must be in (0, 1)"),
-            (self.mask_replace in MASK_REPLACE, f"--mask_replace must be one of {MASK_REPLACE}"),
-            (self.max_steps > 0 and self.batch_size > 0 and self.block_size > 1,
-             "--max_steps, --batch_size, --block_size > 0"),
+            *one_of(self, "mask_replace", MASK_REPLACE), *one_of(self, "attention", ATTENTION),
+            *at_least(self, 1, "max_steps", "batch_size", "eval_batches", "log_interval"),
+            *at_least(self, 2, "block_size"),
+            *at_least(self, 0, "total_batch_size", "warmup_steps", "decay_steps", "eval_interval",
+                      "stop_at", "data_tokens", "seed", "weight_decay", "beta1", "beta2"),
+            *above(self, 0, "lr", "adam_eps"),
+            (self.beta1 < 1 and self.beta2 < 1, "--beta1 and --beta2 must be below 1"),
             (self.warmup_steps + self.decay_steps <= self.max_steps,
              "--warmup_steps + --decay_steps must fit in --max_steps"),
-            (self.lr > 0, "--lr must be positive"),
             (self.grad_clip >= 0,
              "--grad_clip must be >= 0 (0 = off; a negative bound would make clipping ascend)"),
-            (self.dtype in ("auto", "bfloat16", "float32"),
-             "--dtype must be auto, bfloat16 or float32"),
-            (self.compile in ("auto", "true", "false"), "--compile must be auto, true or false"),
-            (self.stop_at >= 0 and self.eval_interval >= 0,
-             "--stop_at and --eval_interval must be >= 0"),
-            (self.eval_batches > 0 and self.log_interval > 0,
-             "--eval_batches and --log_interval must be >= 1"),
+            *one_of(self, "dtype", ("auto", "bfloat16", "float32")),
+            *one_of(self, "compile", ("auto", "true", "false")),
+            (self.out_dir.strip() != "", "--out_dir must name a directory"),
+            (device_problem(self.device) is None, device_problem(self.device)),
+            (source is None, source),
             (kept is None, kept),
             (not self.init_from.startswith("hf:") or self.tokenizer == self.init_from,
              f"--init_from={self.init_from} needs its own tokenizer, so that its embedding rows "
@@ -207,14 +210,14 @@ def evaluate(run: runs.Run, generator) -> dict:
 @command
 def main(argv: list[str]):
     # the settings: defaults < config files < --key=value; a resumed run keeps its own
-    cfg = configure(TrainConfig, argv)
+    cfg = configure(TrainConfig, argv, check_now=False)
+    cfg, resumed = runs.resume_settings(cfg, argv, int(os.environ.get("WORLD_SIZE", 1)))
+    check(cfg)
     proc = parallel.setup(cfg.device, cfg.dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)
     # one run at a time in an out_dir: a second would interleave the log and race on ckpt.pt
     with files.exclusive(os.path.join(cfg.out_dir, ".lock"), f"training in {cfg.out_dir}") \
             if proc.master else nullcontext():
-        cfg, resumed = runs.resume_settings(cfg, argv)
-        check(cfg)
         # the setup: data, model, optimizer and loader, at step 0 or where the checkpoint stopped
         run = runs.start(cfg, proc, resumed)
         tokens_per_step = run.tokens_per_step

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from mlm_vs_clm import files
-from mlm_vs_clm.hf import load_hf
+from mlm_vs_clm.hf import check_fit, load_hf
 from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer, tokenizer_of
 from model import ModelConfig, Transformer
 
@@ -58,6 +58,17 @@ def read_checkpoint(path: str, device="cpu") -> dict:
     return ckpt
 
 
+def source_problem(setting: str, spec: str) -> str | None:
+    """What is wrong with a setting that names a checkpoint file or hf:DIR, before any work."""
+    path = spec.removeprefix("hf:")
+    if spec.startswith("hf:"):
+        return None if os.path.isdir(path) else f"--{setting}={spec}: no directory {path}"
+    if os.path.isdir(spec):
+        return (f"--{setting}={spec} is a directory: write hf:{spec} for a Hugging Face "
+                "checkpoint directory, or give a checkpoint file (out_dir/ckpt.pt)")
+    return None if os.path.isfile(spec) else f"--{setting}={spec}: no checkpoint at {spec}"
+
+
 class Loaded(NamedTuple):
     """A model with the tokenizer it was trained with, and its checkpoint ({} for hf:DIR)."""
     model: Transformer
@@ -75,23 +86,36 @@ def load_model(spec: str, device="cpu") -> Loaded:
         raise ValueError(f"{spec} is a directory: write hf:{spec} for a Hugging Face checkpoint "
                          "directory, or give a checkpoint file (out_dir/ckpt.pt)")
     ckpt = read_checkpoint(spec)
-    tok = tokenizer_of(ckpt, spec)
-    return Loaded(model_from_checkpoint(ckpt, spec).to(device), tok, ckpt)
+    tok, model = tokenizer_of(ckpt, spec), model_from_checkpoint(ckpt, spec)
+    if model.config.vocab_size != tok.n_vocab:
+        raise ValueError(f"{spec}: the model has {model.config.vocab_size} token ids and its "
+                         f"tokenizer {tok.name} {tok.n_vocab}: they do not belong together")
+    return Loaded(model.to(device), tok, ckpt)
 
 
 def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
-    """The model a checkpoint dict describes (read_checkpoint), with its weights; path is for
-    messages."""
-    unknown = set(ckpt["model_config"]) - {f.name for f in fields(ModelConfig)}
-    if unknown:
+    """The model a checkpoint dict describes (read_checkpoint), with its weights, after checking
+    that config and weights agree, before anything is allocated; path is for messages."""
+    config, weights = ckpt.get("model_config"), ckpt.get("model")
+    if not isinstance(config, dict) or not isinstance(weights, dict):
+        raise ValueError(f"{path} has no model_config or no model weights: not a checkpoint "
+                         "train.py or finetune.py wrote")
+    if unknown := set(config) - {f.name for f in fields(ModelConfig)}:
         raise ValueError(f"{path} has model config fields this code does not know: "
                          f"{sorted(unknown)}")
     try:
-        model = Transformer(ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as e:  # an edited file: config and weights disagree
-        raise ValueError(f"{path}: its weights do not fit its model config "
-                         f"({str(e).splitlines()[0][:160]})") from None
+        cfg = ModelConfig(**config)
+        for name, w in weights.items():
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+                raise ValueError(f"{name} is {getattr(w, 'dtype', type(w))}, not a float tensor")
+        check_fit(cfg, {k: tuple(w.shape) for k, w in weights.items()}, path)
+        if bad := first_non_finite(weights):
+            raise ValueError(f"{bad} holds NaN or infinite values")
+        model = Transformer(cfg)
+        model.load_state_dict(weights)
+    except (ValueError, TypeError, RuntimeError) as e:  # an edited file: config, weights disagree
+        message = str(e).splitlines()[0].removeprefix(f"{path}: ")[:160]
+        raise ValueError(f"{path}: its weights do not fit its model config ({message})") from None
     return model
 
 

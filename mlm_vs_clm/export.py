@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from mlm_vs_clm import files
 from mlm_vs_clm.checkpoints import load_model
 from mlm_vs_clm.hf import hf_name
-from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.settings import command, configure, one_of
 from mlm_vs_clm.task_data import FAMILIES
 from mlm_vs_clm.tokenizer import Tokenizer, bytes_to_unicode
 
@@ -28,6 +28,18 @@ class ExportConfig:
     init_from: str = ""  # the checkpoint: out/run/ckpt.pt, ckpt_<step>.pt, a fine-tuned model.pt
     out_dir: str = ""  # directory to write; "": hf/ beside ckpt.pt, hf_<name>/ beside other files
     kind: str = "auto"  # auto: from the checkpoint (docs/huggingface.md); or encoder, decoder
+
+    def checks(self):
+        return [(self.init_from != "", "--init_from=CHECKPOINT is required (e.g. "
+                 "out/demo/ckpt.pt); see --help"),
+                (not self.init_from.startswith("hf:") and not os.path.isdir(self.init_from),
+                 f"--init_from={self.init_from} is a directory: give one of our checkpoint files "
+                 "(out_dir/ckpt.pt, ckpt_<step>.pt, a fine-tuned model.pt); a Hugging Face "
+                 "directory needs no export"),
+                (not self.init_from or os.path.isfile(self.init_from) or os.path.isdir(
+                    self.init_from), f"--init_from={self.init_from}: no checkpoint at "
+                 f"{self.init_from}"),
+                *one_of(self, "kind", KINDS)]
 
 KINDS = ("auto", "encoder", "decoder")
 # What an export may write besides config.json, model.safetensors and the tokenizer: removed first,
@@ -403,13 +415,6 @@ def default_out_dir(ckpt_path: str) -> str:
 @command
 def main(argv: list[str]) -> Exported:
     cfg = configure(ExportConfig, argv)
-    if not cfg.init_from:
-        raise SystemExit("error: --init_from=CHECKPOINT is required (e.g. out/demo/ckpt.pt); "
-                         "see --help")
-    if cfg.init_from.startswith("hf:") or os.path.isdir(cfg.init_from):
-        raise SystemExit(f"error: --init_from={cfg.init_from} is a directory: give one of our "
-                         "checkpoint files (out_dir/ckpt.pt, ckpt_<step>.pt, a fine-tuned "
-                         "model.pt); a Hugging Face directory needs no export")
     done = export(cfg.init_from, cfg.out_dir or default_out_dir(cfg.init_from), cfg.kind)
     print(done.usage())
     return done

@@ -3,14 +3,14 @@ SmolLM-style small Llamas, EuroBERT (our own exports too) and Mistral without a 
 mapped onto model.py's names. The way out is export.py. docs/huggingface.md.
 """
 
-import json
 import os
 import re
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from mlm_vs_clm import files
 from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer
 
 # mistral: only without a sliding window, i.e. a Llama
@@ -87,75 +87,118 @@ def model_config_from_hf(hf: dict, config_path: str, vocab_size: int) -> ModelCo
         raise ValueError(f"{config_path}: no {e.args[0]!r}: not a Llama-style config") from None
 
 
-def read_weights(path: str) -> dict:
-    """All tensors of model.safetensors, or of every shard model.safetensors.index.json lists."""
+def weight_files(path: str) -> list[str]:
+    """model.safetensors, or every shard model.safetensors.index.json lists."""
     single, index = (os.path.join(path, "model.safetensors"),
                      os.path.join(path, "model.safetensors.index.json"))
     if os.path.exists(single):
-        files = [single]
-    elif os.path.exists(index):
-        with open(index) as f:
-            files = [os.path.join(path, name)
-                     for name in sorted(set(json.load(f)["weight_map"].values()))]
-        missing = [f for f in files if not os.path.exists(f)]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not there: {missing}: "
-                                    "download all of them")
-    else:
+        return [single]
+    if not os.path.exists(index):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 "(pickled pytorch_model.bin files are not read: re-save the model "
                                 "with safetensors)")
-    weights = {}
-    for file in files:
+    weight_map = files.read_json(index, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no weight_map: not a safetensors index")
+    shards = [os.path.join(path, name) for name in sorted(set(map(str, weight_map.values())))]
+    if missing := [f for f in shards if not os.path.exists(f)]:
+        raise FileNotFoundError(f"{index} lists shards that are not there: {missing}: "
+                                "download all of them")
+    return shards
+
+
+def headers(shards: list[str]) -> dict:
+    """name -> (shape, dtype) of every tensor, read from the files' headers: nothing is loaded."""
+    found = {}
+    for file in shards:
         try:
-            weights.update(load_file(file))
+            with safe_open(file, "pt") as f:
+                found |= {name: (tuple(f.get_slice(name).get_shape()),
+                                 f.get_slice(name).get_dtype()) for name in f.keys()}
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: unreadable safetensors file ({e}): "
                              "truncated or corrupt download?") from None
-    return weights
+    return found
+
+
+def check_fit(cfg: ModelConfig, shapes: dict, where: str) -> None:
+    """Raises unless weights of these shapes (our names) are a model of cfg, before anything is
+    allocated: the number of blocks first, then every shape on the meta device."""
+    blocks = {int(n.split(".")[1]) for n in shapes if n.startswith("blocks.")}
+    if cfg.n_layer != len(blocks):
+        raise ValueError(f"{where}: its config has {cfg.n_layer} blocks and its weights "
+                         f"{len(blocks)}")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    if missing := sorted(set(expected) - set(shapes)):
+        raise ValueError(f"{where}: missing weights for {missing[:6]}")
+    for name, shape in shapes.items():
+        if name in expected and shape != expected[name]:
+            raise ValueError(f"{where}: {name} has shape {shape}, its config implies "
+                             f"{expected[name]}")
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                 "vocab_size")
 
 
 def load_hf(path: str, tok) -> Transformer:
     """A Transformer holding the checkpoint in directory `path`, sized for `tok` (its own tokenizer,
-    from data.get_tokenizer('hf:' + path), which may add <|mask|> and <|pad|> after the checkpoint's
-    vocabulary)."""
+    get_tokenizer('hf:' + path), which may add <|mask|> and <|pad|> after the checkpoint's
+    vocabulary). Shapes and dtypes are checked against config.json from the files' headers before
+    any weight is read; non-float or non-finite weights are refused."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: hf:PATH must be a Hugging Face "
                                 "checkpoint directory (config.json and model.safetensors "
                                 "or its shards)")
-    with open(config_path) as f:
-        hf = json.load(f)
+    hf = files.read_json(config_path, "a Hugging Face config.json")
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path}: a JSON {type(hf).__name__}, not a config object")
+    for key in POSITIVE_INTS + ("num_key_value_heads", "max_position_embeddings", "head_dim"):
+        value = hf.get(key, 1 if key not in POSITIVE_INTS else None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise ValueError(f"{config_path}: {key} must be a positive integer, got {value!r}")
     cfg = model_config_from_hf(hf, config_path, tok.n_vocab)
-    n_rows = hf.get("vocab_size")
+    n_rows = hf["vocab_size"]
     if n_rows != tok.base_vocab:
         raise ValueError(f"{config_path}: vocab_size {n_rows}, but the tokenizer {tok.name} has "
                          f"{tok.base_vocab} ids: the embedding and the tokenizer must come from "
                          "the same checkpoint")
-    state, unknown = {}, []
-    for name, weight in read_weights(path).items():
+    shards = weight_files(path)
+    found, names = headers(shards), {}
+    for name, (shape, dtype) in found.items():
         ours = our_name(name)
-        # old files saved the RoPE table
-        if ours is None and not name.endswith("rotary_emb.inv_freq"):
-            unknown.append(name)
-        elif ours is not None:
-            # float32 master weights: train.py runs bf16 autocast over fp32 parameters, and AdamW's
-            # small updates vanish when added to bf16 weights. Export writes float32 too; cast there
-            # if you want smaller files.
-            state[ours] = weight.float()
-    if unknown:
-        raise ValueError(f"{path}: weights model.py has no place for (biases, extra norms?): "
-                         f"{unknown[:6]}")
+        if ours is None and not name.endswith("rotary_emb.inv_freq"):  # old files saved RoPE's
+            raise ValueError(f"{path}: weights model.py has no place for (biases, extra norms?): "
+                             f"{name}")
+        if ours is not None and dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{path}: {name} holds {dtype} values, not floating point: "
+                             "a quantized checkpoint? Give the full-precision one")
+        if ours is not None:
+            names[ours] = name
+    shapes = {ours: found[name][0] for ours, name in names.items()}
+    if cfg.tie_embeddings and "embed.weight" in shapes:  # one matrix; some files store it twice
+        shapes["lm_head.weight"] = shapes["embed.weight"]
+    if "lm_head.weight" not in shapes and "embed.weight" in shapes:
+        raise ValueError(f"{path}: missing weights for ['lm_head.weight'] (a base model without "
+                         "an LM head: use its *ForCausalLM/*ForMaskedLM checkpoint)")
+    # the rows past the checkpoint's vocabulary are ours to add (below)
+    shapes |= {n: (cfg.padded_vocab_size, *shapes[n][1:])
+               for n in ("embed.weight", "lm_head.weight") if n in shapes and shapes[n][0] == n_rows}
+    check_fit(cfg, shapes, path)
+    state = {}
+    for shard in shards:
+        for name, weight in load_file(shard).items():
+            if (ours := our_name(name)) is not None:
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"{shard}: {name} holds NaN or infinite values")
+                # float32 master weights: AdamW's small updates vanish in bf16 weights
+                state[ours] = weight.float()
     if cfg.tie_embeddings:
-        # one matrix; some files store it twice, some once
-        state["lm_head.weight"] = state.get("embed.weight")
-    model = Transformer(cfg)
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if state.get(k) is None)
-    if missing:
-        headless = " (a base model without an LM head: use its *ForCausalLM/*ForMaskedLM " \
-            "checkpoint)" if "lm_head.weight" in missing else ""
-        raise ValueError(f"{path}: missing weights for {missing[:6]}{headless}")
+        state["lm_head.weight"] = state["embed.weight"]
     for name in ("embed.weight", "lm_head.weight"):
         w = state[name]
         # New rows (our <|mask|>/<|pad|>, then the padding to a multiple of 64) start as the mean of
@@ -163,12 +206,9 @@ def load_hf(path: str, tok) -> Transformer:
         # would hit RMSNorm with nothing), and as an output its logit is the average logit, so by
         # Jensen the extra columns take at most new_rows / vocab of the probability mass (about
         # 0.05% for Llama 3) instead of an arbitrary share.
-        if w.dim() == 2 and w.size(0) == n_rows:
+        if w.size(0) == n_rows:
             state[name] = torch.cat(
                 [w, w.mean(0, keepdim=True).expand(cfg.padded_vocab_size - n_rows, -1)])
-    for name, w in state.items():
-        if w.shape != expected[name].shape:
-            raise ValueError(f"{path}: {hf_name(name)} has shape {tuple(w.shape)}, "
-                             f"config.json implies {tuple(expected[name].shape)}")
+    model = Transformer(cfg)
     model.load_state_dict(state)
     return model

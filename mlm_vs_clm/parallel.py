@@ -70,6 +70,32 @@ def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size
     return chosen, nullcontext
 
 
+def device_problem(device: str) -> str | None:
+    """What is wrong with a --device setting on this machine, or None."""
+    if device == "auto":
+        return None
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        return f"--device={device!r} must be auto, cpu, cuda, cuda:N or mps"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}[kind]
+    if not available:
+        return (f"--device={device}: this machine or this torch build ({torch.__version__}) has "
+                f"no {kind} device; use --device=auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        return f"--device={device}: there are {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
+def die_with_parent() -> None:
+    """Makes this process (a worker, a child) die when its parent does, even by kill -9: Linux's
+    parent-death signal. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 @dataclass
 class Process:
     """This process's place among torchrun's processes. Rank 0 alone writes files and prints."""

@@ -5,7 +5,7 @@ checkpoints and its log. train.py's loop uses these. docs/pretraining.md.
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -13,6 +13,7 @@ from data import BlockLoader, data_dir_of, load_meta, prepare
 from mlm_vs_clm import files, parallel
 from mlm_vs_clm.checkpoints import (checkpoint_payload, kept_steps, load_model,
                                     model_from_checkpoint, read_checkpoint, save_checkpoint)
+from mlm_vs_clm.settings import explicit_keys
 from mlm_vs_clm.tokenizer import TOKENIZER_FIELDS, check_tokenizer, get_tokenizer
 from model import Transformer, configure_optimizer, model_config
 from objectives import PretrainingLoss, Vocab, switch_step
@@ -41,10 +42,19 @@ def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
     return TokenFiles(data_dir, tok.vocab(), tokenizer)
 
 
-def resume_settings(cfg, argv: list[str]):
+# What a resumed run may change: how it is watched, where and how fast it runs, what it computes
+# the same way. Every other setting decides what is trained, and stays the run's own.
+RESUME_FREE = {"eval_interval", "eval_batches", "log_interval", "keep_checkpoints", "stop_at",
+               "progress", "wandb_project", "wandb_run", "device", "dtype", "compile", "fsdp",
+               "attention", "sparse_head", "repeat_data", "data_dir", "init_from", "out_dir",
+               "load_optimizer", "max_steps", "batch_size", "total_batch_size"}
+
+
+def resume_settings(cfg, argv: list[str], world_size: int):
     """The run's settings and, with --init_from=resume, the checkpoint it continues. A resumed run
-    keeps its own settings; only what is given explicitly now (say, eval_interval) changes, and an
-    earlier stop_at, which was for the earlier job."""
+    keeps its own settings: what is given now may only change how it is watched or run, extend
+    max_steps where that moves no step already trained, or split the same global batch into other
+    micro-batches; anything else is refused, naming it."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from != "resume":
         if os.path.exists(ckpt_path):
@@ -56,10 +66,43 @@ def resume_settings(cfg, argv: list[str]):
                                 "(the run wrote no checkpoint yet): start it again without "
                                 "--init_from=resume")
     resumed = read_checkpoint(ckpt_path)
-    explicit = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
-    saved = {k: v for k, v in resumed["train_config"].items()
-             if k not in explicit | {"init_from", "stop_at"}}
-    return type(cfg)(**{**asdict(cfg), **saved}), resumed
+    if "optimizer" not in resumed or "train_config" not in resumed:
+        raise ValueError(f"{ckpt_path} holds weights only (a kept ckpt_<step>.pt?), so it cannot "
+                         "resume a run: fine-tune or export it, or continue pretraining from it "
+                         "in another --out_dir with --init_from=PATH --load_optimizer=false")
+    saved, names = resumed["train_config"], {f.name for f in fields(cfg)}
+    if unknown := sorted(set(saved) - names):
+        raise ValueError(f"{ckpt_path} holds settings this code does not know ({unknown}): it "
+                         "was written by another version of the project")
+    given = explicit_keys(argv) - {"init_from"}
+    changed = sorted(k for k in given - RESUME_FREE if getattr(cfg, k) != saved.get(k))
+    if changed:
+        was = ", ".join(f"--{k}={saved.get(k)!r}" for k in changed)
+        raise ValueError(f"--init_from=resume continues the run as it was trained ({was}): drop "
+                         f"--{' --'.join(changed)}, or start a new run in another --out_dir")
+    merged = type(cfg)(**{**asdict(cfg), **{k: v for k, v in saved.items()
+                                            if k not in given and k != "stop_at"}})
+    check_extension(merged, type(cfg)(**saved), resumed, world_size, ckpt_path)
+    return merged, resumed
+
+
+def check_extension(now, then, resumed: dict, world_size: int, path: str) -> None:
+    """A resumed run may read the same global batch in other micro-batches, and extend max_steps
+    when the switch and the learning rate of every step already trained stay as they were."""
+    step, batch = resumed["step"], resumed.get("global_batch")
+    if batch is not None and (now.total_batch_size or now.batch_size * world_size) != batch:
+        raise ValueError(f"{path} was trained with {batch} sequences a step; --batch_size x "
+                         f"processes, or --total_batch_size, must give the same")
+    if now.max_steps == then.max_steps:
+        return
+    old = switch_step(then.switch_to, then.switch_at, then.max_steps)
+    new = switch_step(now.switch_to, now.switch_at, now.max_steps)
+    if now.max_steps < step or new != old or step > then.max_steps - then.decay_steps:
+        raise ValueError(f"--max_steps={now.max_steps}: {path} is at step {step} of "
+                         f"{then.max_steps}; a new budget must not move the switch (step {old}; "
+                         "give --switch_at as a step) nor the decay of steps already trained")
+    print(f"extending the run from {then.max_steps} to {now.max_steps} steps"
+          + (f"; the switch stays at step {old}" if old is not None else ""))
 
 
 @dataclass
@@ -174,6 +217,7 @@ class Run:
 
     def payload(self, weights: dict | None, **extra) -> dict:
         return checkpoint_payload(self.raw_model, weights, step=self.step,
+                                  global_batch=self.tokens_per_step // self.cfg.block_size,
                                   tokenizer=self.token_files.tokenizer,
                                   train_config=asdict(self.cfg), loader=self.loader.state_dict(),
                                   objective=self.objective, **extra)

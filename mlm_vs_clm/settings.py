@@ -13,15 +13,23 @@ import traceback
 from dataclasses import fields
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what was saved and how to go on."""
+
+
 def command(main):
     """Wraps a script's main(argv): a failure the user can fix ends in one 'error:' line, never a
-    traceback from deep inside torch."""
+    traceback from deep inside torch; Ctrl-C in one line that says what was kept."""
     @functools.wraps(main)
     def wrapped(argv: list[str]):
         try:
             return main(argv)
         except (ValueError, OSError, ImportError, FloatingPointError) as e:
             raise SystemExit(f"error: {e}") from None
+        except KeyboardInterrupt as e:
+            print(f"\ninterrupted: {e or 'nothing of this command was kept but its files'}",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
     return wrapped
 
 
@@ -30,6 +38,22 @@ def check(cfg) -> None:
     problems = [message for ok, message in cfg.checks() if not ok]
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def at_least(cfg, minimum, *names) -> list:
+    """(ok, message) checks that each named setting is >= minimum."""
+    return [(getattr(cfg, n) >= minimum, f"--{n} must be >= {minimum}, got {getattr(cfg, n)}")
+            for n in names]
+
+
+def above(cfg, minimum, *names) -> list:
+    return [(getattr(cfg, n) > minimum, f"--{n} must be > {minimum}, got {getattr(cfg, n)}")
+            for n in names]
+
+
+def one_of(cfg, name: str, choices) -> list:
+    return [(getattr(cfg, name) in choices,
+             f"--{name}={getattr(cfg, name)!r} must be one of {', '.join(map(str, choices))}")]
 
 
 def field_help(cls) -> dict:
@@ -71,9 +95,10 @@ def run_config_file(path: str) -> dict:
     return {k: v for k, v in scope.items() if not k.startswith("_") and not inspect.ismodule(v)}
 
 
-def configure(cls, argv: list[str]):
+def configure(cls, argv: list[str], check_now: bool = True):
     """The settings dataclass from argv (config file paths and --key=value), checked: unknown keys,
-    wrong types, non-finite numbers and what cls.checks() refuses stop the script here."""
+    wrong types, non-finite numbers and what cls.checks() refuses stop the script here (or, with
+    check_now=False, once train.py has merged a resumed run's own settings)."""
     cfg, names = cls(), [f.name for f in fields(cls)]
     if "--help" in argv or "-h" in argv:
         helps = field_help(cls)
@@ -100,6 +125,8 @@ def configure(cls, argv: list[str]):
             raise SystemExit(wrong_type)
         if kind is float and not math.isfinite(value):  # inf passes every "> 0" check downstream
             raise SystemExit(f"error: --{key} must be a finite number, got {value!r} in {where}")
+        if kind is int and not -2**63 <= value < 2**63:
+            raise SystemExit(f"error: --{key}={value} does not fit in 64 bits ({where})")
         setattr(cfg, key, value)
 
     for arg in argv:
@@ -114,6 +141,11 @@ def configure(cls, argv: list[str]):
         else:
             raise SystemExit(f"error: unexpected argument {arg!r}: give config files (.py) and "
                              "--key=value settings")
-    if hasattr(cfg, "checks"):
+    if check_now and hasattr(cfg, "checks"):
         check(cfg)
     return cfg
+
+
+def explicit_keys(argv: list[str]) -> set:
+    """The settings given on the command line (not through config files)."""
+    return {a[2:].partition("=")[0] for a in argv if a.startswith("--")}

@@ -260,12 +260,12 @@ def test_bad_inputs_name_the_file(tmp_path):
     shards = sorted(f for f in os.listdir(tmp_path / "sh") if f.endswith(".safetensors"))
     os.remove(tmp_path / "sh" / shards[0])
     with pytest.raises(FileNotFoundError, match=f"index.json lists shards.*{shards[0]}"):
-        hf.read_weights(str(tmp_path / "sh"))
+        hf.load_hf(str(tmp_path / "sh"), tok)
     make_llama(tmp_path / "tr", shard=True)
     victim = tmp_path / "tr" / shards[1]
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(ValueError, match=f"{shards[1]}: unreadable safetensors"):
-        hf.read_weights(str(tmp_path / "tr"))
+        hf.load_hf(str(tmp_path / "tr"), tok)
     (tmp_path / "sp").mkdir()
     (tmp_path / "sp" / "tokenizer.json").write_text(
         json.dumps({"model": {"type": "Unigram"}, "normalizer": None}))
