@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mlm_vs_clm import files
 from mlm_vs_clm.docstrings import HELDOUT_FILE, stable_fraction
 from mlm_vs_clm.settings import at_least, command, configure
-from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer
+from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer, tokenizer_problem
 
 
 @dataclass
@@ -39,6 +39,7 @@ class PrepareConfig:
 
     def checks(self):
         return [*at_least(self, 0, "max_tokens", "seed"),
+                (tokenizer_problem(self.tokenizer) is None, tokenizer_problem(self.tokenizer)),
                 (0 < self.val_fraction < 1, "--val_fraction must be in (0, 1)")]
 
 
@@ -184,6 +185,8 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):
+        return load_meta(out_dir)  # prepared: nothing to write, so read-only storage will do
     with files.exclusive(os.path.join(out_dir, ".lock"), f"preparing {out_dir}", wait=True):
         if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):
             return load_meta(out_dir)

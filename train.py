@@ -14,18 +14,18 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from data import BlockLoader
-from mlm_vs_clm import files, parallel, runs
+from mlm_vs_clm import parallel, runs
 from mlm_vs_clm.checkpoints import kept_steps, source_problem
 from mlm_vs_clm.parallel import device_problem
 from mlm_vs_clm.settings import above, at_least, check, command, configure, one_of
+from mlm_vs_clm.tokenizer import tokenizer_problem
 from model import ATTENTION, lr_at
 from objectives import MASK_REPLACE, OBJECTIVES, mask_draws, switch_step
 
@@ -117,6 +117,7 @@ class TrainConfig:
             *one_of(self, "compile", ("auto", "true", "false")),
             (self.out_dir.strip() != "", "--out_dir must name a directory"),
             (device_problem(self.device) is None, device_problem(self.device)),
+            (tokenizer_problem(self.tokenizer) is None, tokenizer_problem(self.tokenizer)),
             (source is None, source),
             (kept is None, kept),
             (not self.init_from.startswith("hf:") or self.tokenizer == self.init_from,
@@ -213,68 +214,28 @@ def main(argv: list[str]):
     cfg = configure(TrainConfig, argv, check_now=False)
     cfg, resumed = runs.resume_settings(cfg, argv, int(os.environ.get("WORLD_SIZE", 1)))
     check(cfg)
+    if resumed and resumed["step"] >= min(cfg.max_steps, cfg.stop_at or cfg.max_steps):
+        print(f"nothing to train: {cfg.out_dir}/ckpt.pt is at step {resumed['step']} of "
+              f"{cfg.max_steps} (a larger --max_steps extends the run)")
+        return
+    # the setup: data, model, optimizer and loader, at step 0 or where the checkpoint stopped
     proc = parallel.setup(cfg.device, cfg.dtype)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    # one run at a time in an out_dir: a second would interleave the log and race on ckpt.pt
-    with files.exclusive(os.path.join(cfg.out_dir, ".lock"), f"training in {cfg.out_dir}") \
-            if proc.master else nullcontext():
-        # the setup: data, model, optimizer and loader, at step 0 or where the checkpoint stopped
-        run = runs.start(cfg, proc, resumed)
-        tokens_per_step = run.tokens_per_step
-        switch, kept = run.switch, kept_steps(cfg.keep_checkpoints, cfg.max_steps)
-        peak = parallel.peak_flops(proc.device) * proc.world_size
-        generator = torch.Generator(device=proc.device)
-        log = runs.RunLog(run) if proc.master else None
+    run = runs.start(cfg, proc, resumed)
+    switch, kept = run.switch, kept_steps(cfg.keep_checkpoints, cfg.max_steps)
+    generator = torch.Generator(device=proc.device)
+
+    def validation():
+        val = evaluate(run, generator)
+        log.write({"step": run.step, "val_clm": val["clm"], "val_mlm": val["mlm"]})
+        phase = f" ({run.objective} phase)" if run.objective else ""
+        proc.print(f"step {run.step}: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f}{phase}")
+        return val
+
+    # the loop
+    with run:  # it holds the out_dir; Ctrl-C ends it with a line saying what was saved
+        log = runs.RunLog(run)
         proc.print(run.describe())
-
-        def validation():
-            val = evaluate(run, generator)
-            if log:
-                log.write({"step": run.step, "val_clm": val["clm"], "val_mlm": val["mlm"]})
-            phase = f" ({run.objective} phase)" if run.objective else ""
-            proc.print(f"step {run.step}: val clm {val['clm']:.4f} | val mlm {val['mlm']:.4f}"
-                       f"{phase}")
-            return val
-
-        pending = []  # (step, objective, lr, tensor([loss, grad norm])) not yet seen by the host
-
-        def flush():
-            """The one host sync of the loop, every log_interval steps and before validation:
-            the pending steps' losses come over, each becomes a log record, and a non-finite one
-            (whose update the device skipped) stops the run."""
-            nonlocal t_last
-            if not pending:
-                return
-            values = torch.stack([p[3] for p in pending]).tolist()
-            seconds, t_last = time.perf_counter() - t_last, time.perf_counter()
-            tokens_per_s = tokens_per_step * len(pending) / seconds
-            for (step, objective, lr, _), (loss, grad_norm) in zip(pending, values):
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise FloatingPointError(
-                        f"step {step} ({objective}) has loss {loss:.4g} and gradient norm "
-                        f"{grad_norm:.4g}; its update was not applied; stopping. {run.last_good()}")
-                causal = objective == "clm"
-                flops = run.raw_model.flops_per_token(cfg.block_size, causal,
-                                                      1.0 if causal else cfg.mask_ratio)
-                record = {"step": step, "objective": objective, "loss": loss, "lr": lr,
-                          "grad_norm": grad_norm, "tokens": step * tokens_per_step,
-                          "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / peak}
-                if log:
-                    log.write(record)
-            pending.clear()
-            if bar:
-                bar.update(step - bar.n)
-                bar.set_postfix_str(f"{objective} loss {loss:.3f} lr {lr:.1e} "
-                                    f"{tokens_per_s:,.0f} tok/s")
-            else:
-                proc.print(f"step {step}: {objective} loss {loss:.4f} | lr {lr:.2e} | "
-                           f"{tokens_per_s:,.0f} tok/s | mfu {record['mfu']:.1%}")
-
-        # the loop
-        val = validation() if run.step == 0 else None
-        bar = tqdm(total=cfg.max_steps, initial=run.step, dynamic_ncols=True) \
-            if proc.master and cfg.progress and sys.stderr.isatty() else None
-        t_start = t_last = time.perf_counter()
+        val, t_start = validation() if run.step == 0 else None, time.perf_counter()
         while run.step < min(cfg.max_steps, cfg.stop_at or cfg.max_steps):
             # the paper's switch: the objective, and with it the attention, changes; nothing else
             run.objective = cfg.objective if switch is None or run.step < switch \
@@ -285,29 +246,24 @@ def main(argv: list[str]):
                            f"(weights and optimizer state kept, lr continues at {lr:.2e})")
             loss, grad_norm = train_step(run, run.objective, lr, generator)
             run.step += 1
-            pending.append((run.step, run.objective, lr, torch.stack([loss, grad_norm.float()])))
+            log.add(loss, grad_norm, lr)
             validate_now = (cfg.eval_interval and run.step % cfg.eval_interval == 0) \
                 or run.step in (cfg.max_steps, cfg.stop_at)
             if validate_now or run.step % cfg.log_interval == 0 or run.step in kept:
-                flush()
+                log.flush()  # the host sees the losses: every log_interval steps, not every step
             if validate_now:
                 val = validation()
-                try:
-                    run.save(val)
-                except FloatingPointError as e:
-                    raise FloatingPointError(f"{e}. {run.last_good()}") from None
+                run.save(val)
             if run.step in kept:
                 run.keep()
             if validate_now or run.step in kept:
-                t_last = time.perf_counter()  # tokens/s counts training steps only
-        flush()
-        if bar:
-            bar.close()
-        elapsed = time.perf_counter() - t_start
+                log.restart_clock()
+        log.flush()
         val = val or validation()
         if proc.master:
-            runs.write_summary(run, val, run.step * tokens_per_step, elapsed)
-            log.close()
+            runs.write_summary(run, val, run.step * run.tokens_per_step,
+                               time.perf_counter() - t_start)
+        log.close()
     parallel.finish(proc)
 
 

@@ -15,6 +15,8 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
+from mlm_vs_clm.parallel import die_with_parent
+
 
 # Test suites are code, not prose. Everything else is kept, IDLE and lib2to3 included:
 # their docstrings are ordinary English. site-packages inside the stdlib dir is other
@@ -82,7 +84,8 @@ def docstring_documents() -> list[Document]:
         for root in importlib.util.find_spec(package).submodule_search_locations:
             files += _python_files(package, os.path.dirname(root), root)
     # ast.parse of ~3,000 files (~60 MB) is CPU bound: one process per core; map keeps the order
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
+    # die_with_parent: a worker left by a killed parent would block on its pipe forever
+    with ProcessPoolExecutor(os.cpu_count(), initializer=die_with_parent) as pool:
         per_file = pool.map(_file_docstrings, files, chunksize=16)
         docs, seen = [], set()
         for doc in itertools.chain.from_iterable(per_file):

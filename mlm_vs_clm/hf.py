@@ -186,8 +186,9 @@ def load_hf(path: str, tok) -> Transformer:
         raise ValueError(f"{path}: missing weights for ['lm_head.weight'] (a base model without "
                          "an LM head: use its *ForCausalLM/*ForMaskedLM checkpoint)")
     # the rows past the checkpoint's vocabulary are ours to add (below)
-    shapes |= {n: (cfg.padded_vocab_size, *shapes[n][1:])
-               for n in ("embed.weight", "lm_head.weight") if n in shapes and shapes[n][0] == n_rows}
+    shapes |= {n: (cfg.padded_vocab_size, *shapes[n][1:]) for n in ("embed.weight",
+                                                                      "lm_head.weight")
+               if n in shapes and shapes[n][0] == n_rows}
     check_fit(cfg, shapes, path)
     state = {}
     for shard in shards:

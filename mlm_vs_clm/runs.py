@@ -5,15 +5,19 @@ checkpoints and its log. train.py's loop uses these. docs/pretraining.md.
 
 import math
 import os
+import sys
+import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from tqdm import tqdm
 
 from data import BlockLoader, data_dir_of, load_meta, prepare
 from mlm_vs_clm import files, parallel
-from mlm_vs_clm.checkpoints import (checkpoint_payload, kept_steps, load_model,
-                                    model_from_checkpoint, read_checkpoint, save_checkpoint)
-from mlm_vs_clm.settings import explicit_keys
+from mlm_vs_clm.checkpoints import (checkpoint_payload, load_model, model_from_checkpoint,
+                                    read_checkpoint, save_checkpoint)
+from mlm_vs_clm.settings import Interrupted, explicit_keys
 from mlm_vs_clm.tokenizer import TOKENIZER_FIELDS, check_tokenizer, get_tokenizer
 from model import Transformer, configure_optimizer, model_config
 from objectives import PretrainingLoss, Vocab, switch_step
@@ -199,6 +203,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     loader: BlockLoader
     grad_accum: int  # micro-batches per step on each process
+    lock: ExitStack  # holds the out_dir: one run at a time (start)
     step: int = 0  # optimizer steps done
     objective: str | None = None  # the objective of the last step done
     saved_step: int | None = None  # the step of ckpt.pt, the last good checkpoint
@@ -206,6 +211,16 @@ class Run:
     @property
     def ckpt_path(self) -> str:
         return os.path.join(self.cfg.out_dir, "ckpt.pt")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """Releases the out_dir (its lock, held since start); Ctrl-C ends in one line."""
+        self.lock.close()
+        if kind is KeyboardInterrupt:
+            raise Interrupted(f"training stopped at step {self.step}. {self.last_good()}") \
+                from None
 
     @property
     def tokens_per_step(self) -> int:
@@ -227,8 +242,11 @@ class Run:
         weights, optimizer_state = parallel.full_state(self.raw_model, self.optimizer,
                                                        self.cfg.fsdp)
         if self.proc.master:
-            save_checkpoint(self.payload(weights, optimizer=optimizer_state, val=val),
-                            self.ckpt_path)
+            try:
+                save_checkpoint(self.payload(weights, optimizer=optimizer_state, val=val),
+                                self.ckpt_path)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e}. {self.last_good()}") from None
         self.saved_step = self.step
 
     def keep(self):
@@ -259,37 +277,48 @@ class Run:
 
 def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
     """The run's data, model on its device, optimizer and loader, at step 0 or where the resumed
-    checkpoint stopped; checked to read no block twice."""
-    token_files = open_token_files(cfg, proc)
-    raw_model, origin = build_model(cfg, token_files, resumed)
-    raw_model.to(proc.device)
-    if cfg.fsdp:
-        parallel.shard(raw_model, proc.bf16)
-    optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                    cfg.adam_eps)
-    loader = BlockLoader(token_files.dir, "train", cfg.block_size, cfg.batch_size, seed=cfg.seed,
-                         rank=proc.rank, world_size=proc.world_size, device=proc.device)
-    if origin.optimizer_state is not None:
-        parallel.load_optimizer_state(raw_model, optimizer, origin.optimizer_state, cfg.fsdp)
-    if origin.loader_state is not None:
-        loader.load_state_dict(origin.loader_state)
-    if resumed is not None:
-        proc.print(f"resuming {origin.source} at step {origin.step}")
-    elif origin.source:
-        proc.print(f"continuing from {origin.source}: AdamW state "
-                   + ("carried over" if origin.optimizer_state is not None else "empty")
-                   + (f", data stream at block {loader.position:,}" if origin.loader_state
-                      else ", data from the start"))
-    compile = cfg.compile == "true" or (cfg.compile == "auto" and proc.device.type == "cuda")
-    loss = parallel.wrap(PretrainingLoss(raw_model, token_files.vocab, cfg.mask_ratio,
-                                         cfg.mask_replace, cfg.sparse_head),
-                         proc, compile, sharded=cfg.fsdp)
-    grad_accum = micro_batches(cfg, proc.world_size)
-    check_unique_blocks(loader, cfg.max_steps - origin.step,
-                        grad_accum * cfg.batch_size * proc.world_size, cfg.repeat_data)
-    return Run(cfg, proc, token_files, raw_model, loss, optimizer, loader, grad_accum,
-               origin.step, resumed and resumed.get("objective"),
-               saved_step=origin.step if resumed is not None else None)
+    checkpoint stopped; checked to read no block twice. The run holds its out_dir until it ends:
+    a second run there would interleave the log and race on ckpt.pt."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    lock = ExitStack()
+    try:
+        if proc.master:
+            lock.enter_context(files.exclusive(os.path.join(cfg.out_dir, ".lock"),
+                                               f"training in {cfg.out_dir}"))
+        token_files = open_token_files(cfg, proc)
+        raw_model, origin = build_model(cfg, token_files, resumed)
+        raw_model.to(proc.device)
+        if cfg.fsdp:
+            parallel.shard(raw_model, proc.bf16)
+        optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                        cfg.adam_eps)
+        loader = BlockLoader(token_files.dir, "train", cfg.block_size, cfg.batch_size,
+                             seed=cfg.seed, rank=proc.rank, world_size=proc.world_size,
+                             device=proc.device)
+        if origin.optimizer_state is not None:
+            parallel.load_optimizer_state(raw_model, optimizer, origin.optimizer_state, cfg.fsdp)
+        if origin.loader_state is not None:
+            loader.load_state_dict(origin.loader_state)
+        if resumed is not None:
+            proc.print(f"resuming {origin.source} at step {origin.step}")
+        elif origin.source:
+            proc.print(f"continuing from {origin.source}: AdamW state "
+                       + ("carried over" if origin.optimizer_state is not None else "empty")
+                       + (f", data stream at block {loader.position:,}" if origin.loader_state
+                          else ", data from the start"))
+        compile = cfg.compile == "true" or (cfg.compile == "auto" and proc.device.type == "cuda")
+        loss = parallel.wrap(PretrainingLoss(raw_model, token_files.vocab, cfg.mask_ratio,
+                                             cfg.mask_replace, cfg.sparse_head),
+                             proc, compile, sharded=cfg.fsdp)
+        grad_accum = micro_batches(cfg, proc.world_size)
+        check_unique_blocks(loader, cfg.max_steps - origin.step,
+                            grad_accum * cfg.batch_size * proc.world_size, cfg.repeat_data)
+        return Run(cfg, proc, token_files, raw_model, loss, optimizer, loader, grad_accum, lock,
+                   origin.step, resumed and resumed.get("objective"),
+                   saved_step=origin.step if resumed is not None else None)
+    except BaseException:
+        lock.close()
+        raise
 
 
 def write_summary(run: Run, val: dict, tokens: int, seconds: float):
@@ -306,17 +335,24 @@ def write_summary(run: Run, val: dict, tokens: int, seconds: float):
 
 
 class RunLog:
-    """log.jsonl, and Weights & Biases when asked (--wandb_project; `wandb` is imported only
-    then). A resumed run keeps its records up to the checkpoint's step (what an interrupted run
-    wrote after it is redone); the file is rewritten atomically, so a crash here loses nothing."""
+    """The steps' losses on their way to the host, log.jsonl, the printed lines and Weights &
+    Biases (--wandb_project; `wandb` is imported only then). Every process keeps the pending steps
+    and checks them; the first alone writes. A resumed run keeps its records up to the
+    checkpoint's step (what an interrupted run wrote after it is redone), rewritten atomically."""
 
     def __init__(self, run: Run):
-        path, cfg = os.path.join(run.cfg.out_dir, "log.jsonl"), run.cfg
+        self.run, cfg, self.pending = run, run.cfg, []
+        self.peak = parallel.peak_flops(run.proc.device) * run.proc.world_size
+        self.t_last, self.file, self.wandb, self.bar = time.perf_counter(), None, None, None
+        if not run.proc.master:
+            return
+        path = os.path.join(cfg.out_dir, "log.jsonl")
         records = files.read_json_lines(path) if run.saved_step is not None else []
         kept = [r for r in records if r.get("step", math.inf) <= run.saved_step]
         files.write_text_atomically(path, "".join(files.json_line(r) for r in kept))
         self.file = open(path, "a", encoding="utf-8")
-        self.wandb = None
+        if cfg.progress and sys.stderr.isatty():
+            self.bar = tqdm(total=cfg.max_steps, initial=run.step, dynamic_ncols=True)
         if cfg.wandb_project:
             try:
                 import wandb
@@ -328,7 +364,46 @@ class RunLog:
                                     config={**asdict(cfg), "switch_step": run.switch},
                                     dir=cfg.out_dir)
 
+    def add(self, loss, grad_norm, lr: float):
+        """The step just done, its loss and gradient norm still on the device."""
+        run = self.run
+        self.pending.append((run.step, run.objective, lr, torch.stack([loss, grad_norm.float()])))
+
+    def flush(self):
+        """The one host sync of the loop (every log_interval steps, and before validation and
+        checkpoints): the pending losses come over, each becomes a record, and a non-finite one,
+        whose update the device skipped, stops the run."""
+        if not self.pending:
+            return
+        run, cfg = self.run, self.run.cfg
+        values = torch.stack([p[3] for p in self.pending]).tolist()
+        seconds, self.t_last = time.perf_counter() - self.t_last, time.perf_counter()
+        tokens_per_s = run.tokens_per_step * len(self.pending) / seconds
+        for (step, objective, lr, _), (loss, grad_norm) in zip(self.pending, values):
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise FloatingPointError(
+                    f"step {step} ({objective}) has loss {loss:.4g} and gradient norm "
+                    f"{grad_norm:.4g}; its update was not applied; stopping. {run.last_good()}")
+            causal = objective == "clm"
+            flops = run.raw_model.flops_per_token(cfg.block_size, causal,
+                                                  1.0 if causal else cfg.mask_ratio)
+            self.write({"step": step, "objective": objective, "loss": loss, "lr": lr,
+                        "grad_norm": grad_norm, "tokens": step * run.tokens_per_step,
+                        "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / self.peak})
+        self.pending.clear()
+        line = f"{objective} loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s"
+        if self.bar:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(line)
+        else:
+            run.proc.print(f"step {step}: {line} | mfu {flops * tokens_per_s / self.peak:.1%}")
+
+    def restart_clock(self):
+        self.t_last = time.perf_counter()  # tokens/s counts training steps only
+
     def write(self, record: dict):
+        if not self.file:
+            return
         self.file.write(files.json_line(record))
         self.file.flush()
         if self.wandb:  # a NaN or an infinity (an unknown GPU's MFU) is left out, as null in JSON
@@ -336,6 +411,9 @@ class RunLog:
                             (isinstance(v, float) and not math.isfinite(v))}, step=record["step"])
 
     def close(self):
-        self.file.close()
+        if self.bar:
+            self.bar.close()
+        if self.file:
+            self.file.close()
         if self.wandb:
             self.wandb.finish()

@@ -11,6 +11,7 @@ import re
 
 import tiktoken
 
+from mlm_vs_clm import files
 from objectives import Vocab
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")  # appended after the ordinary tokens
@@ -82,6 +83,15 @@ def get_tokenizer(name: str) -> Tokenizer:
     encoding = tiktoken.Encoding(name=name, pat_str=base._pat_str, mergeable_ranks=kept,
                                  special_tokens=specials, explicit_n_vocab=n + len(SPECIAL_TOKENS))
     return Tokenizer(name, encoding)
+
+
+def tokenizer_problem(name: str) -> str | None:
+    """What is wrong with a --tokenizer setting, found before any data is prepared, or None."""
+    try:
+        get_tokenizer(name)
+    except (ValueError, OSError) as e:
+        return f"--tokenizer={name}: {e}"
+    return None
 
 
 def check_tokenizer(found: dict, expected: dict, where: str, data: str) -> None:
@@ -175,8 +185,9 @@ def read_tokenizer_json(path: str):
     ids and it merges the adjacent pair whose concatenation has the lowest rank; tokenizer.json
     applies its merges in list order. The two agree when each merge makes a token whose id grows
     with the merge's position (GPT-2, Llama 3, the tokenizers trainer), which is checked."""
-    with open(path, encoding="utf-8") as f:
-        spec = json.load(f)
+    spec = files.read_json(path, "a tokenizers tokenizer.json")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a JSON {type(spec).__name__}, not a tokenizer object")
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") \
             or spec.get("normalizer") is not None:
@@ -242,10 +253,8 @@ def hf_tokenizer(name: str) -> Tokenizer:
     ignores pad targets, so a pad shared with eos would hide every document end)."""
     path = name.removeprefix("hf:")
     config_path = os.path.join(path, "tokenizer_config.json")
-    config = {}
-    if os.path.exists(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+    config = files.read_json(config_path, "a tokenizer_config.json") \
+        if os.path.exists(config_path) else {}
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         ranks, specials, pattern = read_tokenizer_json(os.path.join(path, "tokenizer.json"))
     elif os.path.exists(os.path.join(path, "tokenizer.model")):

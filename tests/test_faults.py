@@ -75,8 +75,10 @@ def test_a_non_finite_gradient_is_never_applied_nor_saved(tiny_data, tmp_path):
         "No checkpoint of this run was written yet" in str(e.value)
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
     train.main(run_args(tiny_data, out, max_steps=20, eval_interval=2, stop_at=2))
-    with pytest.raises(SystemExit) as e:
-        train.main(run_args(tiny_data, out, init_from="resume", lr=1e9))
+    with pytest.raises(SystemExit) as e:  # the resumed steps' learning rate is 1e9 too
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train, "lr_at", lambda *args: 1e9)
+            train.main(run_args(tiny_data, out, init_from="resume", max_steps=20, eval_interval=2))
     assert f"last good checkpoint is {out}/ckpt.pt (step 2)" in str(e.value)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 2 and checkpoints.first_non_finite(ckpt) is None

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from mlm_vs_clm import checkpoints
-import data
-from mlm_vs_clm import export, hf
+from mlm_vs_clm import export
 import model as M
 import sample
 from tests.helpers import TOK, make_checkpoint
