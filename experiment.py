@@ -10,21 +10,19 @@ What runs, how it resumes, and the results: docs/experiment.md.
 
 import glob
 import importlib.util
-import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 from mlm_vs_clm import files
-from mlm_vs_clm.checkpoints import read_checkpoint
-from mlm_vs_clm.settings import command, configure
+from mlm_vs_clm.checkpoints import identity, read_checkpoint
+from mlm_vs_clm.settings import at_least, check, command, configure, explicit_keys, parse_value
 from mlm_vs_clm.task_data import FAMILIES
 from objectives import switch_step
 
@@ -35,7 +33,10 @@ class ExperimentConfig:
     figures: str = "auto"  # figures dir; auto: the experiment's, if matplotlib is there; "": none
     summarize: str = ""  # only summarize this directory of runs (any experiment's), run nothing
     jobs: int = 2  # processes at a time, one thread each (one per core)
+    quick: bool = False  # the same design in a few minutes: QUICK's settings, unless given here
     steps: int = 400  # pretraining steps of every run (8 x 128 tokens a step)
+    warmup_steps: int = 20  # pretraining warmup (continued pretraining: 1% of its steps)
+    decay_steps: int = 40  # the decay at the end of every run, continued pretraining too
     cpt_steps: int = 200  # continued pretraining: MLM steps added to the decayed CLM and MLM runs
     eval_interval: int = 20  # pretraining steps between validations (the loss curves)
     tasks: str = "sc,tc,qa,ir"  # demo tasks to fine-tune every run on (demo_<family>); "" = none
@@ -47,46 +48,58 @@ class ExperimentConfig:
     keep_tasks: str = "sc,tc,ir"  # demo tasks of those checkpoints (demo_qa sits at its floor)
 
     def checks(self):
-        return [(min(self.jobs, self.steps, self.cpt_steps, self.seeds) >= 1,
-                 "--jobs, --steps, --cpt_steps and --seeds must be >= 1")]
+        return [*at_least(self, 1, "jobs", "steps", "cpt_steps", "seeds", "eval_interval",
+                          "ft_batch_size", "ft_steps"), *at_least(self, 0, "warmup_steps"),
+                (self.warmup_steps + self.decay_steps <= self.steps,
+                 f"--warmup_steps={self.warmup_steps} + --decay_steps={self.decay_steps} must fit "
+                 f"in --steps={self.steps}"),
+                (max(1, self.cpt_steps // 100) + self.decay_steps <= self.cpt_steps,
+                 f"--decay_steps={self.decay_steps} and a 1% warmup must fit in "
+                 f"--cpt_steps={self.cpt_steps}")]
+
+
+# --quick: the design at a size that runs in a few minutes on 2 cores (docs/experiment.md)
+QUICK = dict(steps=60, warmup_steps=6, decay_steps=12, cpt_steps=30, eval_interval=10,
+             tasks="sc,ir", lrs="3e-3,1e-2", ft_steps=20, keep="30", keep_tasks="sc")
 
 
 
 def read_run(ckpt_path: str) -> dict:
     """A train.py run: its settings (from the checkpoint; mmap reads them without loading the
-    weights), its validation losses, and the report.json of every sweep in a subdirectory of
-    its out_dir."""
+    weights), its validation losses, and the report.json of every sweep in a subdirectory of its
+    out_dir, matched to ckpt.pt or a ckpt_<step>.pt by the checkpoint's identity, not its path:
+    an experiment can be moved or copied."""
     run_dir = os.path.dirname(ckpt_path)
     ckpt = read_checkpoint(ckpt_path)
     if "train_config" not in ckpt:
         raise ValueError(f"{ckpt_path} has no train_config: not written by train.py")
     evals = [r for r in files.read_json_lines(os.path.join(run_dir, "log.jsonl")) if "val_clm" in r]
+    steps = {identity(ckpt_path, ckpt): None}  # checkpoint identity -> step (None: the final one)
+    for kept in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
+        step = read_checkpoint(kept)
+        steps[identity(kept, step)] = step["step"]
     reports, by_step = {}, {}  # task -> report of ckpt.pt; step -> task -> report of ckpt_<step>.pt
     for path in sorted(glob.glob(os.path.join(run_dir, "*", "report.json"))):
-        with open(path) as f:
-            rep = json.load(f)
+        rep = files.read_json(path, "a report.json of finetune.py")
+        if rep.get("checkpoint_id") not in steps:
+            raise ValueError(f"{path} fine-tuned {rep.get('init_from')}, not this run's ckpt.pt or "
+                             f"one of its ckpt_<step>.pt; move it out of {run_dir}")
         results = files.read_json_lines(os.path.join(os.path.dirname(path), "results.jsonl"))
         rep["cells"] = [r for r in results if r.get("key") == rep["key"]]
-        source = os.path.realpath(rep["init_from"])
-        kept = re.fullmatch(r"ckpt_(\d+)\.pt", os.path.basename(source))
-        if source == os.path.realpath(ckpt_path):
-            reports[rep["task"]] = rep
-        elif kept and os.path.dirname(source) == os.path.realpath(run_dir):
-            by_step.setdefault(int(kept[1]), {})[rep["task"]] = rep
-        else:
-            raise ValueError(f"{path} fine-tuned {rep['init_from']}, not this run's ckpt.pt or "
-                             f"one of its ckpt_<step>.pt; move it out of {run_dir}")
+        step = steps[rep["checkpoint_id"]]
+        (reports if step is None else by_step.setdefault(step, {}))[rep["task"]] = rep
     if by_step and reports:  # the final checkpoint is the last point of the data-efficiency curve
         by_step[ckpt["step"]] = reports
     return {"name": os.path.basename(run_dir), "ckpt": ckpt_path, "config": ckpt["train_config"],
-            "evals": evals, "reports": reports, "by_step": by_step}
+            "id": next(iter(steps)), "source_id": ckpt.get("source_id"), "evals": evals,
+            "reports": reports, "by_step": by_step}
 
 
 def describe_runs(runs: list[dict]) -> list[dict]:
     """Each run's pretraining in words ("CLM 100 -> MLM 300"), its CPT source (the run whose
     checkpoint it started from, if any) and its share of CLM steps; sorted as the paper's tables
     are: CLM first, then more and more MLM, then continued pretraining."""
-    by_ckpt = {os.path.realpath(r["ckpt"]): r for r in runs}
+    by_id = {r["id"]: r for r in runs}
     for run in runs:
         cfg = SimpleNamespace(**run["config"])
         switch = switch_step(cfg.switch_to, cfg.switch_at, cfg.max_steps)
@@ -98,7 +111,7 @@ def describe_runs(runs: list[dict]) -> list[dict]:
                                if objective == "clm") / cfg.max_steps
         run["source"] = None
         if cfg.init_from not in ("scratch", "resume"):
-            source = by_ckpt.get(os.path.realpath(cfg.init_from))
+            source = by_id.get(run["source_id"])
             run["source"] = source
             run["pretraining"] = (f"{source['name'] if source else cfg.init_from} + "
                                   f"{run['pretraining']}")
@@ -305,8 +318,9 @@ KEPT = ("clm", "mlm")  # the runs whose intermediate checkpoints draw the data-e
 
 def run_command(args: list[str], log_path: str) -> None:
     """One python process of the experiment, its output in log_path; stops the experiment with the
-    log's last line if it fails."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    log's last line if it fails. The process dies with the experiment (settings.command)."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               MLM_VS_CLM_PARENT=str(os.getpid()))
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), args[0])
     with open(log_path, "w") as log:
         code = subprocess.call([sys.executable, script, *args[1:]], stdout=log,
@@ -317,33 +331,55 @@ def run_command(args: list[str], log_path: str) -> None:
         raise ValueError(f"{' '.join(args[:1])} failed (exit {code}); see {log_path}: {last}")
 
 
-def finished(run_dir: str, steps: int) -> bool:
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("steps") == steps
+def train_args(name: str, cfg: ExperimentConfig) -> list[str]:
+    """The train.py settings of one run of the experiment."""
+    settings, source = RUNS[name]
+    steps = cfg.cpt_steps if source else cfg.steps
+    args = [f"--max_steps={steps}", f"--eval_interval={cfg.eval_interval}",
+            f"--decay_steps={cfg.decay_steps}", *settings,
+            # config/cpt.py's schedule: a new warmup of 1% of the budget, the runs' decay
+            f"--warmup_steps={max(1, steps // 100) if source else cfg.warmup_steps}"]
+    if source:
+        args.append(f"--init_from={os.path.join(cfg.out_dir, source, 'ckpt.pt')}")
+    if name in KEPT and cfg.keep:
+        args.append(f"--keep_checkpoints={cfg.keep}")
+    return args
+
+
+def check_same(ckpt_path: str, args: list[str]) -> None:
+    """A run already in the experiment's directory must have the settings asked for now: one of
+    other settings is neither reused nor trained over."""
+    saved = read_checkpoint(ckpt_path).get("train_config", {})
+    for arg in args:
+        key, _, value = arg[2:].partition("=")
+        if key != "init_from" and key in saved and parse_value(type(saved[key]), value) \
+                != saved[key]:
+            raise ValueError(f"{os.path.dirname(ckpt_path)} was trained with --{key}="
+                             f"{saved[key]}, not {value}: use another --out_dir, or delete that "
+                             "run to train it again")
 
 
 def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
-    """One pretraining run, once the run it continues (the future `after`) is done."""
+    """One pretraining run, once the run it continues (the future `after`) is done: kept when it is
+    finished with these settings, resumed when interrupted, else trained."""
     if after is not None:
         after.result()
-    settings, source = RUNS[name]
-    run_dir = os.path.join(cfg.out_dir, name)
-    steps = cfg.cpt_steps if source else cfg.steps
-    if finished(run_dir, steps):
-        return
-    args = ["train.py", f"--max_steps={steps}", f"--eval_interval={cfg.eval_interval}",
-            "--progress=False", f"--out_dir={run_dir}", *settings]
-    if source:  # config/cpt.py's schedule: a 1% warmup, the pretraining runs' decay (40 steps)
-        args += [f"--init_from={os.path.join(cfg.out_dir, source, 'ckpt.pt')}",
-                 f"--warmup_steps={max(1, steps // 100)}"]
-    if name in KEPT and cfg.keep:
-        args.append(f"--keep_checkpoints={cfg.keep}")
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # interrupted: continue it
-        args = ["train.py", f"--out_dir={run_dir}", "--init_from=resume", "--progress=False"]
-    run_command(args, os.path.join(cfg.out_dir, f"{name}.log"))
+    run_dir, args = os.path.join(cfg.out_dir, name), train_args(name, cfg)
+    ckpt = os.path.join(run_dir, "ckpt.pt")
+    if os.path.exists(ckpt):
+        check_same(ckpt, args)
+        summary = os.path.join(run_dir, "summary.json")
+        if os.path.exists(summary) and files.read_json(summary).get("steps") == \
+                files.read_json(summary).get("max_steps"):
+            print(f"{name}: kept (finished, the same settings)", flush=True)
+            return
+        args = ["--init_from=resume"]
+    print(f"{name}: {'resuming' if args == ['--init_from=resume'] else 'pretraining'}",
+          flush=True)
+    t0 = time.perf_counter()
+    run_command(["train.py", *args, f"--out_dir={run_dir}", "--progress=False"],
+                os.path.join(cfg.out_dir, f"{name}.log"))
+    print(f"{name}: pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) -> None:
@@ -385,6 +421,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 @command
 def main(argv: list[str]) -> dict:
     cfg = configure(ExperimentConfig, argv)
+    if cfg.quick:
+        given = explicit_keys(argv)
+        cfg = replace(cfg, **{k: v for k, v in QUICK.items() if k not in given})
+        check(cfg)
     if cfg.summarize:
         return summarize(cfg.summarize, figures_dir(cfg, cfg.summarize))
     return run_experiment(cfg)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data import data_dir_of
 from mlm_vs_clm import files
-from mlm_vs_clm.checkpoints import (checkpoint_payload, load_model, save_checkpoint,
+from mlm_vs_clm.checkpoints import (checkpoint_payload, identity, load_model, save_checkpoint,
                                     source_problem)
 from mlm_vs_clm.metrics import mean_ci
 from mlm_vs_clm.parallel import device_and_autocast, device_problem
@@ -110,7 +110,7 @@ class FinetuneConfig:
 
 
 # Settings that do not change a cell's result: a sweep run with other values reuses its cells
-NOT_IN_KEY = ("lrs", "seeds", "out_dir", "device", "progress", "save_model", "compile")
+NOT_IN_KEY = {"lrs", "seeds", "out_dir", "device", "progress", "save_model", "compile"}
 
 
 def learning_rates(cfg: FinetuneConfig) -> list[float]:
@@ -291,6 +291,11 @@ def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict
     rows = {"train": train, "val": val, "test": task.test}
     splits = {name: family.encode(r, task.documents[name]) if name in task.documents
               else family.encode(r) for name, r in rows.items()}
+    for name in ("val", "test"):  # retrieval: a split that judges nothing relevant scores nothing
+        if family.name == "ir" and not any(g > 0 for rel in splits[name].relevance
+                                           for g in rel.values()):
+            raise ValueError(f"{rows[name][0][0].rsplit(',', 1)[0]}: the {name} split judges no "
+                             "document relevant (every grade is 0), so nDCG has nothing to rank")
     return splits, {name: len(r) for name, r in rows.items()}
 
 
@@ -302,6 +307,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     body = body.to(torch.bfloat16 if cfg.weights == "bf16" else torch.float32)
     # where the demo tasks find their held-out docstrings (hf: bodies have none)
     data_dir = data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""
+    checkpoint_id = identity(cfg.init_from, ckpt)
     del ckpt  # the body holds the weights
     task = load_task(cfg, data_dir)
     max_len = min(cfg.max_len, body.config.block_size)
@@ -313,17 +319,17 @@ def finetune(cfg: FinetuneConfig) -> dict:
           f"items; body {cfg.init_from} on {device} in {next(body.parameters()).dtype}, "
           f"max_len {max_len}, input format {cfg.input_format}")
     # A cell is only reused when everything that decides its result is the same: settings,
-    # checkpoint and data.
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
-    stat = os.stat(cfg.init_from.removeprefix("hf:"))
-    fingerprint = json.dumps([settings, stat.st_size, stat.st_mtime_ns, task.train, task.val,
-                              task.test, task.documents], sort_keys=True)
+    # the checkpoint's content, the data.
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY | {"init_from"}}
+    fingerprint = json.dumps([settings, checkpoint_id, task.train, task.val, task.test,
+                              task.documents], sort_keys=True)
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     # One sweep at a time in an out_dir:
     # two would do the same cells twice and interleave results.jsonl.
     with files.exclusive(os.path.join(cfg.out_dir, ".lock"), f"fine-tuning in {cfg.out_dir}"):
         results = sweep(family, body, splits, cfg, key)
-        rep = {"task": cfg.task, "family": task.family, "init_from": cfg.init_from, "key": key,
+        rep = {"task": cfg.task, "family": task.family, "init_from": cfg.init_from,
+               "checkpoint_id": checkpoint_id, "key": key,
                **report(results, family.metric)}
         if family.trivial_rule:
             rep["trivial"] = {"rule": family.trivial_rule,

@@ -4,6 +4,8 @@ with a NaN, read with weights_only=True, the model config inside. And the one lo
 checkpoint or hf:DIR". docs/pretraining.md#checkpoints-and-failures-what-is-guaranteed.
 """
 
+import glob
+import hashlib
 import os
 import pickle
 import zipfile
@@ -56,6 +58,21 @@ def read_checkpoint(path: str, device="cpu") -> dict:
         raise ValueError(f"{path} is not a checkpoint of this project (no format tag "
                          f"{CHECKPOINT_FORMAT!r}); train.py writes them as out_dir/ckpt.pt")
     return ckpt
+
+
+def identity(spec: str, ckpt: dict) -> str:
+    """What a model is, wherever it lies: its run's id and step for train.py's checkpoints (ckpt.pt
+    and its ckpt_<step>.pt), else the sha256 of its files (hf:DIR, a fine-tuned model.pt)."""
+    if ckpt.get("run_id"):
+        return f"{ckpt['run_id']}@{ckpt['step']}"
+    path, digest = spec.removeprefix("hf:"), hashlib.sha256()
+    for file in sorted(glob.glob(os.path.join(path, "*"))) if os.path.isdir(path) else [path]:
+        if os.path.isfile(file):
+            digest.update(os.path.basename(file).encode())
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def source_problem(setting: str, spec: str) -> str | None:
@@ -138,18 +155,13 @@ def first_non_finite(tree, name: str = "") -> str | None:
 
 
 def save_checkpoint(payload: dict, path: str) -> None:
+    """Writes a checkpoint that will load: finite, and with a model config that builds."""
     bad = first_non_finite(payload)
     if bad is not None:
         raise FloatingPointError(f"{bad} holds non-finite values at step {payload['step']}, "
                                  f"so it was not saved")
+    ModelConfig(**payload["model_config"])  # raises, naming what is wrong, before anything is saved
     files.write_atomically(path, lambda tmp: torch.save(payload, tmp))
-
-
-def last_good(ckpt_path: str, step: int | None) -> str:
-    if step is None:
-        return f"No checkpoint of this run was written yet ({ckpt_path} does not exist)"
-    return (f"The last good checkpoint is {ckpt_path} (step {step}): resume from it with "
-            f"--init_from=resume")
 
 
 def kept_steps(spec: str, max_steps: int) -> set[int]:

@@ -15,7 +15,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
-from mlm_vs_clm.parallel import die_with_parent
+from mlm_vs_clm.settings import die_with_parent
 
 
 # Test suites are code, not prose. Everything else is kept, IDLE and lib2to3 included:

@@ -42,10 +42,7 @@ class ExportConfig:
                 *one_of(self, "kind", KINDS)]
 
 KINDS = ("auto", "encoder", "decoder")
-# What an export may write besides config.json, model.safetensors and the tokenizer: removed first,
-# so that a directory exported again as another kind holds nothing stale.
-OPTIONAL_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-                  "1_Pooling", "2_Normalize", "finetuned.json", "model.safetensors.index.json")
+MARKER = "mlm_vs_clm_export.json"  # in every export: a directory this code may replace
 ST_POOLING = {"mean": "pooling_mode_mean_tokens", "first": "pooling_mode_cls_token",
               "last": "pooling_mode_lasttoken"}  # ours -> sentence-transformers' Pooling mode
 
@@ -90,6 +87,27 @@ class Exported(NamedTuple):
         return "\n".join([f"{self.out_dir}: {self.kind} ({self.why}), written as "
                           f"{self.architecture}; load it with no custom code:"]
                          + [f"  {line}" for line in how])
+
+
+def check_target(out_dir: str) -> None:
+    """An export goes into a new or empty directory, or replaces one of our exports: never over
+    files it did not write."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) \
+            and not os.path.exists(os.path.join(out_dir, MARKER)):
+        found = sorted(os.listdir(out_dir))
+        raise ValueError(f"{out_dir} holds files this export did not write ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): choose a new or empty --out_dir")
+
+
+def swap_in(tmp: str, out_dir: str) -> None:
+    """The finished export in tmp replaces out_dir: its old contents move aside first, and are
+    deleted only once the new ones are in place."""
+    old = f"{out_dir.rstrip(os.sep)}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def templates(kind: str, input_format: str | None) -> tuple[str, str]:
@@ -300,36 +318,38 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
     architecture, config, state = weights_and_config(model, tok, kind, finetuned, pooling,
                                                      ckpt_path)
     max_len = min(max_len or model.config.block_size, model.config.block_size)
-    os.makedirs(out_dir, exist_ok=True)
-    for name in OPTIONAL_FILES:
-        stale = os.path.join(out_dir, name)
-        if os.path.isdir(stale):
-            shutil.rmtree(stale)
-        elif os.path.exists(stale):
-            os.remove(stale)
-    files.write_atomically(os.path.join(out_dir, "model.safetensors"),
-                           lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    names = {i: s for s, i in tok.encoding._special_tokens.items()}
-    # model_max_length: what tokenizer(..., truncation=True) and sentence-transformers cut inputs
-    # to, the fine-tuning's max_len (the <eot> the tokenizer appends included, as in tasks.py)
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-                        "eos_token": names[tok.eot_id], "mask_token": names[tok.mask_id],
-                        "pad_token": names[tok.pad_id],
-                        "model_input_names": ["input_ids", "attention_mask"]}
-    files.write_json(os.path.join(out_dir, "config.json"), config)
-    files.write_json(os.path.join(out_dir, "tokenizer.json"),
-               tokenizer_json(tok, templates(kind, input_format)))
-    files.write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
-    if kind in ("encoder", "ir"):
-        prompts = {"query": "Query: ", "document": "Document: "} if input_format == "paper" \
-            else {}
-        sentence_transformers_files(out_dir, model.config.n_embd, max_len, pooling, kind == "ir",
-                                    prompts)
-    if finetuned is not None:  # what it was trained on and how well it did, for its users
-        keep = ("task", "family", "labels", "pooling", "input_format", "max_len", "causal", "lr",
-                "seed", "val", "test", "source")
-        files.write_json(os.path.join(out_dir, "finetuned.json"),
-                   files.strict({k: finetuned[k] for k in keep if k in finetuned}))
+    check_target(out_dir)
+    tmp = f"{out_dir.rstrip(os.sep)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what an earlier export that failed left
+    os.makedirs(tmp)
+    try:
+        files.write_json(os.path.join(tmp, MARKER), {"checkpoint": ckpt_path, "kind": kind})
+        files.write_atomically(os.path.join(tmp, "model.safetensors"),
+                               lambda path: save_file(state, path, metadata={"format": "pt"}))
+        names = {i: s for s, i in tok.encoding._special_tokens.items()}
+        # model_max_length: what tokenizer(..., truncation=True) and sentence-transformers cut
+        # inputs to, the fine-tuning's max_len (the <eot> the tokenizer appends included)
+        files.write_json(os.path.join(tmp, "tokenizer_config.json"), {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+            "eos_token": names[tok.eot_id], "mask_token": names[tok.mask_id],
+            "pad_token": names[tok.pad_id], "model_input_names": ["input_ids", "attention_mask"]})
+        files.write_json(os.path.join(tmp, "config.json"), config)
+        files.write_json(os.path.join(tmp, "tokenizer.json"),
+                         tokenizer_json(tok, templates(kind, input_format)))
+        if kind in ("encoder", "ir"):
+            prompts = {"query": "Query: ", "document": "Document: "} \
+                if input_format == "paper" else {}
+            sentence_transformers_files(tmp, model.config.n_embd, max_len, pooling, kind == "ir",
+                                        prompts)
+        if finetuned is not None:  # what it was trained on and how well it did, for its users
+            keep = ("task", "family", "labels", "pooling", "input_format", "max_len", "causal",
+                    "lr", "seed", "val", "test", "source")
+            files.write_json(os.path.join(tmp, "finetuned.json"),
+                             {k: finetuned[k] for k in keep if k in finetuned})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous export, if any, is untouched
+        raise
+    swap_in(tmp, out_dir)
     return Exported(out_dir, kind, architecture, why, input_format)
 
 # -------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def write_atomically(path: str, write) -> None:
     except BaseException as e:
         if os.path.lexists(tmp):
             os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save: a full disk is a RuntimeError
+        # a full disk: an OSError, torch.save's RuntimeError, safetensors' SafetensorError, ...
+        if isinstance(e, Exception) and not isinstance(e, (ValueError, TypeError)):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**20
             reason = str(e).splitlines()[0][:120]
             raise OSError(f"could not write {path} ({reason}; {free:,.0f} MiB free on its disk): "

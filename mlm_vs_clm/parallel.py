@@ -87,15 +87,6 @@ def device_problem(device: str) -> str | None:
     return None
 
 
-def die_with_parent() -> None:
-    """Makes this process (a worker, a child) die when its parent does, even by kill -9: Linux's
-    parent-death signal. Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-
-
 @dataclass
 class Process:
     """This process's place among torchrun's processes. Rank 0 alone writes files and prints."""

@@ -7,15 +7,17 @@ import math
 import os
 import sys
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from data import BlockLoader, data_dir_of, load_meta, prepare
 from mlm_vs_clm import files, parallel
-from mlm_vs_clm.checkpoints import (checkpoint_payload, load_model, model_from_checkpoint,
+from mlm_vs_clm.checkpoints import (checkpoint_payload, identity, load_model, model_from_checkpoint,
                                     read_checkpoint, save_checkpoint)
 from mlm_vs_clm.settings import Interrupted, explicit_keys
 from mlm_vs_clm.tokenizer import TOKENIZER_FIELDS, check_tokenizer, get_tokenizer
@@ -51,7 +53,7 @@ def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
 RESUME_FREE = {"eval_interval", "eval_batches", "log_interval", "keep_checkpoints", "stop_at",
                "progress", "wandb_project", "wandb_run", "device", "dtype", "compile", "fsdp",
                "attention", "sparse_head", "repeat_data", "data_dir", "init_from", "out_dir",
-               "load_optimizer", "max_steps", "batch_size", "total_batch_size"}
+               "load_optimizer", "max_steps", "batch_size", "total_batch_size", "switch_at"}
 
 
 def resume_settings(cfg, argv: list[str], world_size: int):
@@ -97,25 +99,29 @@ def check_extension(now, then, resumed: dict, world_size: int, path: str) -> Non
     if batch is not None and (now.total_batch_size or now.batch_size * world_size) != batch:
         raise ValueError(f"{path} was trained with {batch} sequences a step; --batch_size x "
                          f"processes, or --total_batch_size, must give the same")
-    if now.max_steps == then.max_steps:
-        return
     old = switch_step(then.switch_to, then.switch_at, then.max_steps)
     new = switch_step(now.switch_to, now.switch_at, now.max_steps)
-    if now.max_steps < step or new != old or step > then.max_steps - then.decay_steps:
+    if new != old:
+        raise ValueError(f"--max_steps={now.max_steps} --switch_at={now.switch_at:g} would move "
+                         f"the switch of {path} from step {old} to {new}: keep it where it is (a "
+                         "larger budget: give --switch_at as that step)")
+    if now.max_steps == then.max_steps:
+        return
+    if now.max_steps < step or step > then.max_steps - then.decay_steps:
         raise ValueError(f"--max_steps={now.max_steps}: {path} is at step {step} of "
-                         f"{then.max_steps}; a new budget must not move the switch (step {old}; "
-                         "give --switch_at as a step) nor the decay of steps already trained")
+                         f"{then.max_steps}; a new budget must not cut steps already trained "
+                         "nor move a decay already begun")
     print(f"extending the run from {then.max_steps} to {now.max_steps} steps"
           + (f"; the switch stays at step {old}" if old is not None else ""))
 
 
-@dataclass
-class Origin:
+class Origin(NamedTuple):
     """Where a run starts, besides its weights: a step, a loader position, an AdamW state."""
     step: int = 0
     loader_state: dict | None = None
     optimizer_state: dict | None = None
     source: str = ""  # the checkpoint it comes from, for messages
+    source_id: str | None = None  # that checkpoint's identity (checkpoints.identity)
 
 
 def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Transformer, Origin]:
@@ -127,15 +133,16 @@ def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Tra
         ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         model = model_from_checkpoint(resumed, ckpt_path)
         check_tokenizer(token_files.tokenizer, resumed["tokenizer"], ckpt_path, meta_path)
-        origin = Origin(resumed["step"], loader_state(resumed), resumed["optimizer"], ckpt_path)
+        origin = Origin(resumed["step"], loader_state(resumed), resumed["optimizer"], ckpt_path,
+                        resumed.get("source_id"))
     elif cfg.init_from == "scratch":
         model = Transformer(model_config(cfg.model, vocab_size=token_files.vocab.size,
                                          block_size=cfg.block_size))
     else:  # another run's checkpoint, or hf:DIR
         model, tok, source = load_model(cfg.init_from)
         check_tokenizer(token_files.tokenizer, tok.meta(), cfg.init_from, meta_path)
-        if source:
-            origin = continued_pretraining(cfg, token_files, source)
+        origin = continued_pretraining(cfg, token_files, source) if source else Origin()
+        origin = origin._replace(source_id=identity(cfg.init_from, source))
     if model.config.block_size < cfg.block_size:
         raise ValueError(f"{cfg.init_from}: its block_size {model.config.block_size} is below "
                          f"--block_size={cfg.block_size}")
@@ -204,6 +211,8 @@ class Run:
     loader: BlockLoader
     grad_accum: int  # micro-batches per step on each process
     lock: ExitStack  # holds the out_dir: one run at a time (start)
+    run_id: str  # in every checkpoint of the run: what identifies them wherever they are copied
+    source_id: str | None  # the identity of the checkpoint it continues (pretraining from it)
     step: int = 0  # optimizer steps done
     objective: str | None = None  # the objective of the last step done
     saved_step: int | None = None  # the step of ckpt.pt, the last good checkpoint
@@ -231,7 +240,8 @@ class Run:
         return switch_step(self.cfg.switch_to, self.cfg.switch_at, self.cfg.max_steps)
 
     def payload(self, weights: dict | None, **extra) -> dict:
-        return checkpoint_payload(self.raw_model, weights, step=self.step,
+        return checkpoint_payload(self.raw_model, weights, step=self.step, run_id=self.run_id,
+                                  source_id=self.source_id,
                                   global_batch=self.tokens_per_step // self.cfg.block_size,
                                   tokenizer=self.token_files.tokenizer,
                                   train_config=asdict(self.cfg), loader=self.loader.state_dict(),
@@ -313,8 +323,9 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
         grad_accum = micro_batches(cfg, proc.world_size)
         check_unique_blocks(loader, cfg.max_steps - origin.step,
                             grad_accum * cfg.batch_size * proc.world_size, cfg.repeat_data)
+        run_id = (resumed or {}).get("run_id") or uuid.uuid4().hex[:12]
         return Run(cfg, proc, token_files, raw_model, loss, optimizer, loader, grad_accum, lock,
-                   origin.step, resumed and resumed.get("objective"),
+                   run_id, origin.source_id, origin.step, resumed and resumed.get("objective"),
                    saved_step=origin.step if resumed is not None else None)
     except BaseException:
         lock.close()

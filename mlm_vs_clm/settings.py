@@ -22,6 +22,10 @@ def command(main):
     traceback from deep inside torch; Ctrl-C in one line that says what was kept."""
     @functools.wraps(main)
     def wrapped(argv: list[str]):
+        if parent := os.environ.get("MLM_VS_CLM_PARENT"):  # a child of experiment.py
+            die_with_parent()
+            if os.getppid() != int(parent):  # the parent died before that took effect
+                raise SystemExit("error: the process that started this one has ended")
         try:
             return main(argv)
         except (ValueError, OSError, ImportError, FloatingPointError) as e:
@@ -31,6 +35,15 @@ def command(main):
                   file=sys.stderr)
             raise SystemExit(130) from None
     return wrapped
+
+
+def die_with_parent() -> None:
+    """Makes this process (a worker, a child) die when its parent does, even by kill -9: Linux's
+    parent-death signal. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def check(cfg) -> None:

@@ -9,9 +9,14 @@ import shutil
 
 import pytest
 
+import torch
+
 import experiment
 import finetune as ft
 import train
+from mlm_vs_clm import settings
+from mlm_vs_clm.checkpoints import CHECKPOINT_FORMAT
+from mlm_vs_clm.settings import parse_value
 from tests.helpers import read_log, run_args, sc_files
 
 
@@ -92,28 +97,35 @@ def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
 
 
 def test_cpu_experiment_runs_every_step_in_order_and_picks_up_where_it_stopped(tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch,
+                                                                               capsys):
     """experiment.py's orchestration, with the commands recorded instead of run: the seven
     pretraining runs (each CPT run after its source), then one sweep per run and task with the
-    grid settings, then the summary; a second call reuses finished runs and resumes an
-    interrupted one."""
+    grid settings, then the summary; a second call keeps finished runs, resumes an interrupted
+    one and says which; other settings than a run's own are refused, not reused."""
     commands, summaries = [], []
 
     def out_dir_of(args):
         return next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
 
-    def fake_command(args, log_path):
+    def fake_command(args, log_path):  # a finished run leaves its checkpoint and summary.json
         commands.append(args)
         out_dir = out_dir_of(args)
-        if args[0] == "train.py":  # a finished run leaves its summary.json, as train.py does
-            steps = next((a.split("=")[1] for a in args if a.startswith("--max_steps=")), "?")
-            os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
+        if args[0] == "train.py" and "--init_from=resume" not in args:
+            saved = {a[2:].split("=", 1)[0]: a.split("=", 1)[1] for a in args[1:]}
+            config = {k: parse_value(type(getattr(train.TrainConfig(), k)), v)
+                      for k, v in saved.items()}
+            torch.save({"format": CHECKPOINT_FORMAT, "train_config": config},
+                       os.path.join(out_dir, "ckpt.pt"))
+            steps = config["max_steps"]
             (tmp_path / "exp" / os.path.basename(out_dir) / "summary.json").write_text(
-                f'{{"steps": {steps}}}')
+                f'{{"steps": {steps}, "max_steps": {steps}}}')
     monkeypatch.setattr(experiment, "run_command", fake_command)
     monkeypatch.setattr(experiment, "summarize", lambda *a: summaries.append(a))
     argv = [f"--out_dir={tmp_path / 'exp'}", "--jobs=1", "--tasks=sc,qa", "--steps=40",
-            "--cpt_steps=20", "--figures=", "--keep=10,20", "--keep_tasks=sc"]
+            "--cpt_steps=20", "--decay_steps=10", "--warmup_steps=4", "--figures=",
+            "--keep=10,20", "--keep_tasks=sc"]
     experiment.main(argv)
     pretraining = [a for a in commands if a[0] == "train.py"]
     names = [os.path.basename(out_dir_of(a)) for a in pretraining]
@@ -122,6 +134,7 @@ def test_cpu_experiment_runs_every_step_in_order_and_picks_up_where_it_stopped(t
         ["clm", "mlm"]
     cpt = next(a for a in pretraining if "--out_dir=" + str(tmp_path / "exp" / "clm-cpt") in a)
     assert f"--init_from={tmp_path / 'exp' / 'clm' / 'ckpt.pt'}" in cpt and "--max_steps=20" in cpt
+    assert "--decay_steps=10" in cpt and "--warmup_steps=1" in cpt  # the schedule passed through
     sweeps = [a for a in commands if a[0] == "finetune.py"]
     assert len(sweeps) == 7 * 2 + 2 * 2 and all("--lrs=1e-3,3e-3,1e-2" in a and "--seeds=2" in a
                                                 for a in sweeps)
@@ -130,8 +143,19 @@ def test_cpu_experiment_runs_every_step_in_order_and_picks_up_where_it_stopped(t
 
     commands.clear()
     (tmp_path / "exp" / "mlm" / "summary.json").unlink()  # mlm was interrupted after a checkpoint
-    (tmp_path / "exp" / "mlm" / "ckpt.pt").write_bytes(b"")
     experiment.main(argv)
     assert [a for a in commands if a[0] == "train.py"] == [
-        ["train.py", f"--out_dir={tmp_path / 'exp' / 'mlm'}", "--init_from=resume",
+        ["train.py", "--init_from=resume", f"--out_dir={tmp_path / 'exp' / 'mlm'}",
          "--progress=False"]]
+    printed = capsys.readouterr().out
+    assert "clm: kept (finished, the same settings)" in printed and "mlm: resuming" in printed
+    with pytest.raises(SystemExit, match=r"exp/clm was trained with --max_steps=40, not 60"):
+        experiment.main([a for a in argv if not a.startswith("--steps")] + ["--steps=60"])
+
+
+def test_quick_experiment_settings_fit_and_bad_schedules_are_named():
+    cfg = experiment.ExperimentConfig(**experiment.QUICK)
+    settings.check(cfg)
+    with pytest.raises(SystemExit, match=r"--warmup_steps=20 \+ --decay_steps=40 must fit in "
+                                         r"--steps=50"):
+        experiment.main(["--steps=50"])

@@ -20,8 +20,8 @@ from mlm_vs_clm import files
 import experiment
 import finetune as ft
 import train
-from tests.helpers import (HERE, error_of, make_checkpoint, make_family, read_log, rows, run_args,
-                      sc_files, tiny_body)
+from tests.helpers import (HERE, error_of, make_checkpoint, make_family, read_log, rows,
+                           run_args, sc_files, tiny_body, write_jsonl)
 from data import load_meta, prepare
 
 
@@ -87,10 +87,11 @@ def test_a_non_finite_gradient_is_never_applied_nor_saved(tiny_data, tmp_path):
 
 def test_a_non_finite_checkpoint_is_refused_and_the_old_one_kept(tmp_path):
     path = str(tmp_path / "ckpt.pt")
-    checkpoints.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}}, path)
+    checkpoints.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}, "model_config": {}},
+                                path)
     with pytest.raises(FloatingPointError, match=r"model\.w holds non-finite values at step 2"):
         inf = torch.tensor([1.0, float("inf"), 0.0])
-        checkpoints.save_checkpoint({"step": 2, "model": {"w": inf}}, path)
+        checkpoints.save_checkpoint({"step": 2, "model": {"w": inf}, "model_config": {}}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     nan_state = {"optimizer": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}}
     assert checkpoints.first_non_finite(nan_state) == "optimizer.state.0.exp_avg"
@@ -313,3 +314,326 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_data, tmp_p
         train.main(run_args(tiny_data, str(out), init_from="resume"))
     assert not os.path.lexists(out / "ckpt.pt.tmp")
     assert checkpoints.read_checkpoint(str(out / "ckpt.pt"))["step"] == 4
+
+# --------------------------------------------------------------------------------------------------
+# Round two: nothing poisons a run, deletes a file or outlives its parent, and resume cannot
+# change the run
+
+
+def script_error(main, argv, cwd):
+    """main(argv) must stop with one `error:` line and leave nothing behind in cwd."""
+    before = set(os.listdir(cwd))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert set(os.listdir(cwd)) == before
+    return message
+
+
+BAD_SETTINGS = {
+    "train": ["--attention=flash", "--seed=-1", "--out_dir=", "--max_steps=0", "--batch_size=-2",
+              "--block_size=1", "--weight_decay=-1", "--adam_eps=0", "--beta2=1",
+              "--log_interval=0", "--total_batch_size=-1", "--max_steps=inf",
+              "--max_steps=1e30", "--device=tpu", "--tokenizer=cl100k_999k",
+              "--init_from=missing.pt", "--init_from=hf:missing"],
+    "finetune": ["--lrs=1e-3,inf", "--seeds=0", "--max_len=4", "--weights=auto", "--device=tpu",
+                 "--init_from=missing.pt", "--temperature=0", "--batch_size=0"],
+    "sample": ["--top_k=0", "--seed=-1", "--init_from=missing.pt", "--device=tpu",
+               "--temperature=-1"],
+    "data": ["--max_tokens=-1", "--val_fraction=2", "--tokenizer=bpe"],
+    "experiment": ["--jobs=0", "--steps=50", "--seeds=0"],
+    "bench": ["--steps=1", "--compare=speed", "--gpu_gb=0", "--device=tpu"],
+    "export": ["--kind=other", "--init_from=", "--init_from=missing.pt"],
+}
+if not torch.cuda.is_available():  # a device this torch build or machine lacks
+    for script in ("train", "finetune", "sample", "bench"):
+        BAD_SETTINGS[script].append("--device=cuda")
+
+
+@pytest.mark.parametrize("script, bad", [(s, b) for s, bads in BAD_SETTINGS.items()
+                                         for b in bads])
+def test_every_script_names_a_bad_setting_before_any_work(script, bad, tmp_path, monkeypatch):
+    import importlib
+    module = importlib.import_module("mlm_vs_clm.export" if script == "export" else script)
+    monkeypatch.chdir(tmp_path)
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt") if script in ("finetune", "sample") else None
+    argv = [f"--init_from={ckpt}"] if ckpt and "--init_from" not in bad else []
+    if script in ("train", "finetune") and "--out_dir" not in bad:
+        argv.append(f"--out_dir={tmp_path / 'out'}")
+    message = script_error(module.main, argv + [bad], tmp_path)
+    assert bad.split("=")[0] in message
+
+
+def test_a_checkpoint_never_holds_a_config_that_cannot_load(tmp_path):
+    model = make_checkpoint(tmp_path / "ckpt.pt")
+    payload = torch.load(model, weights_only=True)
+    payload["model_config"]["attention"] = "flash"
+    with pytest.raises(ValueError, match="attention='flash'"):
+        checkpoints.save_checkpoint(payload, str(tmp_path / "bad.pt"))
+    assert not os.path.exists(tmp_path / "bad.pt")
+
+
+def test_export_writes_only_where_it_may_and_a_failure_keeps_the_old_export(tmp_path, monkeypatch):
+    from mlm_vs_clm import export
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    payload = torch.load(ckpt, weights_only=True) | {"objective": "mlm"}
+    torch.save(payload, ckpt)
+    theirs = tmp_path / "theirs"
+    (theirs / "2_Normalize").mkdir(parents=True)
+    (theirs / "2_Normalize" / "weights.bin").write_text("mine")
+    (theirs / "config.json").write_text("{}")
+    message = script_error(export.main, [f"--init_from={ckpt}", f"--out_dir={theirs}"], tmp_path)
+    assert "did not write" in message and str(theirs) in message
+    assert (theirs / "2_Normalize" / "weights.bin").read_text() == "mine"
+    ours = tmp_path / "ours"
+    export.main([f"--init_from={ckpt}", f"--out_dir={ours}"])
+    before = {p.name: p.read_bytes() for p in ours.iterdir() if p.is_file()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "save_file", full_disk)
+    message = script_error(export.main, [f"--init_from={ckpt}", f"--out_dir={ours}",
+                                         "--kind=decoder"], tmp_path)
+    assert "could not write" in message
+    assert {p.name: p.read_bytes() for p in ours.iterdir() if p.is_file()} == before
+    monkeypatch.undo()
+    export.main([f"--init_from={ckpt}", f"--out_dir={ours}", "--kind=decoder"])  # ours: replaced
+    assert json.loads((ours / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    if os.geteuid() != 0:  # root writes anywhere
+        readonly = tmp_path / "ro"
+        readonly.mkdir(mode=0o500)
+        assert "Permission denied" in script_error(
+            export.main, [f"--init_from={ckpt}", f"--out_dir={readonly / 'hf'}"], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_moved_experiment_is_still_summarised(tiny_data, tmp_path):
+    root = tmp_path / "exp"
+    train.main(run_args(tiny_data, str(root / "clm"), objective="clm", switch_to="none",
+                        keep_checkpoints="4"))
+    train.main(run_args(tiny_data, str(root / "cpt"), init_from=root / "clm" / "ckpt.pt",
+                        objective="mlm", switch_to="none", max_steps=4))
+    sc_train, sc_test = sc_files(tmp_path)
+    for ckpt, out in (("ckpt.pt", "sc"), ("ckpt_4.pt", "step4_sc")):
+        ft.main([f"--init_from={root / 'clm' / ckpt}", "--task=sc", f"--train={sc_train}",
+                 f"--test={sc_test}", "--lrs=1e-3", "--seeds=1", "--batch_size=8",
+                 "--max_steps=1", "--progress=False", f"--out_dir={root / 'clm' / out}"])
+    shutil.move(root, tmp_path / "moved")
+    summary = experiment.main([f"--summarize={tmp_path / 'moved'}", "--figures="])
+    assert summary["runs"] == ["clm", "cpt"] and summary["tasks"] == ["sc"]
+    assert any(line.startswith("| cpt | clm + MLM 4 |") for line in summary["tables"].splitlines())
+    assert "| clm | 4 |" in summary["tables"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
+@pytest.mark.parametrize("how", ["pool", "child"])
+def test_workers_and_children_die_with_their_parent(tmp_path, how):
+    """A parent killed with -9 while its docstring-parsing workers (or experiment.py's train.py
+    runs) still work: none of them outlives it."""
+    code = textwrap.dedent(f"""
+        import os, sys, time, subprocess
+        from concurrent.futures import ProcessPoolExecutor
+        from mlm_vs_clm.settings import die_with_parent
+        if {how!r} == "pool":
+            pool = ProcessPoolExecutor(2, initializer=die_with_parent)
+            pids = [pool.submit(os.getpid).result() for _ in range(4)]
+            [pool.submit(time.sleep, 600) for _ in range(2)]
+        else:
+            child = subprocess.Popen([sys.executable, "-c", "import time; from mlm_vs_clm."
+                                      "settings import command; command(time.sleep)(600)"],
+                                     env=dict(os.environ, MLM_VS_CLM_PARENT=str(os.getpid())))
+            pids = [child.pid]
+        print(*set(pids), flush=True)
+        time.sleep(600)
+        """)
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
+                              text=True)
+    children = [int(p) for p in parent.stdout.readline().split()]
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        alive = [p for p in children if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+        if not alive:
+            break
+        import time
+        time.sleep(0.1)
+    assert alive == []
+
+
+def peak_memory_of(code: str) -> tuple[str, float]:
+    """(stderr's last line, peak resident GB) of a python process running code."""
+    result = subprocess.run([sys.executable, "-c", code + textwrap.dedent("""
+        import resource, sys
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, file=sys.stderr)
+        """)], cwd=HERE, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    return lines[-2] if len(lines) > 1 else "", float(lines[-1])
+
+
+def test_hostile_sizes_are_refused_before_anything_is_built(tmp_path):
+    from mlm_vs_clm import export
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    payload = torch.load(ckpt, weights_only=True)
+    for field, value in (("n_layer", 100_000), ("n_embd", 65_536)):
+        torch.save({**payload, "model_config": {**payload["model_config"], field: value}},
+                   tmp_path / f"{field}.pt")
+        error, gb = peak_memory_of(textwrap.dedent(f"""
+            from mlm_vs_clm.checkpoints import load_model
+            try:
+                load_model({str(tmp_path / f"{field}.pt")!r})
+            except ValueError as e:
+                import sys; print(e, file=sys.stderr)
+            """))
+        assert "do not fit its model config" in error and gb < 1.5
+    torch.save(payload | {"objective": "clm"}, ckpt)
+    hf_dir = tmp_path / "hf"
+    export.export(ckpt, str(hf_dir))
+    config = json.loads((hf_dir / "config.json").read_text())
+    for changes, message in (({"num_hidden_layers": 1_000_000}, "1000000 blocks"),
+                             ({"hidden_size": 65_536, "head_dim": 16_384}, "shape"),
+                             ({"num_attention_heads": 0}, "positive integer"),
+                             ({"num_hidden_layers": 1}, "1 blocks and its weights 2"),
+                             ({"num_hidden_layers": 2.0}, "positive integer")):
+        (hf_dir / "config.json").write_text(json.dumps({**config, **changes}))
+        error, gb = peak_memory_of(textwrap.dedent(f"""
+            from mlm_vs_clm.checkpoints import load_model
+            try:
+                load_model("hf:{hf_dir}")
+            except ValueError as e:
+                import sys; print(e, file=sys.stderr)
+            """))
+        assert message in error and gb < 1.5, (changes, error)
+    (hf_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: a JSON list"):
+        checkpoints.load_model(f"hf:{hf_dir}")
+    (hf_dir / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        checkpoints.load_model(f"hf:{hf_dir}")
+
+
+def test_bad_weights_are_refused_naming_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mlm_vs_clm import export
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    torch.save(torch.load(ckpt, weights_only=True) | {"objective": "clm"}, ckpt)
+    hf_dir = tmp_path / "hf"
+    export.export(ckpt, str(hf_dir))
+    weights = load_file(hf_dir / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for bad, message in ((weights[name].to(torch.int8), "I8 values, not floating point"),
+                         (weights[name].clone().fill_(float("nan")), "NaN or infinite")):
+        save_file({**weights, name: bad}, hf_dir / "model.safetensors")
+        with pytest.raises(ValueError, match=f"{name}.*{message}"):
+            checkpoints.load_model(f"hf:{hf_dir}")
+    payload = torch.load(ckpt, weights_only=True)
+    payload["model"]["blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
+    torch.save(payload, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj\.weight holds NaN"):
+        checkpoints.load_model(str(tmp_path / "nan.pt"))
+
+
+@pytest.mark.slow
+def test_resume_refuses_what_would_change_the_run_and_extends_what_it_can(tiny_data, tmp_path,
+                                                                          capsys):
+    out = str(tmp_path / "run")
+    train.main(run_args(tiny_data, out, stop_at=4, max_steps=8, switch_at=0.5))
+    resume = dict(init_from="resume", max_steps=8, switch_at=0.5)
+    for change, setting in ((dict(max_steps=16), "switch"), (dict(objective="mlm"), "objective"),
+                            (dict(switch_to="clm", objective="mlm"), "objective"),
+                            (dict(batch_size=4), "sequences a step"),
+                            (dict(model="tiny"), "--model"), (dict(lr=1e-2), "--lr")):
+        assert setting in script_error(train.main, run_args(tiny_data, out, **resume | change),
+                                       tmp_path)
+    # a resumed run validates against its own settings, and may extend an absolute switch
+    train.main(run_args(tiny_data, out, init_from="resume", switch_at=4, max_steps=16))
+    assert "extending the run from 8 to 16 steps; the switch stays at step 4" in \
+        capsys.readouterr().out
+    steps, evals = read_log(out)
+    assert [r["step"] for r in steps] == list(range(1, 17)) and \
+        [r["objective"] for r in steps] == ["clm"] * 4 + ["mlm"] * 12
+    assert [r["tokens"] for r in steps] == sorted(r["tokens"] for r in steps)
+    log, summary = open(os.path.join(out, "log.jsonl")).read(), \
+        open(os.path.join(out, "summary.json")).read()
+    train.main(run_args(tiny_data, out, init_from="resume", switch_at=4, max_steps=16))
+    assert "nothing to train" in capsys.readouterr().out
+    assert open(os.path.join(out, "log.jsonl")).read() == log
+    assert open(os.path.join(out, "summary.json")).read() == summary
+    shutil.copy(os.path.join(out, "ckpt.pt"), tmp_path / "full.pt")
+    train.main(run_args(tiny_data, str(tmp_path / "kept"), keep_checkpoints="2", max_steps=4,
+                        stop_at=3, warmup_steps=1, decay_steps=1))
+    shutil.copy(tmp_path / "kept" / "ckpt_2.pt", tmp_path / "kept" / "ckpt.pt")
+    assert "holds weights only" in script_error(
+        train.main, run_args(tiny_data, str(tmp_path / "kept"), init_from="resume",
+                             max_steps=4, warmup_steps=1, decay_steps=1), tmp_path)
+    foreign = torch.load(tmp_path / "full.pt", weights_only=True)
+    foreign["train_config"]["flash_attention"] = True
+    torch.save(foreign, os.path.join(out, "ckpt.pt"))
+    assert "settings this code does not know (['flash_attention'])" in script_error(
+        train.main, run_args(tiny_data, out, init_from="resume", switch_at=4, max_steps=16),
+        tmp_path)
+
+
+def test_prepared_data_on_read_only_storage_is_read(tiny_data, tmp_path, monkeypatch):
+    def no_lock(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+    monkeypatch.setattr(files, "exclusive", no_lock)  # as on a read-only file system
+    assert prepare("anything", tiny_data, reuse=True) == load_meta(tiny_data)
+
+
+def test_finetuning_refuses_a_retrieval_split_with_no_relevant_document(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    train_file = write_jsonl(tmp_path / "train.jsonl", [{"query": f"q{i}", "document": f"d{i}"}
+                                                          for i in range(8)])
+    test_file = write_jsonl(tmp_path / "test.jsonl", [{"query": "q", "document": "d",
+                                                        "grade": 0}])
+    message = error_of([f"--init_from={ckpt}", "--task=ir", f"--train={train_file}",
+                        f"--test={test_file}", f"--out_dir={tmp_path / 'out'}"])
+    assert "test.jsonl: the test split judges no document relevant" in message
+    assert not os.path.exists(tmp_path / "out" / "results.jsonl")
+
+
+def test_finetuning_reruns_when_hf_weights_change_in_place(tmp_path, monkeypatch):
+    from mlm_vs_clm import export
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    torch.save(torch.load(ckpt, weights_only=True) | {"objective": "mlm"}, ckpt)
+    export.export(ckpt, str(tmp_path / "hf"))
+    train_file, test_file = sc_files(tmp_path)
+    argv = [f"--init_from=hf:{tmp_path / 'hf'}", "--task=sc", f"--train={train_file}",
+            f"--test={test_file}", "--lrs=1e-3", "--seeds=1", "--batch_size=8", "--max_steps=1",
+            "--progress=False", f"--out_dir={tmp_path / 'ft'}"]
+    calls, real = [], ft.finetune_cell
+    monkeypatch.setattr(ft, "finetune_cell", lambda *a: calls.append(1) or real(*a))
+    ft.main(argv)
+    weights = tmp_path / "hf" / "model.safetensors"
+    stat, data = os.stat(weights), bytearray(weights.read_bytes())
+    data[-4:] = b"\x00\x00\x00\x40"  # one weight (a norm gain, 1.0) becomes 2.0: same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    ft.main(argv)
+    assert len(calls) == 2
+
+
+def test_sampling_cannot_overflow(tmp_path):
+    import sample
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    out = sample.main([f"--init_from={ckpt}", "--show=continue", "--temperature=1e-30",
+                       "--max_new_tokens=3"])
+    assert [len(new) for new in out["continue"].values()] == [3]
+
+
+def test_ctrl_c_says_what_was_saved(tiny_data, tmp_path, monkeypatch, capsys):
+    real = train.train_step
+
+    def interrupted(run, *args):
+        if run.step == 5:
+            raise KeyboardInterrupt
+        return real(run, *args)
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(tiny_data, str(tmp_path / "run")))
+    assert e.value.code == 130
+    assert f"interrupted: training stopped at step 5. The last good checkpoint is " \
+           f"{tmp_path / 'run' / 'ckpt.pt'} (step 4)" in capsys.readouterr().err
