@@ -20,10 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
+import torch
+
 from mlm_vs_clm import files
 from mlm_vs_clm.checkpoints import identity, read_checkpoint
 from mlm_vs_clm.settings import at_least, check, command, configure, explicit_keys, parse_value
 from mlm_vs_clm.task_data import FAMILIES
+from model import ModelConfig, Transformer
 from objectives import switch_step
 
 
@@ -91,6 +94,7 @@ def read_run(ckpt_path: str) -> dict:
     if by_step and reports:  # the final checkpoint is the last point of the data-efficiency curve
         by_step[ckpt["step"]] = reports
     return {"name": os.path.basename(run_dir), "ckpt": ckpt_path, "config": ckpt["train_config"],
+            "model_config": ckpt["model_config"], "global_batch": ckpt.get("global_batch"),
             "id": next(iter(steps)), "source_id": ckpt.get("source_id"), "evals": evals,
             "reports": reports, "by_step": by_step}
 
@@ -239,13 +243,16 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     sweep_path = save_figure(plt, fig, axes, os.path.join(out_dir, "experiment_lr.png"))
-    steps_path = draw_efficiency(plt, runs, colors, out_dir)
-    return [losses, sweep_path] + ([steps_path] if steps_path else [])
+    efficiency = [draw_efficiency(plt, runs, colors, out_dir, by_flops)
+                  for by_flops in (False, True)]
+    return [losses, sweep_path] + [path for path in efficiency if path]
 
 
-def draw_efficiency(plt, runs: list[dict], colors: dict, out_dir: str) -> str | None:
-    """The data-efficiency figure: per task, the test score of each checkpoint fine-tuned along a
-    run against its pretraining step (the seed mean, with each seed as a dot)."""
+def draw_efficiency(plt, runs: list[dict], colors: dict, out_dir: str,
+                    by_flops: bool) -> str | None:
+    """The data-efficiency figures: per task, the test score of each checkpoint fine-tuned along a
+    run (the seed mean, with each seed as a dot) against its pretraining step, or against the
+    training FLOPs spent to reach it (the paper's Fig. 10)."""
     curves = [run for run in runs if run["by_step"]]
     tasks = sorted({t for run in curves for reps in run["by_step"].values() for t in reps})
     if not tasks:
@@ -253,8 +260,8 @@ def draw_efficiency(plt, runs: list[dict], colors: dict, out_dir: str) -> str | 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for run in curves:
-            points = [(step, reps[task]) for step, reps in sorted(run["by_step"].items())
-                      if task in reps]
+            points = [(training_flops(run, step) if by_flops else step, reps[task])
+                      for step, reps in sorted(run["by_step"].items()) if task in reps]
             ax.plot([step for step, _ in points], [rep["test_mean"] for _, rep in points],
                     color=colors[run["name"]], marker="o", label=run["name"])
             for step, rep in points:
@@ -264,9 +271,26 @@ def draw_efficiency(plt, runs: list[dict], colors: dict, out_dir: str) -> str | 
                            alpha=0.4)
         metric = next(reps[task]["metric"] for run in curves for reps in run["by_step"].values()
                       if task in reps)
-        ax.set(title=task, xlabel="pretraining step", ylabel=f"test {metric}")
+        ax.set(title=task, xlabel="pretraining FLOPs" if by_flops else "pretraining step",
+               ylabel=f"test {metric}", xscale="log" if by_flops else "linear")
         ax.grid(alpha=0.3)
-    return save_figure(plt, fig, axes, os.path.join(out_dir, "experiment_steps.png"))
+    name = "experiment_flops.png" if by_flops else "experiment_steps.png"
+    return save_figure(plt, fig, axes, os.path.join(out_dir, name))
+
+
+def training_flops(run: dict, step: int) -> float:
+    """The FLOPs of a run's first `step` steps, counted as MFU counts them (model.py's
+    flops_per_token: 6 per weight a token meets, plus attention; MLM's head on its masked share)."""
+    cfg = SimpleNamespace(**run["config"])
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**run["model_config"]))
+    switch = switch_step(cfg.switch_to, cfg.switch_at, cfg.max_steps)
+    tokens = (run["global_batch"] or cfg.total_batch_size or cfg.batch_size) * cfg.block_size
+    phases = [(cfg.objective, min(step, switch if switch is not None else step)),
+              (cfg.switch_to, max(0, step - switch) if switch is not None else 0)]
+    return sum(n * tokens * model.flops_per_token(cfg.block_size, objective == "clm",
+                                                  1.0 if objective == "clm" else cfg.mask_ratio)
+               for objective, n in phases if n)
 
 
 def save_figure(plt, fig, axes, path: str) -> str:

@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -29,8 +29,8 @@ from mlm_vs_clm.checkpoints import (checkpoint_payload, identity, load_model, sa
                                     source_problem)
 from mlm_vs_clm.metrics import mean_ci
 from mlm_vs_clm.parallel import device_and_autocast, device_problem
-from mlm_vs_clm.settings import above, at_least, command, configure
-from mlm_vs_clm.task_data import FAMILIES, HF_TASKS, hold_out, load_task
+from mlm_vs_clm.settings import above, at_least, command, configure, one_of
+from mlm_vs_clm.task_data import FAMILIES, HF_TASKS, family_class, hold_out, load_task
 from mlm_vs_clm.tasks import INPUT_FORMATS, Family
 from model import configure_optimizer, lr_at
 
@@ -39,7 +39,7 @@ from model import configure_optimizer, lr_at
 class FinetuneConfig:
     # what to fine-tune, on what
     init_from: str = ""  # pretraining checkpoint (train.py writes out_dir/ckpt.pt); required
-    task: str = "demo_sc"  # sc/tc/qa/ir (+ --train/--test), demo_sc/tc/qa/ir (offline), or HF_TASKS
+    task: str = "demo_sc"  # see below
     train: str = ""  # JSONL training file (sc|tc|qa|ir); val_fraction held out unless --val
     val: str = ""  # JSONL validation file (sc|tc|qa|ir); "" = hold out val_fraction of --train
     test: str = ""  # JSONL test file for sc|tc|qa|ir (the paper: the official validation split)
@@ -59,7 +59,8 @@ class FinetuneConfig:
     causal: bool = False  # fine-tune with causal attention (ablation: the paper is bidirectional)
     input_format: str = "paper"  # paper (labelled text + <eot>, the authors') or eot (a <eot> b)
     pooling: str = "mean"  # sc/ir: mean of real tokens, first (EuroBERT's "bos"), last real token
-    max_len: int = 512  # tokens per input, at most block_size; longer inputs are cut (qa: windowed)
+    max_len: int = 0  # tokens per input: 0 = 2028 for the paper's tasks (EncodEval's), else 512
+    protocol: str = "auto"  # auto: encodeval for the paper's tasks, else standard (docs)
     doc_stride: int = 128  # qa: tokens shared by consecutive windows over a long context
     max_answer_tokens: int = 30  # qa: longest answer span considered at prediction
     temperature: float = 0.05  # ir: InfoNCE softmax temperature on cosine similarities
@@ -72,9 +73,16 @@ class FinetuneConfig:
     progress: bool = True  # tqdm progress bars
     save_model: bool = False  # retrain the chosen cell and save it to out_dir/model.pt
 
+    HELP = {"task": f"demo_sc/tc/qa/ir (offline), sc/tc/qa/ir with --train/--test, or one of "
+                    f"the paper's: {', '.join(HF_TASKS)}"}
+
     def checks(self):
         return [
             (self.init_from != "", "--init_from (a pretraining checkpoint) is required"),
+            *one_of(self, "protocol", ("auto", "encodeval", "standard")),
+            (self.protocol != "encodeval" or self.input_format == "paper",
+             "--protocol=encodeval writes inputs the authors' way: --input_format=paper"),
+            (self.max_len == 0 or self.max_len >= 8, "--max_len must be 0 (auto) or >= 8"),
             (not self.init_from or source_problem("init_from", self.init_from) is None,
              source_problem("init_from", self.init_from)),
             *[(not path or os.path.isfile(path), f"--{name}={path}: no such file")
@@ -92,7 +100,7 @@ class FinetuneConfig:
             (not self.corpus or family_of(self.task) == "ir",
              "--corpus is for retrieval tasks only"),
             *at_least(self, 1, "seeds", "batch_size", "max_steps", "max_answer_tokens"),
-            *at_least(self, 0, "weight_decay", "doc_stride"), *at_least(self, 8, "max_len"),
+            *at_least(self, 0, "weight_decay", "doc_stride"),
             (0 <= self.warmup < 1 and 0 < self.val_fraction < 1,
              "--warmup must be in [0, 1), --val_fraction in (0, 1)"),
             (self.grad_clip >= 0,
@@ -108,6 +116,9 @@ class FinetuneConfig:
             (lrs_problem(self.lrs) is None, lrs_problem(self.lrs)),
         ]
 
+
+# EncodEval's input length: round(0.99 x max_position_embeddings) of the released models (2,048)
+ENCODEVAL_MAX_LEN = 2028
 
 # Settings that do not change a cell's result: a sweep run with other values reuses its cells
 NOT_IN_KEY = {"lrs", "seeds", "out_dir", "device", "progress", "save_model", "compile"}
@@ -156,9 +167,15 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
     both = nn.ModuleDict({"body": body, "head": head})
     optimizer = configure_optimizer(both, lr, cfg.weight_decay)
     items = splits["train"].items
-    steps = min(cfg.max_steps, math.ceil(len(items) / cfg.batch_size))
+    epoch = math.ceil(len(items) / cfg.batch_size)
+    # standard: at most one epoch; EncodEval: max_steps, epoch after epoch (the transformers
+    # Trainer's max_steps), or one epoch for CoNLL and UNER (their configs)
+    steps = epoch if family.one_epoch else cfg.max_steps if cfg.protocol == "encodeval" \
+        else min(cfg.max_steps, epoch)
     warmup_steps = math.ceil(cfg.warmup * steps)
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    order = [i for _ in range(math.ceil(steps / epoch))
+             for i in torch.randperm(len(items), generator=generator).tolist()]
     both.train()
     diverged = None
     for step in tqdm(range(steps), desc=f"lr {lr:g} seed {seed}", leave=False,
@@ -300,8 +317,12 @@ def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
+    named = cfg.task in HF_TASKS  # the paper's: the authors' protocol and length unless told
+    cfg = replace(cfg, protocol=cfg.protocol if cfg.protocol != "auto" else
+                  "encodeval" if named else "standard",
+                  max_len=cfg.max_len or (ENCODEVAL_MAX_LEN if named else 512))
     device, autocast = device_and_autocast(cfg.device, cfg.dtype)
-    body, tok, ckpt = load_model(cfg.init_from, device)
+    body, tok, ckpt = load_model(cfg.init_from, device, head=False)  # the LM head goes unused
     # bf16, the authors' pure bfloat16 weights: AdamW's small updates round away
     # (docs/finetuning.md)
     body = body.to(torch.bfloat16 if cfg.weights == "bf16" else torch.float32)
@@ -311,13 +332,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
     del ckpt  # the body holds the weights
     task = load_task(cfg, data_dir)
     max_len = min(cfg.max_len, body.config.block_size)
-    family = FAMILIES[task.family](cfg, tok, task.train, device, autocast, max_len)
+    family = family_class(task.family, cfg.protocol)(cfg, tok, task.train, device, autocast,
+                                                     max_len, labels=task.labels)
+    family.one_epoch = cfg.protocol == "encodeval" and cfg.task in HF_TASKS \
+        and HF_TASKS[cfg.task].one_epoch
     splits, counts = encode_splits(family, task, cfg)
     held = "its own" if task.val is not None else f"{cfg.val_fraction:.0%} of train"
     print(f"{cfg.task} ({task.family}): {counts['train']:,} train / {counts['val']:,} validation "
           f"({held}) / {counts['test']:,} test records -> {len(splits['train'].items):,} training "
           f"items; body {cfg.init_from} on {device} in {next(body.parameters()).dtype}, "
-          f"max_len {max_len}, input format {cfg.input_format}")
+          f"max_len {max_len}, input format {cfg.input_format}, protocol {cfg.protocol}")
     # A cell is only reused when everything that decides its result is the same: settings,
     # the checkpoint's content, the data.
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY | {"init_from"}}

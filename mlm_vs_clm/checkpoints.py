@@ -93,12 +93,12 @@ class Loaded(NamedTuple):
     checkpoint: dict
 
 
-def load_model(spec: str, device="cpu") -> Loaded:
+def load_model(spec: str, device="cpu", head: bool = True) -> Loaded:
     """One of our checkpoint files (pretrained, ckpt_<step>.pt, fine-tuned: its body) or hf:DIR, a
-    Hugging Face checkpoint directory with its own tokenizer."""
+    Hugging Face checkpoint directory with its own tokenizer (head=False: maybe without LM head)."""
     if spec.startswith("hf:"):
         tok = get_tokenizer(spec)
-        return Loaded(load_hf(spec.removeprefix("hf:"), tok).to(device), tok, {})
+        return Loaded(load_hf(spec.removeprefix("hf:"), tok, head).to(device), tok, {})
     if os.path.isdir(spec):
         raise ValueError(f"{spec} is a directory: write hf:{spec} for a Hugging Face checkpoint "
                          "directory, or give a checkpoint file (out_dir/ckpt.pt)")

@@ -132,6 +132,8 @@ def choose_kind(ckpt: dict, path: str, kind: str) -> tuple[str, str]:
         if family not in FAMILIES:
             raise ValueError(f"{path}: 'finetuned' has family {family!r}, not one of "
                              f"{', '.join(FAMILIES)}: not a model finetune.py saved")
+        if finetuned.get("head_type") == "token_2":  # EncodEval's QA: answer tokens tagged
+            return "tc", f"fine-tuned on {finetuned.get('task', family)} as token tagging"
         return family, f"fine-tuned on {finetuned.get('task', family)}"
     objective = ckpt.get("objective")
     if objective in ("clm", "mlm"):

@@ -14,7 +14,9 @@ from mlm_vs_clm import files
 from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer
 
 # mistral: only without a sliding window, i.e. a Llama
-SUPPORTED_MODEL_TYPES = ("llama", "eurobert", "mistral")
+# sl_model: the paper's released MLMvsCLM checkpoints (its SLModelConfig is a LlamaConfig, its
+# SLModel a bidirectional Llama body, saved without an LM head): docs/huggingface.md
+SUPPORTED_MODEL_TYPES = ("llama", "eurobert", "mistral", "sl_model")
 TOP_NAMES = {"embed_tokens.weight": "embed.weight", "norm.weight": "norm.weight",
              "lm_head.weight": "lm_head.weight"}
 LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight",
@@ -143,11 +145,12 @@ POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "int
                  "vocab_size")
 
 
-def load_hf(path: str, tok) -> Transformer:
+def load_hf(path: str, tok, head: bool = True) -> Transformer:
     """A Transformer holding the checkpoint in directory `path`, sized for `tok` (its own tokenizer,
     get_tokenizer('hf:' + path), which may add <|mask|> and <|pad|> after the checkpoint's
     vocabulary). Shapes and dtypes are checked against config.json from the files' headers before
-    any weight is read; non-float or non-finite weights are refused."""
+    any weight is read; non-float or non-finite weights are refused. head=False (fine-tuning)
+    takes a body saved without its LM head, whose head is then zeros."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: hf:PATH must be a Hugging Face "
@@ -182,9 +185,13 @@ def load_hf(path: str, tok) -> Transformer:
     shapes = {ours: found[name][0] for ours, name in names.items()}
     if cfg.tie_embeddings and "embed.weight" in shapes:  # one matrix; some files store it twice
         shapes["lm_head.weight"] = shapes["embed.weight"]
-    if "lm_head.weight" not in shapes and "embed.weight" in shapes:
+    headless = "lm_head.weight" not in shapes and "embed.weight" in shapes
+    if headless and head:
         raise ValueError(f"{path}: missing weights for ['lm_head.weight'] (a base model without "
-                         "an LM head: use its *ForCausalLM/*ForMaskedLM checkpoint)")
+                         "an LM head: fine-tune it, or use its *ForCausalLM/*ForMaskedLM "
+                         "checkpoint to pretrain or sample)")
+    if headless:
+        shapes["lm_head.weight"] = shapes["embed.weight"]
     # the rows past the checkpoint's vocabulary are ours to add (below)
     shapes |= {n: (cfg.padded_vocab_size, *shapes[n][1:]) for n in ("embed.weight",
                                                                       "lm_head.weight")
@@ -198,8 +205,8 @@ def load_hf(path: str, tok) -> Transformer:
                     raise ValueError(f"{shard}: {name} holds NaN or infinite values")
                 # float32 master weights: AdamW's small updates vanish in bf16 weights
                 state[ours] = weight.float()
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
+    if cfg.tie_embeddings or headless:
+        state["lm_head.weight"] = state["embed.weight"] * (not headless)
     for name in ("embed.weight", "lm_head.weight"):
         w = state[name]
         # New rows (our <|mask|>/<|pad|>, then the padding to a multiple of 64) start as the mean of

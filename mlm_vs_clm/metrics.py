@@ -110,6 +110,42 @@ def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
     return {f"ndcg@{k}": statistics.fmean(ndcgs), f"mrr@{k}": statistics.fmean(rrs)}
 
 
+# The authors' variants (EncodEval, branch MLM_vs_CLM), for finetune.py --protocol=encodeval
+
+
+def position_f1(predicted: set, gold: set) -> float:
+    """EncodEval's QA score of one question: F1 of the token positions predicted inside the answer
+    against the gold ones, an empty set standing for {0} (so no answer against no answer is 1)."""
+    predicted, gold = predicted or {0}, gold or {0}
+    common = len(predicted & gold)
+    return 2 * common / (len(predicted) + len(gold))
+
+
+def sentence_macro_f1(gold: list[int], predicted: list[int]) -> float:
+    """EncodEval's TC score of one sentence: sklearn's f1_score(average="macro") over the tag ids
+    present in either list, O included (a tag absent from one side scores 0)."""
+    scores = []
+    for tag in sorted(set(gold) | set(predicted)):
+        hits = sum(g == p == tag for g, p in zip(gold, predicted, strict=True))
+        scores.append(2 * hits / (gold.count(tag) + predicted.count(tag)))
+    return statistics.fmean(scores)
+
+
+def top_k_ndcg(ranked: list[list[int]], relevance: list[dict], k: int = 10) -> float:
+    """EncodEval's nDCG@k: sklearn's ndcg_score on the binary relevance of the k documents
+    retrieved, the ideal ranking built from those k alone (a relevant document missed lowers
+    nothing; none retrieved scores 0); queries without a relevant document are left out."""
+    scores = []
+    for docs, rel in zip(ranked, relevance, strict=True):
+        if not any(g > 0 for g in rel.values()):
+            continue
+        gains = [float(rel.get(d, 0) > 0) for d in docs[:k]]
+        ideal = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(gains, reverse=True)))
+        dcg = sum(g / math.log2(r + 2) for r, g in enumerate(gains))
+        scores.append(dcg / ideal if ideal else 0.0)
+    return statistics.fmean(scores)
+
+
 # t_{0.975, df} for df = 1..30 (Student's t, to 4 decimals);
 # beyond, the Cornish-Fisher expansion is within 1e-4.
 T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,

@@ -11,18 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlm_vs_clm.metrics import squad_scores
-from mlm_vs_clm.tasks import Family, Split, field, init_head
-
-
-def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
-    """(start, end) character span in text of each token of text's encoding. A token that stops
-    inside a multi-byte character gets an empty span at it; the token that completes the
-    character spans it."""
-    decoded, starts = tok.encoding.decode_with_offsets(ids)
-    if decoded != text:
-        raise ValueError(f"text does not survive encode/decode (invalid unicode?): {text[:60]!r}")
-    return list(zip(starts, starts[1:] + [len(text)]))
+from mlm_vs_clm.metrics import position_f1, squad_scores
+from mlm_vs_clm.tasks import Family, Split, field, init_head, token_spans
 
 
 def token_range(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
@@ -239,3 +229,55 @@ class QuestionAnswering(Family):
 
     def trivial(self, split):
         return self.score(split, {item.example.id: "" for item in split.items})
+
+
+class EncodEvalQA(QuestionAnswering):
+    """--protocol=encodeval, the authors' QA (EncodEval's eval_tasks/QA.py): a two-label token
+    classification over one input, "Question: {question}\\nContext: " then the context, cut to
+    fit, and <eot>; the tokens of the first gold answer are 1, all others 0 (all 0 when there is
+    no answer, or truncation cut it); scored by metrics.position_f1, ReCoRD's candidates unused."""
+    head_type = "token_2"
+
+    def export(self):
+        return {"labels": ["outside", "answer"], "head_type": self.head_type}
+
+    def encode(self, rows):
+        items = []
+        for _, r in rows:
+            prompt = self.prompt(r["question"])
+            context = self.tok.encode(r["context"])
+            spans = token_spans(self.tok, context, r["context"])
+            context = context[:self.max_len - len(prompt) - 1]  # only the context is cut
+            gold = set()
+            if r["answers"]["text"]:
+                a = r["answers"]["answer_start"][0]
+                first, last = token_range(spans, a, a + len(r["answers"]["text"][0]))
+                if last < len(context):
+                    gold = set(range(len(prompt) + first, len(prompt) + last + 1))
+            items.append(AnswerTokens(prompt + context + [self.tok.eot_id], gold))
+        return Split(items)
+
+    def loss(self, body, head, batch):
+        hidden, mask = self.forward(body, [item.ids for item in batch])
+        labels = torch.zeros(mask.shape, dtype=torch.long)  # padding is ignored below
+        for b, item in enumerate(batch):
+            labels[b, list(item.gold)] = 1
+        return F.cross_entropy(head(hidden[mask]).float(), labels.to(self.device)[mask])
+
+    def evaluate(self, body, head, split):
+        scores = []
+        for chunk in self.chunks(split.items):
+            hidden, mask = self.forward(body, [item.ids for item in chunk])
+            inside = (head(hidden).argmax(-1) == 1) & mask  # (B, T)
+            scores += [position_f1(set(inside[b].nonzero().flatten().tolist()), item.gold)
+                       for b, item in enumerate(chunk)]
+        return {"f1": statistics.fmean(scores)}
+
+    def trivial(self, split):
+        return {"f1": statistics.fmean(position_f1(set(), item.gold) for item in split.items)}
+
+
+class AnswerTokens(NamedTuple):
+    """qa under --protocol=encodeval: the input ids and the positions of the answer's tokens."""
+    ids: list[int]
+    gold: set

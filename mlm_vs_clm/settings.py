@@ -114,7 +114,7 @@ def configure(cls, argv: list[str], check_now: bool = True):
     check_now=False, once train.py has merged a resumed run's own settings)."""
     cfg, names = cls(), [f.name for f in fields(cls)]
     if "--help" in argv or "-h" in argv:
-        helps = field_help(cls)
+        helps = field_help(cls) | getattr(cls, "HELP", {})
         print("settings (defaults shown; override with a config file or --key=value):")
         for name in names:
             print(f"  {f'--{name}={getattr(cfg, name)!r}':<40} {helps.get(name, '')}")

@@ -12,12 +12,17 @@ from typing import NamedTuple
 
 from mlm_vs_clm import files
 from mlm_vs_clm.docstrings import demo_task
-from mlm_vs_clm.qa import QuestionAnswering
+from mlm_vs_clm.qa import EncodEvalQA, QuestionAnswering
 from mlm_vs_clm.tasks import Retrieval, SequenceClassification, TokenClassification, field
 
 # The paper's four task families, each a head on the pretrained body with its loss and its metric
 FAMILIES = {"sc": SequenceClassification, "tc": TokenClassification, "qa": QuestionAnswering,
             "ir": Retrieval}
+
+
+def family_class(name: str, protocol: str):
+    """The class of a family under a protocol: EncodEval's QA is a token classification."""
+    return EncodEvalQA if name == "qa" and protocol == "encodeval" else FAMILIES[name]
 
 
 def read_jsonl(path: str) -> list[tuple[str, dict]]:
@@ -34,6 +39,7 @@ class TaskData(NamedTuple):
     test: list
     # ir: split name -> documents searched besides those the split judges ({} otherwise)
     documents: dict
+    labels: list | None = None  # tc: the dataset's tag names in id order (its ClassLabel)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,6 +237,14 @@ def mldr_judgments(records) -> tuple[list[Judgment], dict]:
 # Loading from the hub
 
 
+# Datasets the hub builds with a loading script, which `datasets` 4 no longer runs (3 only with
+# trust_remote_code, never given here): their files read directly, or the hub's parquet conversion.
+BEIR_FILES = {(f"BeIR/{name}", part): f"hf://datasets/BeIR/{name}/{part}.jsonl.gz"
+              for name in ("msmarco", "nq") for part in ("queries", "corpus")}
+PARQUET = {("hgissbkh/ontonotes5", None), ("hgissbkh/mldr-en", "default"),
+           ("hgissbkh/mldr-en", "corpus")}
+
+
 def hub(name: str, config: str | None, split: str):
     """One split of a hub dataset, through the optional `datasets` package."""
     try:
@@ -239,12 +253,16 @@ def hub(name: str, config: str | None, split: str):
         raise SystemExit("error: the paper's datasets need the optional datasets package: "
                          "pip install datasets") from None
     try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # network, names, versions: one message with every cure
-        raise ValueError(f"{name}{' (' + config + ')' if config else ''}, split {split!r}: could "
-                         f"not load it ({str(e).splitlines()[0][:160]}); check the network and "
-                         f"the name in task_data.py, and for a dataset still built by a loading "
-                         f"script use pip install 'datasets<4'") from None
+        if (name, config) in BEIR_FILES:
+            return datasets.load_dataset("json", data_files=BEIR_FILES[name, config],
+                                         split="train")
+        revision = "refs/convert/parquet" if (name, config) in PARQUET else None
+        return datasets.load_dataset(name, config, split=split, revision=revision)
+    except Exception as e:  # no network, a renamed dataset: one line with the cure
+        raise ValueError(f"{name}{' (' + config + ')' if config else ''}, split {split!r}, is "
+                         f"needed from the Hugging Face hub and could not be loaded "
+                         f"({str(e).splitlines()[0][:120]}): connect to the network once; the "
+                         f"datasets cache serves it after that (HF_DATASETS_OFFLINE=1)") from None
 
 
 def converted(name: str, split: str, records, convert: Callable) -> list:
@@ -266,10 +284,11 @@ def converted(name: str, split: str, records, convert: Callable) -> list:
 
 
 def tag_names(ds, column: str, name: str) -> list[str] | None:
-    """The names of a column of integer tags (a sequence of ClassLabel), or None for string tags."""
+    """The names of a column of integer tags (a sequence of ClassLabel, or TAG_NAMES), or None for
+    string tags."""
     feature = ds.features[column]
     inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
-    names = getattr(inner, "names", None)
+    names = getattr(inner, "names", None) or TAG_NAMES.get(name)
     if names is None and getattr(inner, "dtype", "string") != "string":
         raise ValueError(f"{name}: column {column!r} holds integer tags without ClassLabel names; "
                          f"give the names in task_data.py")
@@ -291,7 +310,7 @@ def ner_task(name: str, words: str, tags: str) -> Callable:
         names = tag_names(splits["train"], tags, name)
         rows = {s: converted(name, s, ds, lambda r, i: ner_record(r, words, tags, names))
                 for s, ds in splits.items()}
-        return TaskData("tc", rows["train"], rows["validation"], rows["test"], {})
+        return TaskData("tc", rows["train"], rows["validation"], rows["test"], {}, names)
     return load
 
 
@@ -357,6 +376,16 @@ class NamedTask(NamedTuple):
     family: str
     source: str  # where its splits come from, for messages and docs/finetuning.md
     load: Callable  # input_format -> TaskData
+    one_epoch: bool = False  # encodeval: one epoch (CoNLL, UNER), else max_steps (EncodEval)
+
+
+# OntoNotes' integer tags have no ClassLabel on the hub: tner/ontonotes5's label2id, in id order
+TAG_NAMES = {"hgissbkh/ontonotes5": [
+    "O", "B-CARDINAL", "B-DATE", "I-DATE", "B-PERSON", "I-PERSON", "B-NORP", "B-GPE", "I-GPE",
+    "B-LAW", "I-LAW", "B-ORG", "I-ORG", "B-PERCENT", "I-PERCENT", "B-ORDINAL", "B-MONEY",
+    "I-MONEY", "B-WORK_OF_ART", "I-WORK_OF_ART", "B-FAC", "B-TIME", "I-CARDINAL", "B-LOC",
+    "B-QUANTITY", "I-QUANTITY", "I-NORP", "I-LOC", "B-PRODUCT", "I-TIME", "B-EVENT", "I-EVENT",
+    "I-FAC", "B-LANGUAGE", "I-PRODUCT", "I-ORDINAL", "I-LANGUAGE"]}
 
 
 # --task name -> its hub sources and splits, as EncodEval loads them. sc and qa: 5% of train is held
@@ -372,11 +401,11 @@ HF_TASKS = {
     # The authors' copy (hgissbkh/conll2003-en: words, ner; IOB1 tags), not eriktks/conll2003
     # (IOB2, one sentence fewer per split): it is what EncodEval scores, on its own test split
     "conll2003": NamedTask("tc", "hgissbkh/conll2003-en train / validation / test",
-                           ner_task("hgissbkh/conll2003-en", "words", "ner")),
+                           ner_task("hgissbkh/conll2003-en", "words", "ner"), one_epoch=True),
     "ontonotes": NamedTask("tc", "hgissbkh/ontonotes5 train / validation / test",
                            ner_task("hgissbkh/ontonotes5", "tokens", "tags")),
     "uner": NamedTask("tc", "hgissbkh/uner_en train / validation / test",
-                      ner_task("hgissbkh/uner_en", "tokens", "ner_tags")),
+                      ner_task("hgissbkh/uner_en", "tokens", "ner_tags"), one_epoch=True),
     "squad": NamedTask("qa", f"rajpurkar/squad {HELD_OUT} validation",
                        qa_task("rajpurkar/squad", lambda r, i: squad_record(r))),
     "squad_v2": NamedTask("qa", f"rajpurkar/squad_v2 {HELD_OUT} validation",

@@ -4,8 +4,11 @@ one of two input formats (paper, eot), and has a head, a loss and a metric. Reco
 docs/finetuning.md."""
 
 
+import bisect
+import itertools
 import json
 import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field as dataclass_field
 from typing import NamedTuple
@@ -14,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlm_vs_clm.metrics import accuracy, entity_f1, ndcg_mrr, rank_documents
+from mlm_vs_clm.metrics import (accuracy, entity_f1, ndcg_mrr, rank_documents, sentence_macro_f1,
+                                top_k_ndcg)
 
 INPUT_FORMATS = ("paper", "eot")
 # transformers' _init_weights: what from_pretrained gives a head the checkpoint lacks (EuroBERT's
@@ -23,6 +27,16 @@ HEAD_INIT_STD = 0.02
 
 # --------------------------------------------------------------------------------------------------
 # Tokens and the text they came from
+
+
+def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
+    """(start, end) character span in text of each token of text's encoding. A token that stops
+    inside a multi-byte character gets an empty span at it; the token that completes the
+    character spans it."""
+    decoded, starts = tok.encoding.decode_with_offsets(ids)
+    if decoded != text:
+        raise ValueError(f"text does not survive encode/decode (invalid unicode?): {text[:60]!r}")
+    return list(zip(starts, starts[1:] + [len(text)]))
 
 
 def align_words(tok, words: list[str], max_len: int) -> tuple[list[int], list[int]]:
@@ -156,10 +170,14 @@ class Split:
 class Family:
     # a constant prediction whose test score is worth printing next to the model's (sc and qa)
     trivial_rule = None
+    one_epoch = False  # train for one epoch whatever max_steps (EncodEval's CoNLL and UNER)
 
-    def __init__(self, cfg, tok, train: list, device, autocast, max_len: int):
+    def __init__(self, cfg, tok, train: list, device, autocast, max_len: int,
+                 labels: list | None = None):
+        """labels: the dataset's own label set (its ClassLabel names), where it has one."""
         self.cfg, self.tok, self.device, self.autocast, self.max_len = \
             cfg, tok, device, autocast, max_len
+        self.encodeval, self.given_labels = getattr(cfg, "protocol", "") == "encodeval", labels
         self.setup(train)
 
     def forward(self, body, seqs: list[list[int]]):
@@ -273,7 +291,9 @@ class TokenClassification(Family):
     def setup(self, train):
         self.tags = None
         self.check(train)
-        self.tags = ["O"] + sorted({t for _, r in train for t in r["tags"]} - {"O"})
+        # encodeval: the dataset's tag ids (its ClassLabel order, O first), as the authors' heads
+        self.tags = list(self.given_labels) if self.encodeval and self.given_labels else \
+            ["O"] + sorted({t for _, r in train for t in r["tags"]} - {"O"})
         self.index = {t: i for i, t in enumerate(self.tags)}
 
     def check(self, rows):
@@ -298,6 +318,8 @@ class TokenClassification(Family):
     head_type = "linear_tc"
 
     def encode(self, rows):
+        if self.encodeval:
+            return Split([self.encode_sentence(r["words"], r["tags"]) for _, r in rows])
         items, paper = [], self.input_format == "paper"
         for _, r in rows:
             # paper: the words, then <eot> (a position without a label)
@@ -312,8 +334,25 @@ class TokenClassification(Family):
     def export(self):
         return {"labels": list(self.tags), "head_type": self.head_type}
 
+    def encode_sentence(self, words: list[str], tags: list[str]) -> Tagged:
+        """EncodEval's (eval_tasks/TC.py): the words joined by spaces, then <eot>, tokenized as one
+        text; every sub-token carries its word's tag. starts: each token's word, -1 for <eot>."""
+        text = " ".join(words)
+        ids = self.tok.encode(text)
+        word_end, word = list(itertools.accumulate(len(w) + 1 for w in words)), []
+        ids, spans = ids[:self.max_len - 1], token_spans(self.tok, ids, text)[:self.max_len - 1]
+        for _, end in spans:
+            # a token's last character (its first may be the space before its word)
+            word.append(bisect.bisect_right(word_end, end - 1))
+        return Tagged(ids + [self.tok.eot_id], word + [-1], [self.index[t] for t in tags])
+
     def loss(self, body, head, batch):
         hidden, _ = self.forward(body, [item.ids for item in batch])
+        if self.encodeval:  # every sub-token learns its word's tag
+            rows = [(b, i, item.tags[w]) for b, item in enumerate(batch)
+                    for i, w in enumerate(item.starts) if w >= 0]
+            logits = head(hidden[[r[0] for r in rows], [r[1] for r in rows]]).float()
+            return F.cross_entropy(logits, torch.tensor([r[2] for r in rows], device=self.device))
         rows = [b for b, item in enumerate(batch) for _ in item.starts]
         cols = [s for item in batch for s in item.starts]
         targets = [t for item in batch for t in item.tags[:len(item.starts)]]
@@ -322,17 +361,27 @@ class TokenClassification(Family):
         return F.cross_entropy(logits, torch.tensor(targets, device=self.device))
 
     def evaluate(self, body, head, split):
-        gold, predicted = [], []
+        gold, predicted, scores = [], [], []
         for chunk in self.chunks(split.items):
             hidden, _ = self.forward(body, [item.ids for item in chunk])
             best = head(hidden).argmax(-1).tolist()  # (B, T)
             for b, item in enumerate(chunk):
+                if self.encodeval:  # a word's tag: the majority of its sub-tokens', ties to the
+                    votes = {}      # lowest id (the authors' max(set(p), key=p.count))
+                    for i, w in enumerate(item.starts):
+                        if w >= 0:
+                            votes.setdefault(w, []).append(best[b][i])
+                    words = sorted(votes)  # the words truncation kept
+                    scores.append(sentence_macro_f1(
+                        [item.tags[w] for w in words],
+                        [max(sorted(set(votes[w])), key=votes[w].count) for w in words]))
+                    continue
                 gold.append([self.tags[t] for t in item.tags])
                 # words cut off by max_len get "O":
                 # their entities count as missed, never dropped from the score
                 predicted.append([self.tags[best[b][s]] for s in item.starts]
                                  + ["O"] * (len(item.tags) - len(item.starts)))
-        return entity_f1(gold, predicted)
+        return {"f1": statistics.fmean(scores)} if self.encodeval else entity_f1(gold, predicted)
 
 
 class Retrieval(Family):
@@ -398,9 +447,9 @@ class Retrieval(Family):
         scores = q @ d.T / self.cfg.temperature
         # ...except other columns whose document is relevant to row i's query too (the same
         # document again, or another positive of the same query): pushing those away would teach
-        # the wrong thing
+        # the wrong thing (encodeval: the authors' MultipleNegativesRankingLoss keeps them)
         not_negative = torch.tensor([[i != j and row.relevance.get(column.document, 0) > 0
-                                      for j, column in enumerate(batch)]
+                                      and not self.encodeval for j, column in enumerate(batch)]
                                      for i, row in enumerate(batch)], device=self.device)  # (B, B)
         scores = scores.masked_fill(not_negative, float("-inf"))
         return F.cross_entropy(scores, torch.arange(len(batch), device=self.device))
@@ -409,5 +458,7 @@ class Retrieval(Family):
         docs = torch.cat([self.embed(body, c) for c in self.chunks(split.documents)])  # (n_docs, C)
         ranked = [r for c in self.chunks(split.queries)
                   for r in rank_documents(self.embed(body, c) @ docs.T, k)]
+        if self.encodeval:
+            return {f"ndcg@{k}": top_k_ndcg(ranked, split.relevance, k)}
         return ndcg_mrr(ranked, split.relevance, k, self.cfg.empty_queries)
 

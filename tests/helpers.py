@@ -14,7 +14,7 @@ import finetune as ft
 import model
 import objectives as O
 from mlm_vs_clm import checkpoints
-from mlm_vs_clm.task_data import FAMILIES
+from mlm_vs_clm.task_data import family_class
 from mlm_vs_clm.tokenizer import get_tokenizer
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -66,10 +66,11 @@ def make_checkpoint(path, block_size=64, seed=0):
     return str(path)
 
 
-def make_family(name, records, max_len=64, **settings):
+def make_family(name, records, max_len=64, labels=None, **settings):
     cfg = ft.FinetuneConfig(progress=False, **settings)
     rows = [(f"train.jsonl, line {i + 1}", r) for i, r in enumerate(records)]
-    return FAMILIES[name](cfg, TOK, rows, torch.device("cpu"), nullcontext, max_len), cfg
+    family = family_class(name, cfg.protocol)
+    return family(cfg, TOK, rows, torch.device("cpu"), nullcontext, max_len, labels), cfg
 
 
 def rows(records, name="file.jsonl"):

@@ -87,6 +87,11 @@ def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
         assert f"| kept | {step} | {step * 64:,} | {rep['test_mean']:.2f} |" in lines
     if has_matplotlib:
         assert (figures / "experiment_steps.png").read_bytes()[:4] == b"\x89PNG"
+        assert (figures / "experiment_flops.png").read_bytes()[:4] == b"\x89PNG"
+    kept = next(run for run in map(experiment.read_run, [str(root / "kept" / "ckpt.pt")]))
+    model = experiment.Transformer(experiment.ModelConfig(**kept["model_config"]))
+    assert experiment.training_flops(kept, 4) == pytest.approx(
+        4 * 64 * model.flops_per_token(32, causal=True))  # 4 CLM steps of 2 x 32 tokens
 
     # a sweep filed under the wrong run would put its scores in the wrong row
     shutil.copytree(root / "mlm" / "sc", root / "clm" / "sc_of_mlm")
