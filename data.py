@@ -10,9 +10,11 @@ Sources and file formats: docs/data.md.
 """
 
 import glob
+import hashlib
 import itertools
 import json
 import os
+import platform
 import re
 import sys
 from dataclasses import dataclass
@@ -107,32 +109,39 @@ def _fineweb_texts(config: str, text_field: str):
 
 
 def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens: int | None,
-                       batch_docs: int = 1024):
-    """Tokenizes (split, text) pairs into out_dir/{split}.bin.tmp; returns token and document
-    counts.
-
-    Whole documents only: stops before the first one that would take the total past max_tokens.
-    """
+                       batch_docs: int = 1024) -> dict:
+    """Tokenizes (split, text) pairs into out_dir/{split}.bin.tmp; returns meta.json's dtype,
+    counts and tokens_sha256 (the files' identity). Whole documents only: stops before the first
+    one that would take the total past max_tokens."""
     dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
     n_tokens, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    digest = hashlib.sha256()
     labelled_texts = iter(labelled_texts)  # islice below must resume, not restart
     outs = {s: open(os.path.join(out_dir, f"{s}.bin.tmp"), "wb") for s in SPLITS}
     try:
-        with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing") as bar:
+        with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing",
+                  disable=not sys.stderr.isatty()) as bar:
             while batch := list(itertools.islice(labelled_texts, batch_docs)):
                 splits, texts = zip(*batch)
                 for split, ids in zip(splits, tok.encode_batch(list(texts))):
                     ids.append(tok.eot_id)
                     if max_tokens is not None and sum(n_tokens.values()) + len(ids) > max_tokens:
-                        return dtype, n_tokens, n_docs
-                    outs[split].write(np.array(ids, dtype=dtype).tobytes())
+                        return token_meta(dtype, n_tokens, n_docs, digest)
+                    data = np.array(ids, dtype=dtype).tobytes()
+                    outs[split].write(data)
+                    digest.update(split.encode() + data)
                     n_tokens[split] += len(ids)
                     n_docs[split] += 1
                     bar.update(len(ids))
-        return dtype, n_tokens, n_docs
+        return token_meta(dtype, n_tokens, n_docs, digest)
     finally:
         for f in outs.values():
             f.close()
+
+
+def token_meta(dtype, n_tokens: dict, n_docs: dict, digest) -> dict:
+    return {"dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_documents": n_docs,
+            "tokens_sha256": digest.hexdigest()}
 
 
 def _commit(out_dir: str, meta: dict):
@@ -159,11 +168,14 @@ def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) 
     For synthetic data (bench.py, tests)."""
     dtype = np.uint16 if tokenizer_meta["n_vocab"] <= 2**16 else np.uint32
     os.makedirs(out_dir, exist_ok=True)
+    digest = hashlib.sha256()
     for split in SPLITS:
-        np.asarray(tokens[split], dtype=dtype).tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
-    meta = {**tokenizer_meta, "dtype": np.dtype(dtype).name, "source": source,
-            "n_tokens": {s: len(tokens[s]) for s in SPLITS}, "n_documents": {s: 0 for s in SPLITS},
-            "format_version": FORMAT_VERSION}
+        data = np.asarray(tokens[split], dtype=dtype)
+        data.tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
+        digest.update(split.encode() + data.tobytes())
+    meta = {**tokenizer_meta, "source": source, "format_version": FORMAT_VERSION,
+            **token_meta(dtype, {s: len(tokens[s]) for s in SPLITS}, dict.fromkeys(SPLITS, 0),
+                         digest)}
     _commit(out_dir, meta)
     return meta
 
@@ -187,7 +199,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):
         return load_meta(out_dir)  # prepared: nothing to write, so read-only storage will do
-    with files.exclusive(os.path.join(out_dir, ".lock"), f"preparing {out_dir}", wait=True):
+    with files.exclusive(out_dir, f"preparing {out_dir}", wait=True):
         if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):
             return load_meta(out_dir)
         print(f"preparing {source} with {tokenizer} into {out_dir}")
@@ -219,13 +231,17 @@ def _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, s
             texts = _local_texts(source, text_field)
         labelled = (("val" if stable_fraction(f"{seed}:{t}") < val_fraction else "train", t)
                     for t in texts if t.strip())
-    dtype, n_tokens, n_docs = _write_token_files(labelled, tok, out_dir, max_tokens)
+    written = _write_token_files(labelled, tok, out_dir, max_tokens)
     for split in SPLITS:
-        if n_docs[split] == 0:
-            raise ValueError(f"the {split} split of {source!r} is empty ({n_docs} documents): "
-                             "add documents, raise max_tokens or change val_fraction")
-    meta = {**tok.meta(), "dtype": np.dtype(dtype).name, "source": source, "n_tokens": n_tokens,
-            "n_documents": n_docs, "format_version": FORMAT_VERSION}
+        if written["n_documents"][split] == 0:
+            raise ValueError(f"the {split} split of {source!r} is empty "
+                             f"({written['n_documents']} documents): add documents, raise "
+                             "max_tokens or change val_fraction")
+    # the docstring corpus is what the installed Python, numpy and torch hold: say which
+    versions = {"python": platform.python_version(), "numpy": np.__version__,
+                "torch": torch.__version__} if source == "docstrings" else {}
+    meta = {**tok.meta(), **written, "source": source, "format_version": FORMAT_VERSION,
+            **({"versions": versions} if versions else {})}
     _commit(out_dir, meta)
     return meta
 

@@ -44,7 +44,7 @@ class FinetuneConfig:
     val: str = ""  # JSONL validation file (sc|tc|qa|ir); "" = hold out val_fraction of --train
     test: str = ""  # JSONL test file for sc|tc|qa|ir (the paper: the official validation split)
     corpus: str = ""  # ir only: JSONL {"text": str} of extra documents ranked with the test split's
-    out_dir: str = "out/finetune"  # results.jsonl (one line per finished cell) and report.json
+    out_dir: str = ""  # results.jsonl (a line a cell) and report.json; "": out/finetune/<task>
     # the sweep
     lrs: str = "1e-5,2e-5,5e-5,1e-4,2e-4,5e-4"  # learning-rate grid, comma-separated (the paper's)
     seeds: int = 5  # seeds 0..seeds-1 at each learning rate (head init and batch order)
@@ -89,7 +89,6 @@ class FinetuneConfig:
               for name, path in (("train", self.train), ("val", self.val), ("test", self.test),
                                  ("corpus", self.corpus))],
             (device_problem(self.device) is None, device_problem(self.device)),
-            (self.out_dir.strip() != "", "--out_dir must name a directory"),
             (family_of(self.task) is not None,
              f"--task must be one of {', '.join(FAMILIES)} (with --train/--test), "
              f"{', '.join('demo_' + f for f in FAMILIES)}, or {', '.join(HF_TASKS)}"),
@@ -179,7 +178,7 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
     both.train()
     diverged = None
     for step in tqdm(range(steps), desc=f"lr {lr:g} seed {seed}", leave=False,
-                     disable=not cfg.progress):
+                     disable=not (cfg.progress and sys.stderr.isatty())):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, steps, warmup_steps, steps - warmup_steps)
         loss = family.loss(run_body, head, [items[i] for i in
@@ -222,7 +221,7 @@ def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> 
     print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {path}; "
           f"fine-tuning {len(todo)}")
     initial = {k: v.detach().clone() for k, v in body.state_dict().items()}
-    for lr, seed in tqdm(todo, desc="cells", disable=not cfg.progress):
+    for n, (lr, seed) in enumerate(todo, start=1):
         body.load_state_dict(initial)
         t0 = time.perf_counter()
         result = {"key": key, "lr": lr, "seed": seed,
@@ -231,6 +230,9 @@ def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> 
         with open(path, "a", encoding="utf-8") as f:
             f.write(files.json_line(result))
         done[lr, seed] = result
+        print(f"cell {n}/{len(todo)}: lr {lr:.1e} seed {seed}: val {family.metric} "
+              f"{result['val'][family.metric]:.2f}, test {result['test'][family.metric]:.2f} "
+              f"({result['seconds']:.0f} s)", flush=True)
     body.load_state_dict(initial)
     return [done[cell] for cell in cells]
 
@@ -287,8 +289,14 @@ def print_report(rep: dict):
         print(f"  over the {n_converged} learning rates where no seed diverged: "
               f"{rep['stability_sd_converged']:.2f} points")
     if "trivial" in rep:
-        print(f"a constant prediction ({rep['trivial']['rule']}) scores "
-              f"{rep['trivial']['test']:.2f} on test")
+        floor, ci = rep["trivial"]["test"], rep["test_ci95"]
+        print(f"a constant prediction ({rep['trivial']['rule']}) scores {floor:.2f} on test"
+              + (": the chosen score is within its 95% interval of that, so no learning shows"
+                 if ci is None or abs(rep["test_mean"] - floor) <= ci else ""))
+    if rep["test_ci95"] is not None and not 0 <= rep["test_mean"] - rep["test_ci95"] \
+            <= rep["test_mean"] + rep["test_ci95"] <= 100:
+        print(f"(the interval is wider than the score's range: {rep['per_lr'][0]['seeds']} seeds "
+              "are few, and t at their degrees of freedom is large)")
 
 
 @command
@@ -318,7 +326,8 @@ def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict
 
 def finetune(cfg: FinetuneConfig) -> dict:
     named = cfg.task in HF_TASKS  # the paper's: the authors' protocol and length unless told
-    cfg = replace(cfg, protocol=cfg.protocol if cfg.protocol != "auto" else
+    cfg = replace(cfg, out_dir=cfg.out_dir or os.path.join("out", "finetune", cfg.task),
+                  protocol=cfg.protocol if cfg.protocol != "auto" else
                   "encodeval" if named else "standard",
                   max_len=cfg.max_len or (ENCODEVAL_MAX_LEN if named else 512))
     device, autocast = device_and_autocast(cfg.device, cfg.dtype)
@@ -350,7 +359,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     # One sweep at a time in an out_dir:
     # two would do the same cells twice and interleave results.jsonl.
-    with files.exclusive(os.path.join(cfg.out_dir, ".lock"), f"fine-tuning in {cfg.out_dir}"):
+    with files.exclusive(cfg.out_dir, f"fine-tuning in {cfg.out_dir}"):
         results = sweep(family, body, splits, cfg, key)
         rep = {"task": cfg.task, "family": task.family, "init_from": cfg.init_from,
                "checkpoint_id": checkpoint_id, "key": key,

@@ -348,11 +348,35 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
                     "lr", "seed", "val", "test", "source")
             files.write_json(os.path.join(tmp, "finetuned.json"),
                              {k: finetuned[k] for k in keep if k in finetuned})
+        done = Exported(out_dir, kind, architecture, why, input_format)
+        card = model_card(done, model, tok, ckpt)
+        files.write_text_atomically(os.path.join(tmp, "README.md"), card)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous export, if any, is untouched
         raise
     swap_in(tmp, out_dir)
-    return Exported(out_dir, kind, architecture, why, input_format)
+    return done
+
+
+def model_card(done: Exported, model, tok, ckpt: dict) -> str:
+    """README.md of an export: what it is, how it was trained, how to load it."""
+    cfg, params = ckpt.get("train_config") or {}, model.num_params()["paper"] / 1e6
+    switch = f", then {cfg['switch_to'].upper()}" if cfg.get("switch_to") not in (None, "none") \
+        else ""
+    trained = (f"Pretrained with {str(cfg.get('objective', '?')).upper()}{switch} for "
+               f"{ckpt.get('step')} of {cfg.get('max_steps')} steps on {cfg.get('data')} "
+               f"({cfg.get('tokenizer')} tokenizer)" if cfg else "Pretraining: not recorded")
+    finetuned = ckpt.get("finetuned") or {}
+    tuned = (f"; fine-tuned on {finetuned.get('task')} (test {finetuned.get('test')})"
+             if finetuned else "")
+    return (f"# {os.path.basename(os.path.abspath(done.out_dir))}\n\n"
+            f"A {params:.1f}M-parameter {done.kind} ({done.architecture}) written by the "
+            "mlm-vs-clm project, which reproduces *Should We Still Pretrain Encoders with Masked "
+            f"Language Modeling?* (arXiv 2507.00994).\n\n{trained}{tuned}.\n\n"
+            "The paper's input format, which its fine-tuning uses: a labelled text followed by "
+            f"the end-of-text token (`text + '{tok.token_name(tok.eot_id)}'`), pairs on two "
+            "lines; the tokenizer adds it to fine-tuned exports only.\n\n## Load it\n\n```\n"
+            f"{done.usage()}\n```\n")
 
 # -------------------------------------------------------------------------------------------------
 # A tiktoken Encoding written back as a tokenizers-library tokenizer.json

@@ -129,35 +129,33 @@ class Busy(OSError):
 
 
 @contextmanager
-def exclusive(lock_path: str, what: str, wait: bool = False):
-    """Hold an exclusive lock on lock_path for the body of the with block: raise Busy at once if
-    another process holds it, or with wait=True wait for it, saying so. `what` names the work."""
-    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
-    with open(lock_path, "a+") as f:
-        if not _try_lock(f):
-            f.seek(0)
-            holder = f.read().strip() or "?"
+def exclusive(directory: str, what: str, wait: bool = False):
+    """Hold an exclusive lock on a directory for the body of the with block: raise Busy at once if
+    another process holds it, or with wait=True wait for it, saying so. The lock is the kernel's,
+    on the directory itself (flock), so nothing is left behind and a killed process frees it;
+    Windows, which cannot lock a directory, locks a .lock file in it."""
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY) if fcntl else \
+        os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        if not _try_lock(fd):
             if not wait:
-                raise Busy(f"{what}: process {holder} is already working there ({lock_path} is "
+                raise Busy(f"{what}: another process is already working there ({directory} is "
                            "locked); wait for it to finish or choose another directory")
-            print(f"waiting for process {holder}, which is already {what} ({lock_path})",
-                  file=sys.stderr)
-            while not _try_lock(f, block=True):
+            print(f"waiting for another process, which is already {what}", file=sys.stderr)
+            while not _try_lock(fd, block=True):
                 time.sleep(1)  # msvcrt has no blocking lock without a time limit
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")  # for the message another process gets
-        f.flush()
         yield
+    finally:
+        os.close(fd)  # which releases the lock
 
 
-def _try_lock(f, block: bool = False) -> bool:
+def _try_lock(fd: int, block: bool = False) -> bool:
     try:
         if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         else:
-            f.seek(0)
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         return True
     except OSError:
         return False

@@ -31,6 +31,7 @@ class TokenFiles:
     dir: str
     vocab: Vocab
     tokenizer: dict  # what every checkpoint records of it (TOKENIZER_FIELDS)
+    identity: str  # what the files are: their source, its versions, a hash of the tokens
 
 
 def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
@@ -45,7 +46,10 @@ def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
     tok = get_tokenizer(cfg.tokenizer)
     check_tokenizer(tokenizer, tok.meta(), f"--tokenizer={cfg.tokenizer}",
                     os.path.join(data_dir, "meta.json"))
-    return TokenFiles(data_dir, tok.vocab(), tokenizer)
+    versions = " ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
+    digest = meta["tokens_sha256"][:8] if "tokens_sha256" in meta else "not hashed (old files)"
+    identity = f"{meta['source']}{f' ({versions})' if versions else ''}, tokens {digest}"
+    return TokenFiles(data_dir, tok.vocab(), tokenizer, identity)
 
 
 # What a resumed run may change: how it is watched, where and how fast it runs, what it computes
@@ -282,7 +286,7 @@ class Run:
                 f"{self.proc.device} | {per_step} x {cfg.block_size} tokens per step "
                 f"({self.grad_accum} micro-batch(es) of {cfg.batch_size} each) | {cfg.objective} "
                 + (f"until step {switch}, then {cfg.switch_to}" if switch is not None else "only")
-                + f" | {cfg.max_steps} steps")
+                + f" | {cfg.max_steps} steps | data {self.token_files.identity}")
 
 
 def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
@@ -293,7 +297,7 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
     lock = ExitStack()
     try:
         if proc.master:
-            lock.enter_context(files.exclusive(os.path.join(cfg.out_dir, ".lock"),
+            lock.enter_context(files.exclusive(cfg.out_dir,
                                                f"training in {cfg.out_dir}"))
         token_files = open_token_files(cfg, proc)
         raw_model, origin = build_model(cfg, token_files, resumed)
@@ -370,10 +374,16 @@ class RunLog:
             except ImportError:
                 raise ImportError("--wandb_project needs the optional wandb package: "
                                   "pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.wandb_project,
-                                    name=cfg.wandb_run or os.path.basename(cfg.out_dir),
-                                    config={**asdict(cfg), "switch_step": run.switch},
-                                    dir=cfg.out_dir)
+            try:
+                self.wandb = wandb.init(project=cfg.wandb_project,
+                                        name=cfg.wandb_run or os.path.basename(cfg.out_dir),
+                                        config={**asdict(cfg), "switch_step": run.switch},
+                                        dir=cfg.out_dir)
+            except Exception as e:  # no login, no network: one line with both cures
+                raise ValueError(f"--wandb_project: wandb could not start a run "
+                                 f"({str(e).splitlines()[0][:100]}): log in with `wandb login`, "
+                                 "or log locally with WANDB_MODE=offline (and `wandb sync` "
+                                 "later)") from None
 
     def add(self, loss, grad_norm, lr: float):
         """The step just done, its loss and gradient norm still on the device."""

@@ -158,15 +158,16 @@ def test_log_is_strict_json_when_a_figure_is_not_finite(tiny_data, tmp_path, mon
 @pytest.mark.slow
 def test_one_run_per_out_dir_and_a_crashed_run_leaves_no_stuck_lock(tiny_data, tmp_path):
     out = str(tmp_path / "run")
-    with files.exclusive(os.path.join(out, ".lock"), "a test"):
-        with pytest.raises(SystemExit, match=f"process {os.getpid()} is already working there"):
+    with files.exclusive(out, "a test"):
+        with pytest.raises(SystemExit, match="another process is already working there"):
             train.main(run_args(tiny_data, out))
     assert not os.path.exists(os.path.join(out, "log.jsonl"))  # the refused run touched nothing
     assert train_in_subprocess(run_args(tiny_data, out), crash_at_step=1).returncode == 9
     train.main(run_args(tiny_data, out))  # the lock died with its process
+    assert not any(name.endswith(".lock") for name in os.listdir(out))  # and left no file
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     train_file, test_file = sc_files(tmp_path)
-    with files.exclusive(str(tmp_path / "ft" / ".lock"), "a test"):
+    with files.exclusive(str(tmp_path / "ft"), "a test"):
         assert "already working there" in error_of([f"--init_from={ckpt}", "--task=sc",
                                                     f"--train={train_file}", f"--test={test_file}",
                                                     f"--out_dir={tmp_path / 'ft'}"])
@@ -198,7 +199,7 @@ def test_two_preparations_of_one_directory_run_one_after_the_other(tmp_path, cap
         meta=prepare(source, out, val_fraction=0.2, reuse=True)))
     waiting.start()
     for _ in range(600):
-        if "waiting for process" in capsys.readouterr().err:
+        if "waiting for another process" in capsys.readouterr().err:
             break
         waiting.join(0.1)
     else:

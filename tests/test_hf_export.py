@@ -92,6 +92,8 @@ def test_export_kind_follows_the_last_objective(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "EuroBertForMaskedLM" in printed and "AutoModelForMaskedLM" in printed
     assert os.path.exists(tmp_path / "hf_ckpt_100" / "model.safetensors")
+    card = (tmp_path / "hf_ckpt_100" / "README.md").read_text()  # the model card
+    assert "EuroBertForMaskedLM" in card and "## Load it" in card and "<|endoftext|>" in card
 
 
 @needs_hf

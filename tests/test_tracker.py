@@ -5,6 +5,7 @@ The optional experiment tracker (--wandb_project, runs.RunLog): it logs what log
 import json
 import os
 import struct
+from types import SimpleNamespace
 import subprocess
 import sys
 import types
@@ -47,6 +48,16 @@ def test_a_missing_wandb_names_the_package(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(SystemExit, match="pip install wandb"):
         train.main(run_args(tiny_data, str(tmp_path / "run"), wandb_project="x"))
+
+
+def test_wandb_without_a_login_says_how_to_log_in(tiny_data, tmp_path, monkeypatch):
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(tiny_data, str(tmp_path / "run"), wandb_project="x"))
+    assert "wandb login" in str(e.value) and "WANDB_MODE=offline" in str(e.value)
+    assert "\n" not in str(e.value)
 
 
 def wandb_history(path):
