@@ -29,7 +29,6 @@ from mlm_vs_clm.tokenizer import get_tokenizer
 from model import Transformer, configure_optimizer, model_config
 from objectives import linear_cross_entropy, mask_draws, predicted_rows, pretraining_loss
 
-
 @dataclass
 class BenchConfig:
     model: str = "tiny"  # model.py preset
@@ -59,7 +58,6 @@ class BenchConfig:
 
 # -------------------------------------------------------------------------------------------------
 # The real step: train.py on synthetic token files
-
 
 def real_run(cfg: BenchConfig, model: str, block_size: int, batch_size: int) -> dict:
     """One train.py run (gradient accumulation, the loader, the switch, validation, checkpoints)
@@ -110,7 +108,6 @@ def real_run(cfg: BenchConfig, model: str, block_size: int, batch_size: int) -> 
         row[f"{objective}_mfu"] = statistics.median(r["mfu"] for r in steady)
     return row
 
-
 def head_share(cfg: BenchConfig, model_name: str, block_size: int, batch_size: int,
                device, autocast) -> dict:
     """The LM head and its loss alone (objectives.linear_cross_entropy, forward and backward) on a
@@ -156,7 +153,6 @@ def head_share(cfg: BenchConfig, model_name: str, block_size: int, batch_size: i
         shares[f"{objective}_head_memory"] = peaks["head"] / peaks["whole"] if peaks else None
     return shares
 
-
 def sdpa_kernel(device) -> dict:
     """Which attention kernel SDPA runs at the 1b shape (head dim 96, 18 query heads over 6 KV
     heads), read from the profiler: flash, efficient (memory-efficient), cudnn, or math."""
@@ -175,7 +171,6 @@ def sdpa_kernel(device) -> dict:
 
 # -------------------------------------------------------------------------------------------------
 # Against transformers, one thread, the same shapes
-
 
 def compare_transformers(cfg: BenchConfig, rounds: int = 9) -> dict:
     """Thread CPU time of one training step (forward, loss, backward, fused AdamW) of ours and of
@@ -234,7 +229,6 @@ def compare_transformers(cfg: BenchConfig, rounds: int = 9) -> dict:
 # -------------------------------------------------------------------------------------------------
 # The memory model
 
-
 def saved_bytes(preset: str, n_layer: int, tokens: int) -> int:
     """Bytes a forward pass saves for backward under bf16 autocast, measured on the CPU with
     saved-tensor hooks: one sequence of `tokens`, the preset cut to n_layer blocks. The forward
@@ -250,7 +244,6 @@ def saved_bytes(preset: str, n_layer: int, tokens: int) -> int:
         model(torch.randint(0, 256, (1, tokens)), causal=False)
     return total[0]
 
-
 def activation_bytes(preset: str) -> dict:
     """Saved bytes per token per block, per block whatever the tokens (autocast's bf16 copies of
     the weights), and per token outside the blocks: from one and two blocks at 16 and 32 tokens."""
@@ -258,7 +251,6 @@ def activation_bytes(preset: str) -> dict:
     per_token = ((s[2, 32] - s[1, 32]) - (s[2, 16] - s[1, 16])) / 16
     return {"per_token_block": per_token, "per_block": s[2, 32] - s[1, 32] - 32 * per_token,
             "per_token_outside": (s[1, 32] - s[1, 16]) / 16 - per_token}
-
 
 def memory_model(preset: str, vocab_size: int, block_size: int, gpus: int, saved: dict):
     """micro-batch -> estimated peak GB of one GPU training `preset`: fp32 weights, gradients and
@@ -283,7 +275,6 @@ def memory_model(preset: str, vocab_size: int, block_size: int, gpus: int, saved
                 / 2**30}
     return estimate
 
-
 def memory_table(cfg: BenchConfig) -> list[dict]:
     """Each preset at its config file's context and micro-batch (or this command's): the estimate,
     and the largest micro-batch that fits --gpu_gb with 10% to spare, under DDP and FSDP."""
@@ -304,10 +295,8 @@ def memory_table(cfg: BenchConfig) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------------
 
-
 GPU_SUITE = (("210m", 2048, 16), ("610m", 2048, 8), ("1b", 2048, 4))
 GPU_SUITE_BUDGET_S = 420  # rows not started by then are skipped: the suite ends within 8 minutes
-
 
 def report_lines(rows: list[dict]) -> list[str]:
     lines = []
@@ -315,7 +304,6 @@ def report_lines(rows: list[dict]) -> list[str]:
         lines.append("  ".join(f"{k} {v:,.3g}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in row.items() if v is not None))
     return lines
-
 
 @command
 def main(argv: list[str]):
@@ -353,7 +341,6 @@ def main(argv: list[str]):
     if cfg.out:
         files.write_text_atomically(cfg.out, text + "\n")
     return rows
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -28,7 +28,6 @@ from mlm_vs_clm.docstrings import HELDOUT_FILE, stable_fraction
 from mlm_vs_clm.settings import at_least, command, configure
 from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer, tokenizer_problem
 
-
 @dataclass
 class PrepareConfig:
     source: str = "docstrings"  # docstrings (offline), fineweb-edu[:config], or .txt/.jsonl paths
@@ -44,13 +43,11 @@ class PrepareConfig:
                 (tokenizer_problem(self.tokenizer) is None, tokenizer_problem(self.tokenizer)),
                 (0 < self.val_fraction < 1, "--val_fraction must be in (0, 1)")]
 
-
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
 # -------------------------------------------------------------------------------------------------
 # Other sources: local .txt/.jsonl files and FineWeb-Edu
-
 
 def _local_texts(source: str, text_field: str):
     """Lazily yields the documents of the files matched by source (path, directory or glob)."""
@@ -69,7 +66,6 @@ def _local_texts(source: str, text_field: str):
                              "or .jsonl (one JSON object per line)")
     return _read_files(paths, text_field)
 
-
 def _read_files(paths, text_field):
     for path in paths:
         if path.endswith(".txt"):
@@ -82,7 +78,6 @@ def _read_files(paths, text_field):
                                  "field holding the text")
             yield obj[text_field]
 
-
 def _read_text(path: str) -> str:
     with open(path, "rb") as f:
         raw = f.read()
@@ -92,7 +87,6 @@ def _read_text(path: str) -> str:
         line = raw.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}): "
                          "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
-
 
 def _fineweb_texts(config: str, text_field: str):
     try:
@@ -106,7 +100,6 @@ def _fineweb_texts(config: str, text_field: str):
 
 # -------------------------------------------------------------------------------------------------
 # prepare: documents -> train.bin / val.bin / meta.json (and heldout.jsonl for the docstrings)
-
 
 def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens: int | None,
                        batch_docs: int = 1024) -> dict:
@@ -138,11 +131,9 @@ def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens:
         for f in outs.values():
             f.close()
 
-
 def token_meta(dtype, n_tokens: dict, n_docs: dict, digest) -> dict:
     return {"dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_documents": n_docs,
             "tokens_sha256": digest.hexdigest()}
-
 
 def _commit(out_dir: str, meta: dict):
     """Moves the finished out_dir/{split}.bin.tmp files into place and writes meta.json last. The
@@ -162,7 +153,6 @@ def _commit(out_dir: str, meta: dict):
         json.dump(meta, f, indent=2)
     os.replace(meta_path + ".tmp", meta_path)
 
-
 def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) -> dict:
     """Token arrays already in hand ({"train": array, "val": array}) -> the files prepare writes.
     For synthetic data (bench.py, tests)."""
@@ -178,7 +168,6 @@ def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) 
                          digest)}
     _commit(out_dir, meta)
     return meta
-
 
 def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
             max_tokens: int | None = None, val_fraction: float = 0.05, text_field: str = "text",
@@ -215,7 +204,6 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
           f"({meta['n_documents']['val']:,} docs), {meta['dtype']}")
     return meta
 
-
 def _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, seed) -> dict:
     tok = get_tokenizer(tokenizer)
     if source == "docstrings":
@@ -245,19 +233,16 @@ def _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, s
     _commit(out_dir, meta)
     return meta
 
-
 def default_data_dir(source: str, tokenizer: str) -> str:
     """Where prepared data goes unless told otherwise: data/<source>_<tokenizer>, the source made a
     file name."""
     return os.path.join("data", re.sub(r"\W+", "_", f"{source}_{tokenizer}").strip("_"))
-
 
 def data_dir_of(config: dict) -> str:
     """Where a run's token files are, from its TrainConfig as a dict (a checkpoint's train_config):
     its data_dir, or the default directory of its data and tokenizer."""
     return config.get("data_dir") or default_data_dir(config.get("data", ""),
                                                       config.get("tokenizer", ""))
-
 
 def load_meta(data_dir: str) -> dict:
     """Reads data_dir/meta.json, checks its fields, and checks that the token files it describes are
@@ -291,7 +276,6 @@ def load_meta(data_dir: str) -> dict:
                              f"truncated or stale, re-run prepare")
     return meta
 
-
 def _meta_problem(meta: dict) -> str | None:
     """What is wrong with the fields of a meta.json, or None."""
     def count(value):
@@ -313,10 +297,8 @@ def _meta_problem(meta: dict) -> str | None:
         return f"field 'tokenizer' must be a tokenizer name, got {meta.get('tokenizer')!r}"
     return None
 
-
 # -------------------------------------------------------------------------------------------------
 # BlockLoader: fixed blocks in an order that only (seed, epoch) decides
-
 
 class BlockLoader:
     """Yields (batch_size, block_size) int64 batches of non-overlapping blocks of one split.
@@ -400,14 +382,12 @@ class BlockLoader:
 
 # -------------------------------------------------------------------------------------------------
 
-
 @command
 def main(argv: list[str]):
     cfg = configure(PrepareConfig, argv)
     prepare(cfg.source, cfg.out_dir or default_data_dir(cfg.source, cfg.tokenizer), cfg.tokenizer,
             max_tokens=cfg.max_tokens or None, val_fraction=cfg.val_fraction,
             text_field=cfg.text_field, seed=cfg.seed)
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -29,7 +29,6 @@ from mlm_vs_clm.task_data import FAMILIES
 from model import ModelConfig, Transformer
 from objectives import switch_step
 
-
 @dataclass
 class ExperimentConfig:
     out_dir: str = "out/exp"  # one train.py out_dir per run below it, each with its sweeps
@@ -60,11 +59,9 @@ class ExperimentConfig:
                  f"--decay_steps={self.decay_steps} and a 1% warmup must fit in "
                  f"--cpt_steps={self.cpt_steps}")]
 
-
 # --quick: the design at a size that runs in a few minutes on 2 cores (docs/experiment.md)
 QUICK = dict(steps=60, warmup_steps=6, decay_steps=12, cpt_steps=30, eval_interval=10,
              tasks="sc,ir", lrs="3e-3,1e-2", ft_steps=20, keep="30", keep_tasks="sc")
-
 
 
 def read_run(ckpt_path: str) -> dict:
@@ -98,7 +95,6 @@ def read_run(ckpt_path: str) -> dict:
             "id": next(iter(steps)), "source_id": ckpt.get("source_id"), "evals": evals,
             "reports": reports, "by_step": by_step}
 
-
 def describe_runs(runs: list[dict]) -> list[dict]:
     """Each run's pretraining in words ("CLM 100 -> MLM 300"), its CPT source (the run whose
     checkpoint it started from, if any) and its share of CLM steps; sorted as the paper's tables
@@ -121,7 +117,6 @@ def describe_runs(runs: list[dict]) -> list[dict]:
                                   f"{run['pretraining']}")
     depth = lambda run: 0 if run["source"] is None else 1 + depth(run["source"])  # noqa: E731
     return sorted(runs, key=lambda run: (depth(run), -run["clm_share"], run["name"]))
-
 
 def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
     """The tasks, and two markdown tables: the test score at the learning rate chosen on validation
@@ -162,7 +157,6 @@ def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
     efficiency = efficiency_table(runs)
     return tasks, tables + ("\n\n" + efficiency if efficiency else "")
 
-
 def efficiency_table(runs: list[dict]) -> str:
     """The paper's data-efficiency view: the test score (at the learning rate chosen on
     validation) of checkpoints taken along a run, against the tokens it had seen; "" when no
@@ -181,7 +175,6 @@ def efficiency_table(runs: list[dict]) -> str:
             lines.append(f"| {run['name']} | {step} | {step * tokens_per_step:,} | " + " | ".join(
                 f"{reps[t]['test_mean']:.2f}" if t in reps else "-" for t in tasks) + " |")
     return "\n".join(lines)
-
 
 def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
     """Two PNGs: the validation losses of both objectives over pretraining for every run (a
@@ -247,7 +240,6 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
                   for by_flops in (False, True)]
     return [losses, sweep_path] + [path for path in efficiency if path]
 
-
 def draw_efficiency(plt, runs: list[dict], colors: dict, out_dir: str,
                     by_flops: bool) -> str | None:
     """The data-efficiency figures: per task, the test score of each checkpoint fine-tuned along a
@@ -277,7 +269,6 @@ def draw_efficiency(plt, runs: list[dict], colors: dict, out_dir: str,
     name = "experiment_flops.png" if by_flops else "experiment_steps.png"
     return save_figure(plt, fig, axes, os.path.join(out_dir, name))
 
-
 def training_flops(run: dict, step: int) -> float:
     """The FLOPs of a run's first `step` steps, counted as MFU counts them (model.py's
     flops_per_token: 6 per weight a token meets, plus attention; MLM's head on its masked share)."""
@@ -292,7 +283,6 @@ def training_flops(run: dict, step: int) -> float:
                                                   1.0 if objective == "clm" else cfg.mask_ratio)
                for objective, n in phases if n)
 
-
 def save_figure(plt, fig, axes, path: str) -> str:
     """A row of per-task panels, the legend in the last one."""
     axes[0][-1].legend(fontsize=8)
@@ -300,7 +290,6 @@ def save_figure(plt, fig, axes, path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
 
 def summarize(directory: str, figures_dir: str = "") -> dict:
     """--summarize=DIR: the table (printed, and DIR/summary.md) and figures of every run in DIR."""
@@ -322,10 +311,8 @@ def summarize(directory: str, figures_dir: str = "") -> dict:
     return {"runs": [run["name"] for run in runs], "tasks": tasks, "tables": tables,
             "figures": figures}
 
-
 # ----------------------------------------------------------------------------------------------
 # The CPU experiment, end to end
-
 
 # name: (train.py settings of the run, the run it continues, or None)
 RUNS = {
@@ -338,7 +325,6 @@ RUNS = {
     "mlm-cpt": (["--objective=mlm", "--switch_to=none"], "mlm"),
 }
 KEPT = ("clm", "mlm")  # the runs whose intermediate checkpoints draw the data-efficiency figure
-
 
 def run_command(args: list[str], log_path: str) -> None:
     """One python process of the experiment, its output in log_path; stops the experiment with the
@@ -354,7 +340,6 @@ def run_command(args: list[str], log_path: str) -> None:
             last = (log.read().strip().splitlines() or ["(no output)"])[-1]
         raise ValueError(f"{' '.join(args[:1])} failed (exit {code}); see {log_path}: {last}")
 
-
 def train_args(name: str, cfg: ExperimentConfig) -> list[str]:
     """The train.py settings of one run of the experiment."""
     settings, source = RUNS[name]
@@ -369,7 +354,6 @@ def train_args(name: str, cfg: ExperimentConfig) -> list[str]:
         args.append(f"--keep_checkpoints={cfg.keep}")
     return args
 
-
 def check_same(ckpt_path: str, args: list[str]) -> None:
     """A run already in the experiment's directory must have the settings asked for now: one of
     other settings is neither reused nor trained over."""
@@ -381,7 +365,6 @@ def check_same(ckpt_path: str, args: list[str]) -> None:
             raise ValueError(f"{os.path.dirname(ckpt_path)} was trained with --{key}="
                              f"{saved[key]}, not {value}: use another --out_dir, or delete that "
                              "run to train it again")
-
 
 def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
     """One pretraining run, once the run it continues (the future `after`) is done: kept when it is
@@ -405,7 +388,6 @@ def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
                 os.path.join(cfg.out_dir, f"{name}.log"))
     print(f"{name}: pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
 
-
 def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) -> None:
     """A learning-rate x seed sweep of one run (or of its checkpoint at `step`) on one demo task;
     cells already done are reused."""
@@ -417,7 +399,6 @@ def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) 
                  f"--task=demo_{task}", f"--lrs={cfg.lrs}", f"--seeds={cfg.seeds}",
                  f"--batch_size={cfg.ft_batch_size}", f"--max_steps={cfg.ft_steps}",
                  "--progress=False", f"--out_dir={out}"], os.path.join(out, "log.txt"))
-
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -441,7 +422,6 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     print(f"fine-tuning done ({time.perf_counter() - t0:.0f} s)")
     return summarize(cfg.out_dir, figures_dir(cfg, cfg.out_dir))
 
-
 @command
 def main(argv: list[str]) -> dict:
     cfg = configure(ExperimentConfig, argv)
@@ -453,7 +433,6 @@ def main(argv: list[str]) -> dict:
         return summarize(cfg.summarize, figures_dir(cfg, cfg.summarize))
     return run_experiment(cfg)
 
-
 def figures_dir(cfg: ExperimentConfig, directory: str) -> str:
     if cfg.figures != "auto":
         return cfg.figures
@@ -461,7 +440,6 @@ def figures_dir(cfg: ExperimentConfig, directory: str) -> str:
         print("note: no figures (pip install matplotlib to draw them)")
         return ""
     return directory
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -34,7 +34,6 @@ from mlm_vs_clm.task_data import FAMILIES, HF_TASKS, family_class, hold_out, loa
 from mlm_vs_clm.tasks import INPUT_FORMATS, Family
 from model import configure_optimizer, lr_at
 
-
 @dataclass
 class FinetuneConfig:
     # what to fine-tune, on what
@@ -115,17 +114,14 @@ class FinetuneConfig:
             (lrs_problem(self.lrs) is None, lrs_problem(self.lrs)),
         ]
 
-
 # EncodEval's input length: round(0.99 x max_position_embeddings) of the released models (2,048)
 ENCODEVAL_MAX_LEN = 2028
 
 # Settings that do not change a cell's result: a sweep run with other values reuses its cells
 NOT_IN_KEY = {"lrs", "seeds", "out_dir", "device", "progress", "save_model", "compile"}
 
-
 def learning_rates(cfg: FinetuneConfig) -> list[float]:
     return [float(x) for x in cfg.lrs.split(",")]
-
 
 def lrs_problem(text: str) -> str | None:
     try:
@@ -136,25 +132,21 @@ def lrs_problem(text: str) -> str | None:
         return f"--lrs must be distinct positive finite numbers, got {text!r}"
     return None
 
-
 def family_of(task: str) -> str | None:
     if task in HF_TASKS:
         return HF_TASKS[task].family
     name = task.removeprefix("demo_")
     return name if name in FAMILIES else None
 
-
 # --------------------------------------------------------------------------------------------------
 # One cell: fine-tune from the checkpoint at one learning rate and seed,
 # then score validation and test
-
 
 def finetune_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: float,
                   seed: int) -> dict:
     """Trains body (in place) and a new head;
     returns the scores of each split in `splits` other than "train"."""
     return train_cell(family, body, splits, cfg, lr, seed)[0]
-
 
 def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: float,
                seed: int) -> tuple[dict, nn.Module]:
@@ -203,13 +195,11 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
 # --------------------------------------------------------------------------------------------------
 # The sweep and its report
 
-
 def read_results(path: str, key: str) -> dict:
     """(lr, seed) -> result of the cells already in path for this configuration (the key). The torn
     last line of a sweep killed mid-write is cut from the file; that cell is simply done again."""
     return {(r["lr"], r["seed"]): r for r in files.read_json_lines(path, repair=True)
             if r.get("key") == key}
-
 
 def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> list[dict]:
     """Every (lr, seed) cell, from out_dir/results.jsonl when it is there with the same key,
@@ -235,7 +225,6 @@ def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> 
               f"({result['seconds']:.0f} s)", flush=True)
     body.load_state_dict(initial)
     return [done[cell] for cell in cells]
-
 
 def report(results: list[dict], metric: str) -> dict:
     """Per learning rate: the seed mean of the validation and test scores with their 95% intervals.
@@ -264,10 +253,8 @@ def report(results: list[dict], metric: str) -> dict:
             "stability_sd_converged": sd_of([row["test_mean"] for row in converged]),
             "stability_lrs_converged": [row["lr"] for row in converged]}
 
-
 def sd_of(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
-
 
 def print_report(rep: dict):
     plus = lambda mean, ci: \
@@ -298,11 +285,9 @@ def print_report(rep: dict):
         print(f"(the interval is wider than the score's range: {rep['per_lr'][0]['seeds']} seeds "
               "are few, and t at their degrees of freedom is large)")
 
-
 @command
 def main(argv: list[str]) -> dict:
     return finetune(configure(FinetuneConfig, argv))
-
 
 def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict]:
     """The encoded train / val / test splits, and their record counts. Validation is the task's
@@ -322,7 +307,6 @@ def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict
             raise ValueError(f"{rows[name][0][0].rsplit(',', 1)[0]}: the {name} split judges no "
                              "document relevant (every grade is 0), so nDCG has nothing to rank")
     return splits, {name: len(r) for name, r in rows.items()}
-
 
 def finetune(cfg: FinetuneConfig) -> dict:
     named = cfg.task in HF_TASKS  # the paper's: the authors' protocol and length unless told
@@ -379,7 +363,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Saving the fine-tuned model
 
-
 def save_model(family: Family, body, splits: dict, cfg: FinetuneConfig, results: list[dict],
                rep: dict, tok) -> dict:
     """Trains the cell with the best validation score at the chosen learning rate once more (a
@@ -404,7 +387,6 @@ def save_model(family: Family, body, splits: dict, cfg: FinetuneConfig, results:
               f"{best['test']}")
     return {"path": path, "lr": best["lr"], "seed": best["seed"], "val": result["val"],
             "test": result["test"]}
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -13,9 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 ATTENTION = ("sdpa", "manual")  # how attention is computed: the library's kernel, or written out
-
 
 @dataclass
 class ModelConfig:
@@ -67,7 +65,6 @@ class ModelConfig:
         # softmax denominator.
         return math.ceil(self.vocab_size / 64) * 64
 
-
 # The paper's three sizes (its architecture table, exactly) and two small ones for CPUs. vocab_size
 # is left at the dataclass default: it always comes from the tokenizer
 # (`model_config(name, vocab_size=tok.n_vocab)`).
@@ -81,12 +78,10 @@ PRESETS = {
     "1b": dict(n_layer=28, n_embd=1728, n_head=18, n_kv_head=6, mlp_hidden=5120),
 }
 
-
 def model_config(preset: str, **overrides) -> ModelConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[preset], **overrides})
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -100,7 +95,6 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
-
 def rope_tables(head_dim: int, length: int, theta: float, scaling: dict | None = None):
     """cos and sin of every (position, frequency) pair, each (length, head_dim), the frequencies
     repeated for both halves so that they line up with `rotate_half`."""
@@ -112,7 +106,6 @@ def rope_tables(head_dim: int, length: int, theta: float, scaling: dict | None =
     angles = torch.cat([angles, angles], dim=-1)  # (L, D)
     return angles.cos(), angles.sin()
 
-
 def apply_rope(x, cos, sin):
     """Rotate each pair (x[i], x[i + D/2]) by its position's angle: the half-split convention of
     Llama and EuroBERT (GPT-NeoX), not the interleaved (x[2i], x[2i+1]) pairs of the RoPE paper.
@@ -123,7 +116,6 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
-
 
 def manual_attention(q, k, v, causal: bool, key_mask=None):
     """What scaled_dot_product_attention computes, written out. q: (B, H, T, D); k, v: (B, H, T, D)
@@ -141,7 +133,6 @@ def manual_attention(q, k, v, causal: bool, key_mask=None):
         allowed = allowed & key_mask.view(-1, 1, 1, T)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return scores.float().softmax(dim=-1).type_as(q) @ v  # (B, H, T, D)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -177,7 +168,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=KV != H)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -187,7 +177,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
-
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -200,7 +189,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, causal: bool, key_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, causal, key_mask)
         return x + self.mlp(self.mlp_norm(x))
-
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -266,7 +254,6 @@ class Transformer(nn.Module):
                      * (0.5 if causal else 1.0))
         return 6 * n["body"] + 6 * head * head_fraction + attention
 
-
 def lr_at(step: int, peak: float, max_steps: int, warmup_steps: int, decay_steps: int) -> float:
     """Warmup-stable-decay, the paper's schedule: linear warmup from 0, constant, then linear decay
     reaching 0 right after the last step. It spans the whole budget, so the objective switch does
@@ -278,7 +265,6 @@ def lr_at(step: int, peak: float, max_steps: int, warmup_steps: int, decay_steps
     if step >= decay_start:
         return peak * (max_steps - step) / decay_steps
     return peak
-
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                         eps: float = 1e-5):
@@ -295,13 +281,11 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, 
     # and can skip it on the device (train.py's non-finite check) without waiting for the host.
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
-
 # -------------------------------------------------------------------------------------------------
 # Llama 3.1's context extension, which only its Hugging Face checkpoints need (mlm_vs_clm/hf.py)
 
 LLAMA3_ROPE_KEYS = {"factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings"}
-
 
 def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor,
                   original_max_position_embeddings, rope_type="llama3"):

@@ -17,7 +17,6 @@ OBJECTIVES = ("clm", "mlm")
 MASK_REPLACE = ("mask", "bert")
 IGNORE = -100  # label of a position that is not predicted (F.cross_entropy's default ignore_index)
 
-
 @dataclass(frozen=True)
 class Vocab:
     """What the objectives need to know about the tokenizer."""
@@ -26,7 +25,6 @@ class Vocab:
     special_ids: tuple  # never masked, never a random replacement, never a CLM target if pad
     # padding, ignored as a target (pretraining blocks are packed and have none)
     pad_id: int | None = None
-
 
 def check_shape(tokens, min_length: int):
     """A batch the loss can read. The ids themselves were checked once, by data.BlockLoader on the
@@ -40,14 +38,12 @@ def check_shape(tokens, min_length: int):
         raise ValueError(f"tokens has length {tokens.size(1)}; at least {min_length} are needed to "
                          "predict anything")
 
-
 def switch_step(switch_to: str, switch_at: float, max_steps: int) -> int | None:
     """The first step of the second objective, or None for a single-objective run: switch_at is a
     fraction of the budget if < 1 (the paper's 0.25, 0.5, 0.75), else a step."""
     if switch_to == "none":
         return None
     return round(switch_at * max_steps) if switch_at < 1 else int(switch_at)
-
 
 def mask_draws(shape, mask_replace: str, generator=None, device=None) -> list:
     """The uniform numbers MLM masking uses, one (B, T) tensor per decision: selection, and for
@@ -57,7 +53,6 @@ def mask_draws(shape, mask_replace: str, generator=None, device=None) -> list:
     draw_device = generator.device if generator is not None else device
     return [torch.rand(shape, generator=generator, device=draw_device).to(device)
             for _ in range(1 if mask_replace == "mask" else 3)]
-
 
 def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str = "mask",
                 generator=None, draws=None):
@@ -83,9 +78,7 @@ def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str
         inputs = torch.where(selected & (roll >= 0.9), tokens, inputs)
     return inputs, labels
 
-
 _token_sets = {}
-
 
 def token_sets(vocab: Vocab, device) -> tuple:
     """(special ids, ordinary ids) on the device, built once: building them per micro-batch would
@@ -96,7 +89,6 @@ def token_sets(vocab: Vocab, device) -> tuple:
         ordinary = torch.tensor([i for i in range(vocab.size) if i not in vocab.special_ids])
         _token_sets[key] = special.to(device), ordinary.to(device)
     return _token_sets[key]
-
 
 class LinearCrossEntropy(torch.autograd.Function):
     """The LM head and the cross-entropy in one: the summed loss of cross_entropy(hidden @ weight.T,
@@ -132,13 +124,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
 
-
 def linear_cross_entropy(hidden, weight, labels):
     """(summed cross-entropy, number of predicted rows) of hidden (N, C) through the LM head weight
     (V, C) against labels (N,)."""
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LinearCrossEntropy.apply(hidden, weight, labels, with_grads), (labels != IGNORE).sum()
-
 
 def predicted_rows(hidden, labels, ratio: float):
     """The masked positions of (B, T, C) hidden states, gathered into a fixed number of rows so that
@@ -155,7 +145,6 @@ def predicted_rows(hidden, labels, ratio: float):
     kept = torch.arange(rows, device=labels.device) < masked.sum()
     return (hidden.flatten(0, 1).index_select(0, where),
             torch.where(kept, labels.index_select(0, where), IGNORE))
-
 
 def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio: float = 0.4,
                      mask_replace: str = "mask", generator=None, draws=None,
@@ -183,7 +172,6 @@ def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio:
     loss_sum, n = linear_cross_entropy(hidden.flatten(0, -2), model.lm_head.weight,
                                        labels.flatten())
     return loss_sum / n.clamp(min=1), n
-
 
 class PretrainingLoss(torch.nn.Module):
     """pretraining_loss as a module that holds the model, so that torch.compile traces the model

@@ -22,11 +22,9 @@ from mlm_vs_clm.parallel import device_problem
 from mlm_vs_clm.settings import at_least, command, configure
 from objectives import IGNORE, mask_tokens, pretraining_loss
 
-
 LOSS_TEXT = ("Return the number of items that are not done yet, and raise ValueError if the queue "
              "is closed.")
 SHOWS = ("fill", "continue", "loss")
-
 
 @dataclass
 class SampleConfig:
@@ -64,14 +62,12 @@ class SampleConfig:
     def shows(self) -> list[str]:
         return [s.strip() for s in self.show.split(",") if s.strip()]
 
-
 class Loaded(NamedTuple):
     label: str  # short name for the tables
     spec: str  # what --init_from said
     model: torch.nn.Module
     tok: object  # mlm_vs_clm.tokenizer.Tokenizer
     about: str
-
 
 def label_of(spec: str) -> str:
     if spec.startswith("hf:"):  # out/run/hf -> hf:run/hf
@@ -80,7 +76,6 @@ def label_of(spec: str) -> str:
     stem = os.path.splitext(os.path.basename(spec))[0]
     parent = os.path.basename(os.path.dirname(os.path.abspath(spec)))
     return parent if stem == "ckpt" else f"{parent}/{stem}"
-
 
 def describe(ckpt: dict) -> str:
     finetuned = ckpt.get("finetuned")
@@ -91,7 +86,6 @@ def describe(ckpt: dict) -> str:
         about.append(f"last step trained {str(ckpt['objective']).upper()}")
     return ", ".join(about) or "a checkpoint"
 
-
 def load(spec: str, device: str) -> Loaded:
     """A checkpoint (a fine-tuned one: its body) or hf:DIR, with the tokenizer it was trained
     with."""
@@ -101,7 +95,6 @@ def load(spec: str, device: str) -> Loaded:
     return Loaded(label_of(spec), spec, model.to(device).eval(), tok,
                   f"{about}, {n:.2f}M parameters")
 
-
 def same_vocabulary(a, b) -> bool:
     """Do the same ids mean the same tokens (an exported tokenizer.json and its original may differ
     in name and in how the pattern is spelled, not in that)?"""
@@ -109,12 +102,10 @@ def same_vocabulary(a, b) -> bool:
             and a.encoding._special_tokens == b.encoding._special_tokens
             and a.encoding._mergeable_ranks == b.encoding._mergeable_ranks)
 
-
 def check_length(ids: list, block_size: int, what: str) -> None:
     if len(ids) > block_size:
         raise ValueError(f"{what} has {len(ids)} tokens, more than the model's context of "
                          f"{block_size} (block_size): shorten it")
-
 
 def masked_text(tok, text: str, mask_ratio: float, seed: int):
     """(input ids, the true token at each masked position or IGNORE), both (T,): the tokenizer's
@@ -143,7 +134,6 @@ def masked_text(tok, text: str, mask_ratio: float, seed: int):
         ids += [tok.mask_id] + tok.encode(piece)
     return torch.tensor(ids), torch.full((len(ids),), IGNORE)
 
-
 @torch.no_grad()
 def fill_mask(model, tok, inputs, top_k: int) -> list[list[tuple[int, float]]]:
     """At each mask, in order: the top_k (token id, probability), with bidirectional attention. The
@@ -156,7 +146,6 @@ def fill_mask(model, tok, inputs, top_k: int) -> list[list[tuple[int, float]]]:
     probs = model.logits(hidden[where])[:, :tok.n_vocab].float().softmax(-1)  # (n_masks, vocab)
     best = probs.topk(min(top_k, tok.n_vocab), dim=-1)
     return [list(zip(i.tolist(), p.tolist())) for i, p in zip(best.indices, best.values)]
-
 
 @torch.no_grad()
 def continuation(model, tok, prompt_ids: list, cfg: SampleConfig) -> tuple[list, str]:
@@ -192,7 +181,6 @@ def continuation(model, tok, prompt_ids: list, cfg: SampleConfig) -> tuple[list,
         new.append(token)
     return new, f"max_new_tokens={cfg.max_new_tokens}"
 
-
 @torch.no_grad()
 def losses(model, tok, ids: list, mask_ratio: float, seed: int) -> tuple[float, float, int]:
     """(CLM loss, MLM loss, tokens MLM predicted) on one text, computed as in pretraining
@@ -211,10 +199,8 @@ def losses(model, tok, ids: list, mask_ratio: float, seed: int) -> tuple[float, 
                          f"ratio {mask_ratio} with seed {seed}: use a longer text or another seed")
     return float(clm), float(mlm), int(n)
 
-
 def shown(tok, token_id: int) -> str:
     return repr(tok.decode([token_id]))
-
 
 def print_fill(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
     tok = models[0].tok
@@ -229,7 +215,6 @@ def print_fill(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
                 f"{shown(tok, i)} {100 * p:.1f}%" for i, p in predictions[m.label][k]))
     return predictions
 
-
 def print_continuations(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
     tok, continued = models[0].tok, {}
     prompt_ids = tok.encode(cfg.prompt)
@@ -241,7 +226,6 @@ def print_continuations(models: list[Loaded], width: int, cfg: SampleConfig) -> 
         print(f"    {m.label:<{width}}{tok.decode(prompt_ids + new)!r}  [{why}]")
         continued[m.label] = new
     return continued
-
 
 def print_losses(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
     tok, scores = models[0].tok, {}
@@ -260,7 +244,6 @@ def print_losses(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
         scores[m.label] = (clm, mlm)
     return scores
 
-
 @command
 def main(argv: list[str]) -> dict:
     cfg = configure(SampleConfig, argv)
@@ -277,7 +260,6 @@ def main(argv: list[str]) -> dict:
         print(f"{m.label}: {m.spec} ({m.about})")
     parts = {"fill": print_fill, "continue": print_continuations, "loss": print_losses}
     return {name: parts[name](models, width, cfg) for name in SHOWS if name in cfg.shows()}
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

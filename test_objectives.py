@@ -16,7 +16,6 @@ import objectives as O
 from tests.helpers import VOCAB, random_tokens, tiny_model
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: a second thread gains nothing, and on a busy machine the threads of
@@ -26,10 +25,8 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-
 # --------------------------------------------------------------------------------------------------
 # MLM masking
-
 
 @pytest.mark.parametrize("ratio", [0.2, 0.3, 0.4, 0.5])
 def test_mask_ratio_statistics(ratio):
@@ -47,7 +44,6 @@ def test_mask_ratio_statistics(ratio):
     # the paper's rule: every selected token becomes <|mask|>, nothing else changes
     assert (inputs[selected] == VOCAB.mask_id).all()
     assert torch.equal(inputs[~selected], tokens[~selected])
-
 
 def test_bert_replacement_split():
     tokens = random_tokens((200, 1000), specials_every=10)
@@ -67,7 +63,6 @@ def test_bert_replacement_split():
         "random token was special"
     assert torch.equal(inputs[~selected], tokens[~selected])
 
-
 def test_masking_is_reproducible_from_a_seed():
     tokens = random_tokens((4, 64))
     a = O.mask_tokens(tokens, VOCAB, 0.4, "bert", generator=torch.Generator().manual_seed(3))
@@ -76,10 +71,8 @@ def test_masking_is_reproducible_from_a_seed():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
 
-
 # --------------------------------------------------------------------------------------------------
 # Losses
-
 
 def test_clm_loss_matches_reference():
     model, tokens = tiny_model(), random_tokens((3, 40), specials_every=16)
@@ -91,7 +84,6 @@ def test_clm_loss_matches_reference():
                           ignore_index=-100)
     assert torch.allclose(loss, ref, atol=1e-6)
     assert n.item() == (targets != -100).sum().item() == 3 * 39 - 3 * 3  # pads at 1, 17, 33
-
 
 def test_sparse_mlm_loss_equals_dense():
     model, tokens = tiny_model(), random_tokens((3, 48), specials_every=12)
@@ -110,7 +102,6 @@ def test_sparse_mlm_loss_equals_dense():
     dense.backward()
     assert torch.allclose(sparse_grad, model.lm_head.weight.grad, atol=1e-6)
 
-
 def test_mlm_uses_bidirectional_attention_and_clm_causal():
     calls = []
     model = tiny_model()
@@ -120,10 +111,8 @@ def test_mlm_uses_bidirectional_attention_and_clm_causal():
     O.pretraining_loss(model, random_tokens((2, 16)), "mlm", VOCAB)
     assert calls == [True, False]
 
-
 # --------------------------------------------------------------------------------------------------
 # The fused LM head and loss, and a micro-step that never waits for the host
-
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_linear_cross_entropy_equals_the_full_logits(dtype, tolerance):
@@ -144,7 +133,6 @@ def test_linear_cross_entropy_equals_the_full_logits(dtype, tolerance):
     for a, b in zip(ours, reference):
         assert torch.allclose(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item())
 
-
 class Watch(TorchDispatchMode):
     """Every aten op a block of code runs, and the largest tensor it creates."""
 
@@ -159,7 +147,6 @@ class Watch(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
-
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_a_micro_step_never_waits_for_the_host_nor_builds_full_logits(objective):
@@ -183,7 +170,6 @@ def test_a_micro_step_never_waits_for_the_host_nor_builds_full_logits(objective)
     assert watch.largest < tokens.numel() * 1000
     assert ("nonzero_static" in [op for op, _ in watch.ops]) == (objective == "mlm")
 
-
 @pytest.mark.parametrize("bad, message", [
     (dict(objective="mlmm"), "objective"),
     (dict(mask_ratio=0.0), "mask_ratio"),
@@ -199,10 +185,8 @@ def test_bad_input_is_a_clear_error(bad, message):
     with pytest.raises(ValueError, match=message):
         O.pretraining_loss(tiny_model(), args.pop("tokens"), args.pop("objective"), VOCAB, **args)
 
-
 # --------------------------------------------------------------------------------------------------
 # The model
-
 
 def test_causal_flag_controls_what_a_position_sees():
     model = tiny_model()
@@ -218,7 +202,6 @@ def test_causal_flag_controls_what_a_position_sees():
         assert not torch.allclose(ca[0, 12:], cb[0, 12:], atol=1e-4)
         assert not torch.allclose(ba[0, :12], bb[0, :12], atol=1e-4), \
             "bidirectional: the past did not see it"
-
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("padded", [False, True])
@@ -238,7 +221,6 @@ def test_sdpa_and_manual_attention_agree(causal, padded):
         if name != "lm_head.weight":  # not part of the forward pass
             assert torch.allclose(ps.grad, pm.grad, atol=1e-5 * ps.grad.abs().max()), name
 
-
 def test_padding_mask_hides_padding():
     model = tiny_model()
     a = random_tokens((1, 16))
@@ -248,7 +230,6 @@ def test_padding_mask_hides_padding():
     with torch.no_grad():
         ha, hb = model(a, False, mask), model(b, False, mask)
     assert torch.allclose(ha[0, :10], hb[0, :10], atol=1e-6)
-
 
 def test_rope_scores_depend_only_on_the_offset():
     D = 16
@@ -265,7 +246,6 @@ def test_rope_scores_depend_only_on_the_offset():
     # a rotation keeps the norm
     assert M.apply_rope(q, cos[7], sin[7]).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
 
-
 def test_gqa_equals_full_attention_with_repeated_kv():
     gqa = tiny_model(seed=2)  # test preset: 4 query heads, 2 KV heads
     full = tiny_model(seed=2, n_kv_head=4)
@@ -279,7 +259,6 @@ def test_gqa_equals_full_attention_with_repeated_kv():
     for causal in (True, False):
         assert torch.allclose(gqa(tokens, causal), full(tokens, causal), atol=1e-5)
 
-
 @pytest.mark.parametrize("preset, paper_size", [("210m", 212e6), ("610m", 608e6), ("1b", 1.19e9)])
 def test_preset_sizes_match_the_paper(preset, paper_size):
     with torch.device("meta"):  # counts parameters without allocating them
@@ -290,7 +269,6 @@ def test_preset_sizes_match_the_paper(preset, paper_size):
     assert n["total"] == sum(p.numel() for p in model.parameters())
     assert model.config.head_dim == {"210m": 64, "610m": 64, "1b": 96}[preset]
 
-
 def test_vocab_is_padded_and_tied_embeddings_share_weights():
     cfg = M.model_config("test", vocab_size=8195)
     assert cfg.padded_vocab_size == 8256
@@ -299,14 +277,12 @@ def test_vocab_is_padded_and_tied_embeddings_share_weights():
     n = tied.num_params()
     assert n["lm_head"] == 0 and n["total"] == n["paper"]
 
-
 def test_init_and_no_biases():
     model = M.Transformer(M.model_config("tiny", vocab_size=8195))
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
     assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert model.blocks[0].mlp.up_proj.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert (model.norm.weight == 1).all()
-
 
 def test_flops_per_token_convention():
     model = tiny_model()
@@ -318,7 +294,6 @@ def test_flops_per_token_convention():
     assert model.flops_per_token(32, causal=False, head_fraction=0.4) == pytest.approx(
         6 * n["body"] + 0.4 * 6 * V * C + 12 * L * C * 32)
 
-
 def test_optimizer_decays_matrices_only():
     model = tiny_model()
     opt = M.configure_optimizer(model, lr=1e-3)
@@ -328,7 +303,6 @@ def test_optimizer_decays_matrices_only():
         all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-5
-
 
 @pytest.mark.parametrize("bad", [dict(n_head=3), dict(n_kv_head=3), dict(attention="flash"),
                                  dict(n_embd=60)])

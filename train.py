@@ -29,7 +29,6 @@ from mlm_vs_clm.tokenizer import tokenizer_problem
 from model import ATTENTION, lr_at
 from objectives import MASK_REPLACE, OBJECTIVES, mask_draws, switch_step
 
-
 @dataclass
 class TrainConfig:
     # data
@@ -128,13 +127,11 @@ class TrainConfig:
 # -------------------------------------------------------------------------------------------------
 # One optimizer step, and validation
 
-
 def reseed(generator: torch.Generator, *keys: int) -> torch.Generator:
     """Masking randomness is a pure function of (seed, step, which micro-batch of the step): a
     resumed run masks exactly as an uninterrupted one, with no generator state to save, and 2
     processes of 1 micro-batch mask exactly as 1 process of 2."""
     return generator.manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
-
 
 def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Generator):
     """Forward and backward over the run's micro-batches, then one AdamW step at learning rate lr.
@@ -178,7 +175,6 @@ def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Genera
     run.optimizer.zero_grad(set_to_none=True)
     return mean_loss, grad_norm
 
-
 @torch.no_grad()
 def evaluate(run: runs.Run, generator) -> dict:
     """Validation loss under BOTH objectives, whatever the current one, so the transfer at the
@@ -203,10 +199,8 @@ def evaluate(run: runs.Run, generator) -> dict:
         losses[objective] = (totals[0] / totals[1]).item()
     return losses
 
-
 # -------------------------------------------------------------------------------------------------
 # The run: settings, setup, then the loop
-
 
 @command
 def main(argv: list[str]):
@@ -265,7 +259,6 @@ def main(argv: list[str]):
                                time.perf_counter() - t_start)
         log.close()
     parallel.finish(proc)
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -24,13 +24,11 @@ from model import ModelConfig, Transformer
 # state, the step, the data position, the tokenizer and its settings, to resume.
 CHECKPOINT_FORMAT = "mlm-vs-clm/1"
 
-
 def checkpoint_payload(model: Transformer, state_dict: dict | None = None, **extra) -> dict:
     """state_dict: the full weights where model.state_dict() holds only this process's shards
     (FSDP)."""
     return {"format": CHECKPOINT_FORMAT, "model_config": asdict(model.config),
             "model": model.state_dict() if state_dict is None else state_dict, **extra}
-
 
 def read_checkpoint(path: str, device="cpu") -> dict:
     """The dict in one of our checkpoint files, memory-mapped (its tensors are read when used),
@@ -59,7 +57,6 @@ def read_checkpoint(path: str, device="cpu") -> dict:
                          f"{CHECKPOINT_FORMAT!r}); train.py writes them as out_dir/ckpt.pt")
     return ckpt
 
-
 def identity(spec: str, ckpt: dict) -> str:
     """What a model is, wherever it lies: its run's id and step for train.py's checkpoints (ckpt.pt
     and its ckpt_<step>.pt), else the sha256 of its files (hf:DIR, a fine-tuned model.pt)."""
@@ -74,7 +71,6 @@ def identity(spec: str, ckpt: dict) -> str:
                     digest.update(chunk)
     return digest.hexdigest()[:16]
 
-
 def source_problem(setting: str, spec: str) -> str | None:
     """What is wrong with a setting that names a checkpoint file or hf:DIR, before any work."""
     path = spec.removeprefix("hf:")
@@ -85,13 +81,11 @@ def source_problem(setting: str, spec: str) -> str | None:
                 "checkpoint directory, or give a checkpoint file (out_dir/ckpt.pt)")
     return None if os.path.isfile(spec) else f"--{setting}={spec}: no checkpoint at {spec}"
 
-
 class Loaded(NamedTuple):
     """A model with the tokenizer it was trained with, and its checkpoint ({} for hf:DIR)."""
     model: Transformer
     tokenizer: Tokenizer
     checkpoint: dict
-
 
 def load_model(spec: str, device="cpu", head: bool = True) -> Loaded:
     """One of our checkpoint files (pretrained, ckpt_<step>.pt, fine-tuned: its body) or hf:DIR, a
@@ -108,7 +102,6 @@ def load_model(spec: str, device="cpu", head: bool = True) -> Loaded:
         raise ValueError(f"{spec}: the model has {model.config.vocab_size} token ids and its "
                          f"tokenizer {tok.name} {tok.n_vocab}: they do not belong together")
     return Loaded(model.to(device), tok, ckpt)
-
 
 def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
     """The model a checkpoint dict describes (read_checkpoint), with its weights, after checking
@@ -135,7 +128,6 @@ def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
         raise ValueError(f"{path}: its weights do not fit its model config ({message})") from None
     return model
 
-
 def first_non_finite(tree, name: str = "") -> str | None:
     """The name of the first floating-point tensor in
     nested dicts and lists that holds a NaN or an inf."""
@@ -153,7 +145,6 @@ def first_non_finite(tree, name: str = "") -> str | None:
             return bad
     return None
 
-
 def save_checkpoint(payload: dict, path: str) -> None:
     """Writes a checkpoint that will load: finite, and with a model config that builds."""
     bad = first_non_finite(payload)
@@ -162,7 +153,6 @@ def save_checkpoint(payload: dict, path: str) -> None:
                                  f"so it was not saved")
     ModelConfig(**payload["model_config"])  # raises, naming what is wrong, before anything is saved
     files.write_atomically(path, lambda tmp: torch.save(payload, tmp))
-
 
 def kept_steps(spec: str, max_steps: int) -> set[int]:
     """The steps whose weights are kept as ckpt_<step>.pt besides the resumable ckpt.pt: the

@@ -17,14 +17,12 @@ from dataclasses import asdict, dataclass
 
 from mlm_vs_clm.settings import die_with_parent
 
-
 # Test suites are code, not prose. Everything else is kept, IDLE and lib2to3 included:
 # their docstrings are ordinary English. site-packages inside the stdlib dir is other
 # people's code (numpy and torch are added explicitly below).
 SKIP_DIRS = {"tests", "test", "testing", "idle_test", "site-packages", "__pycache__"}
 MIN_DOCSTRING_CHARS = 64  # shorter ones are mostly "Return self." style fragments, not prose
 HELDOUT_FILE = "heldout.jsonl"  # written beside the token files: the held-out docstrings
-
 
 @dataclass(frozen=True)
 class Document:
@@ -33,7 +31,6 @@ class Document:
     # qualified name inside the module, e.g. "JSONDecoder.decode"; "" for the module docstring
     name: str
     text: str
-
 
 def _python_files(source: str, base: str, root: str) -> list[tuple[str, str, str]]:
     """(source, module, path) for every .py file under root, in sorted walk order."""
@@ -46,7 +43,6 @@ def _python_files(source: str, base: str, root: str) -> list[tuple[str, str, str
             module = os.path.relpath(path, base)[:-3].replace(os.sep, ".").removesuffix(".__init__")
             files.append((source, module, path))
     return files
-
 
 def _file_docstrings(item: tuple[str, str, str]) -> list[Document]:
     source, module, path = item
@@ -75,7 +71,6 @@ def _file_docstrings(item: tuple[str, str, str]) -> list[Document]:
     visit(tree, "")
     return docs
 
-
 def docstring_documents() -> list[Document]:
     """English docstrings of the stdlib, numpy and torch, parsed with ast (nothing is imported)."""
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -95,18 +90,15 @@ def docstring_documents() -> list[Document]:
                 docs.append(doc)
     return docs
 
-
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) fixed by key, identical across runs and machines (unlike hash())."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
-
 
 def split_of(doc: Document) -> str:
     """'train' (85%), 'val' (5%) or 'heldout' (10%, reserved for fine-tuning tasks, never pretrained
     on)."""
     u = stable_fraction(f"{doc.module}:{doc.name}")
     return "train" if u < 0.85 else "val" if u < 0.90 else "heldout"
-
 
 @functools.lru_cache(maxsize=2)
 def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
@@ -119,7 +111,6 @@ def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
             return tuple(Document(**json.loads(line)) for line in f)
     return tuple(d for d in docstring_documents() if split_of(d) == "heldout")
 
-
 def pretraining_texts(heldout_path: str) -> list[tuple[str, str]]:
     """(split, text) of every docstring for data.prepare: "train" and "val" go to the token files,
     and the held-out ones to heldout_path (one JSON Document a line), so that no later run has to
@@ -129,20 +120,16 @@ def pretraining_texts(heldout_path: str) -> list[tuple[str, str]]:
         f.writelines(json.dumps(asdict(d)) + "\n" for split, d in docs if split == "heldout")
     return [(split, d.text) for split, d in docs if split != "heldout"]
 
-
 # -----------------------------------------------------------------------------
 # The demo tasks of finetune.py, one per family, from the held-out docstrings
 
-
 def paragraphs(text: str) -> list[str]:
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-
 
 # reST markup that marks code: ``literal``, :role:`target` and the default role `target`
 CODE_MARKUP = re.compile(r"``(?P<literal>[^`]+?)``|:(?P<role>[\w:]+):`(?P<target>[^`]+)`"
                          r"|(?<![\w`])`(?P<default>[^`]+)`(?![\w`])")
 PYTHON_ROLES = {"func", "meth", "class", "attr", "mod", "obj", "data", "const", "exc"}
-
 
 def markup_to_bio(paragraph: str) -> tuple[list[str], list[str]]:
     """Strip the code markup of a reST paragraph into words with BIO tags: LIT for ``literals``, REF
@@ -168,7 +155,6 @@ def markup_to_bio(paragraph: str) -> tuple[list[str], list[str]]:
         pos = m.end()
     add(paragraph[pos:], None)
     return words, tags
-
 
 def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, int]]]]:
     """(start, end, parameters) of each numpydoc "Parameters" or Google-style "Args:" section of a
@@ -216,7 +202,6 @@ def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, i
             sections.append((start, len(text[:line_start[i] - 1].rstrip()), params))
     return sections
 
-
 def demo_records(family: str, docs) -> list[tuple[object, dict]]:
     """(document, record) pairs of the demo task of a family; see demo_task."""
     if family == "sc":
@@ -258,7 +243,6 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
                             "question": f"What is {absent[0]}?",
                             "context": context, "answers": {"text": [], "answer_start": []}}))
     return out
-
 
 def demo_task(family: str, data_dir: str = "") -> tuple[list[dict], list[dict]]:
     """(train, test) records of the offline demo task of a family, built from held-out docstrings

@@ -22,7 +22,6 @@ from mlm_vs_clm.settings import command, configure, one_of
 from mlm_vs_clm.task_data import FAMILIES
 from mlm_vs_clm.tokenizer import Tokenizer, bytes_to_unicode
 
-
 @dataclass
 class ExportConfig:
     init_from: str = ""  # the checkpoint: out/run/ckpt.pt, ckpt_<step>.pt, a fine-tuned model.pt
@@ -45,7 +44,6 @@ KINDS = ("auto", "encoder", "decoder")
 MARKER = "mlm_vs_clm_export.json"  # in every export: a directory this code may replace
 ST_POOLING = {"mean": "pooling_mode_mean_tokens", "first": "pooling_mode_cls_token",
               "last": "pooling_mode_lasttoken"}  # ours -> sentence-transformers' Pooling mode
-
 
 class Exported(NamedTuple):
     out_dir: str
@@ -88,7 +86,6 @@ class Exported(NamedTuple):
                           f"{self.architecture}; load it with no custom code:"]
                          + [f"  {line}" for line in how])
 
-
 def check_target(out_dir: str) -> None:
     """An export goes into a new or empty directory, or replaces one of our exports: never over
     files it did not write."""
@@ -97,7 +94,6 @@ def check_target(out_dir: str) -> None:
         found = sorted(os.listdir(out_dir))
         raise ValueError(f"{out_dir} holds files this export did not write ({', '.join(found[:4])}"
                          f"{', ...' if len(found) > 4 else ''}): choose a new or empty --out_dir")
-
 
 def swap_in(tmp: str, out_dir: str) -> None:
     """The finished export in tmp replaces out_dir: its old contents move aside first, and are
@@ -109,14 +105,12 @@ def swap_in(tmp: str, out_dir: str) -> None:
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
 
-
 def templates(kind: str, input_format: str | None) -> tuple[str, str]:
     """(single, pair) for the tokenizer's post-processor: tokenizer(text) and tokenizer(a, b) build
     the inputs the model was fine-tuned on (tasks.py's input formats)."""
     if input_format == "paper":  # the authors': one labelled text, then <eot>
         return "$A <eot>", "$A $B <eot>"  # qa: the pair ("Question: ...\nContext: ", context)
     return "$A", "$A <eot> $B <eot>" if kind == "qa" else "$A <eot> $B"
-
 
 def choose_kind(ckpt: dict, path: str, kind: str) -> tuple[str, str]:
     """(kind, why) from --kind and what the checkpoint says about itself."""
@@ -143,7 +137,6 @@ def choose_kind(ckpt: dict, path: str, kind: str) -> tuple[str, str]:
                      "'objective' entry): choose with --kind=encoder (EuroBertForMaskedLM) or "
                      "--kind=decoder (LlamaForCausalLM)")
 
-
 def llama_config(cfg, tok) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
@@ -156,7 +149,6 @@ def llama_config(cfg, tok) -> dict:
         "initializer_range": cfg.init_std, "torch_dtype": "float32", "bos_token_id": None,
         "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id, "mask_token_id": tok.mask_id,
     }
-
 
 def eurobert_config(cfg, tok, architecture: str, classifier_pooling: str = "mean") -> dict:
     """Every field of transformers' EuroBertConfig, written out: its defaults are EuroBERT-210m's
@@ -177,7 +169,6 @@ def eurobert_config(cfg, tok, architecture: str, classifier_pooling: str = "mean
         "dtype": "float32",
     }
 
-
 def body_weights(model, prefix: str = "model.", lm_head: bool = True) -> dict:
     """Our weights under transformers' names (the Llama names, which EuroBERT shares), the padding
     rows of the vocabulary cut off; prefix "transformer." for LlamaForQuestionAnswering."""
@@ -191,7 +182,6 @@ def body_weights(model, prefix: str = "model.", lm_head: bool = True) -> dict:
         state[key] = (w[:cfg.vocab_size] if name in ("embed.weight", "lm_head.weight")
                       else w).float().contiguous()
     return state
-
 
 def head_weights(finetuned: dict, family: str, n_embd: int, path: str) -> dict:
     """The fine-tuned head under the names of its transformers class, after checking its shapes."""
@@ -223,7 +213,6 @@ def head_weights(finetuned: dict, family: str, n_embd: int, path: str) -> dict:
                          f"{shapes} ({n_labels} labels): not a head finetune.py saved")
     return {k: v.float().contiguous() for k, v in got.items()}
 
-
 def label_maps(finetuned: dict, path: str) -> dict:
     labels = finetuned.get("labels")
     if not isinstance(labels, list) or not labels:
@@ -232,7 +221,6 @@ def label_maps(finetuned: dict, path: str) -> dict:
     names = [str(label) for label in labels]  # transformers' id2label values are strings
     return {"id2label": {str(i): s for i, s in enumerate(names)},
             "label2id": {s: i for i, s in enumerate(names)}}
-
 
 def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling: str,
                                 retriever: bool, prompts: dict) -> None:
@@ -260,7 +248,6 @@ def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling
                     "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
                     "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")}})
 
-
 def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, str, int | None]:
     """(pooling, input format, max_len) of a fine-tuned model, refusing what transformers cannot
     load as it was fine-tuned."""
@@ -281,7 +268,6 @@ def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, str, in
                          "model finetune.py saved")
     max_len = finetuned.get("max_len")
     return pooling, input_format, max_len if isinstance(max_len, int) and max_len > 0 else None
-
 
 def weights_and_config(model, tok, kind: str, finetuned: dict | None, pooling: str, path: str):
     """(transformers class, config.json, weights) of each kind."""
@@ -305,7 +291,6 @@ def weights_and_config(model, tok, kind: str, finetuned: dict | None, pooling: s
     if kind == "sc":
         config["problem_type"] = "single_label_classification"
     return architecture, config, {**body_weights(model, lm_head=False), **head}
-
 
 def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
     """One of our checkpoints (pretrained, step-tagged or fine-tuned) -> a Hugging Face directory:
@@ -357,7 +342,6 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
     swap_in(tmp, out_dir)
     return done
 
-
 def model_card(done: Exported, model, tok, ckpt: dict) -> str:
     """README.md of an export: what it is, how it was trained, how to load it."""
     cfg, params = ckpt.get("train_config") or {}, model.num_params()["paper"] / 1e6
@@ -381,7 +365,6 @@ def model_card(done: Exported, model, tok, ckpt: dict) -> str:
 # -------------------------------------------------------------------------------------------------
 # A tiktoken Encoding written back as a tokenizers-library tokenizer.json
 
-
 def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
     """BPE of a token's own bytes using only the ranks below it: the two pieces whose merge made
     it."""
@@ -392,7 +375,6 @@ def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
         if rank >= limit:
             return parts
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
-
 
 def post_processor(tok: Tokenizer, single: str = "$A", pair: str = "$A <eot> $B") -> dict:
     """What tokenizer(text) and tokenizer(a, b) add around the texts: templates of "$A", "$B" and
@@ -407,7 +389,6 @@ def post_processor(tok: Tokenizer, single: str = "$A", pair: str = "$A <eot> $B"
                 for word in template.split()]
     return {"type": "TemplateProcessing", "single": pieces(single), "pair": pieces(pair),
             "special_tokens": {eot: {"id": eot, "ids": [tok.eot_id], "tokens": [eot]}}}
-
 
 def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot> $B")) -> dict:
     """The tiktoken Encoding as a tokenizers-library byte-level BPE: the same pattern, ids and
@@ -452,11 +433,9 @@ def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot>
 
 # -------------------------------------------------------------------------------------------------
 
-
 def default_out_dir(ckpt_path: str) -> str:
     stem = os.path.splitext(os.path.basename(ckpt_path))[0]
     return os.path.join(os.path.dirname(ckpt_path), "hf" if stem == "ckpt" else f"hf_{stem}")
-
 
 @command
 def main(argv: list[str]) -> Exported:
@@ -464,7 +443,6 @@ def main(argv: list[str]) -> Exported:
     done = export(cfg.init_from, cfg.out_dir or default_out_dir(cfg.init_from), cfg.kind)
     print(done.usage())
     return done
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

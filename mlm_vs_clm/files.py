@@ -16,7 +16,6 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
-
 def write_atomically(path: str, write) -> None:
     """write(tmp_path) writes the new content; it replaces `path` once complete and on disk. A
     crash or a full disk leaves the previous version whole and no temporary file behind."""
@@ -40,19 +39,16 @@ def write_atomically(path: str, write) -> None:
                           "the previous version of the file, if any, is intact") from None
         raise
 
-
 def write_text_atomically(path: str, text: str) -> None:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     write_atomically(path, write)
 
-
 def write_json(path: str, content) -> None:
     # default=str: metadata of an odd type is written as text, not refused
     text = json.dumps(strict(content), indent=1, ensure_ascii=False, default=str)
     write_text_atomically(path, text + "\n")
-
 
 def strict(value):
     """value with every non-finite float replaced by None: strict JSON has no NaN."""
@@ -64,10 +60,8 @@ def strict(value):
         return [strict(v) for v in value]
     return value
 
-
 def json_line(record: dict) -> str:
     return json.dumps(strict(record), allow_nan=False) + "\n"
-
 
 def read_json(path: str, what: str = "a JSON file"):
     """The content of a JSON file, or one error that names the file."""
@@ -77,7 +71,6 @@ def read_json(path: str, what: str = "a JSON file"):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({str(e)[:80]}): is it {what}, complete and "
                          "unedited?") from None
-
 
 def read_json_lines(path: str, repair: bool = False) -> list[dict]:
     """The records of a JSON-lines file. A last line that is not whole is what a crash mid-write
@@ -100,7 +93,6 @@ def read_json_lines(path: str, repair: bool = False) -> list[dict]:
         write_text_atomically(path, "".join(json_line(r) for r in records))
     return records
 
-
 def jsonl_records(path: str):
     """Yields (line number, record) of a JSON-lines file that is data to read (a corpus, a task),
     each bad line named with its file and number."""
@@ -108,7 +100,6 @@ def jsonl_records(path: str):
         for n, line in enumerate(f, start=1):
             if line.strip():
                 yield n, parse_json_line(path, n, line)
-
 
 def parse_json_line(path: str, n: int, line: bytes) -> dict:
     try:
@@ -123,10 +114,8 @@ def parse_json_line(path: str, n: int, line: bytes) -> dict:
         raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}")
     return record
 
-
 class Busy(OSError):
     """Another process holds the lock."""
-
 
 @contextmanager
 def exclusive(directory: str, what: str, wait: bool = False):
@@ -148,7 +137,6 @@ def exclusive(directory: str, what: str, wait: bool = False):
         yield
     finally:
         os.close(fd)  # which releases the lock
-
 
 def _try_lock(fd: int, block: bool = False) -> bool:
     try:

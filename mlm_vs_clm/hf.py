@@ -26,7 +26,6 @@ LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight",
 # HF Llama stores q/k in the half-split RoPE layout (its conversion script permuted Meta's
 # interleaved weights once), which is model.py's layout too: no permutation either way.
 
-
 def our_name(hf_name: str) -> str | None:
     # *ForCausalLM / *ForMaskedLM prefix the body; a bare *Model does not
     name = hf_name.removeprefix("model.")
@@ -35,14 +34,12 @@ def our_name(hf_name: str) -> str | None:
         return f"blocks.{m[1]}.{LAYER_NAMES[m[2]]}" if m[2] in LAYER_NAMES else None
     return TOP_NAMES.get(name)
 
-
 def hf_name(name: str) -> str:
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if m:
         return f"model.layers.{m[1]}." + {v: k for k, v in LAYER_NAMES.items()}[m[2]]
     return name if name == "lm_head.weight" \
         else "model." + {v: k for k, v in TOP_NAMES.items()}[name]
-
 
 def model_config_from_hf(hf: dict, config_path: str, vocab_size: int) -> ModelConfig:
     """config.json -> ModelConfig, or a ValueError naming everything model.py cannot represent."""
@@ -88,7 +85,6 @@ def model_config_from_hf(hf: dict, config_path: str, vocab_size: int) -> ModelCo
     except KeyError as e:
         raise ValueError(f"{config_path}: no {e.args[0]!r}: not a Llama-style config") from None
 
-
 def weight_files(path: str) -> list[str]:
     """model.safetensors, or every shard model.safetensors.index.json lists."""
     single, index = (os.path.join(path, "model.safetensors"),
@@ -108,7 +104,6 @@ def weight_files(path: str) -> list[str]:
                                 "download all of them")
     return shards
 
-
 def headers(shards: list[str]) -> dict:
     """name -> (shape, dtype) of every tensor, read from the files' headers: nothing is loaded."""
     found = {}
@@ -121,7 +116,6 @@ def headers(shards: list[str]) -> dict:
             raise ValueError(f"{file}: unreadable safetensors file ({e}): "
                              "truncated or corrupt download?") from None
     return found
-
 
 def check_fit(cfg: ModelConfig, shapes: dict, where: str) -> None:
     """Raises unless weights of these shapes (our names) are a model of cfg, before anything is
@@ -139,11 +133,9 @@ def check_fit(cfg: ModelConfig, shapes: dict, where: str) -> None:
             raise ValueError(f"{where}: {name} has shape {shape}, its config implies "
                              f"{expected[name]}")
 
-
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
                  "vocab_size")
-
 
 def load_hf(path: str, tok, head: bool = True) -> Transformer:
     """A Transformer holding the checkpoint in directory `path`, sized for `tok` (its own tokenizer,

@@ -2,7 +2,6 @@
 script, trec_eval), and the 95% interval of a seed mean. Fractions: the report turns them into
 points. Where the authors' EncodEval scores differently: docs/finetuning.md."""
 
-
 import math
 import re
 import statistics
@@ -11,10 +10,8 @@ from collections import Counter
 
 import torch
 
-
 def accuracy(predicted: list, gold: list) -> float:
     return sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
-
 
 def bio_entities(tags: list[str]) -> set[tuple[int, int, str]]:
     """(start, end exclusive, type) of the entities in one sentence's BIO tags, read as conlleval
@@ -31,7 +28,6 @@ def bio_entities(tags: list[str]) -> set[tuple[int, int, str]]:
             start, kind = i, tag_type
     return entities
 
-
 def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict:
     """Micro precision, recall and F1 over entities:
     a prediction counts only if its span and type both match."""
@@ -44,12 +40,10 @@ def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"f1": f1, "precision": precision, "recall": recall}
 
-
 def normalize_answer(text: str) -> str:
     """SQuAD's: lowercase, drop punctuation, drop the articles a/an/the, collapse whitespace."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
 
 def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
     """(exact match, token F1) of one prediction, the best over the gold answers, as SQuAD v2's
@@ -69,14 +63,12 @@ def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
             f1 = max(f1, 2 * precision * recall / (precision + recall))
     return exact, f1
 
-
 def rank_documents(scores: torch.Tensor, k: int) -> list[list[int]]:
     """The k best documents of each row of scores (queries, documents). Equal scores keep corpus
     order (a stable sort): the earlier document ranks first, so a ranking never depends on the sort
     implementation."""
     return torch.sort(scores.float().cpu(), dim=1, descending=True,
                       stable=True).indices[:, :k].tolist()
-
 
 def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
              empty_queries: str = "skip") -> dict:
@@ -109,9 +101,7 @@ def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
         raise ValueError("no query has a relevant document (grade > 0)")
     return {f"ndcg@{k}": statistics.fmean(ndcgs), f"mrr@{k}": statistics.fmean(rrs)}
 
-
 # The authors' variants (EncodEval, branch MLM_vs_CLM), for finetune.py --protocol=encodeval
-
 
 def position_f1(predicted: set, gold: set) -> float:
     """EncodEval's QA score of one question: F1 of the token positions predicted inside the answer
@@ -119,7 +109,6 @@ def position_f1(predicted: set, gold: set) -> float:
     predicted, gold = predicted or {0}, gold or {0}
     common = len(predicted & gold)
     return 2 * common / (len(predicted) + len(gold))
-
 
 def sentence_macro_f1(gold: list[int], predicted: list[int]) -> float:
     """EncodEval's TC score of one sentence: sklearn's f1_score(average="macro") over the tag ids
@@ -129,7 +118,6 @@ def sentence_macro_f1(gold: list[int], predicted: list[int]) -> float:
         hits = sum(g == p == tag for g, p in zip(gold, predicted, strict=True))
         scores.append(2 * hits / (gold.count(tag) + predicted.count(tag)))
     return statistics.fmean(scores)
-
 
 def top_k_ndcg(ranked: list[list[int]], relevance: list[dict], k: int = 10) -> float:
     """EncodEval's nDCG@k: sklearn's ndcg_score on the binary relevance of the k documents
@@ -145,20 +133,17 @@ def top_k_ndcg(ranked: list[list[int]], relevance: list[dict], k: int = 10) -> f
         scores.append(dcg / ideal if ideal else 0.0)
     return statistics.fmean(scores)
 
-
 # t_{0.975, df} for df = 1..30 (Student's t, to 4 decimals);
 # beyond, the Cornish-Fisher expansion is within 1e-4.
 T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
 
-
 def t975(df: int) -> float:
     if df <= len(T975):
         return T975[df - 1]
     z = 1.959964
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
 
 def mean_ci(scores: list[float]) -> tuple[float, float | None]:
     """The mean and the half-width of its 95% confidence interval, t_{0.975, n-1} * sd / sqrt(n)

@@ -18,14 +18,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-
 # dense bf16 tensor-core FLOP/s from the vendors' data sheets, by a substring of the device name
 GPU_PEAK_BF16 = {
     "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
     "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12,
     "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
 }
-
 
 def peak_flops(device: torch.device) -> float:
     """Peak FLOP/s of one device, for MFU: the data-sheet figure for known GPUs; on a CPU, measured
@@ -44,7 +42,6 @@ def peak_flops(device: torch.device) -> float:
             a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * 1024 ** 3 * 4 / best
-
 
 def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size: int = 1):
     """The torch device of a --device setting ("auto": cuda, then mps, then cpu; under torchrun
@@ -69,7 +66,6 @@ def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size
         return chosen, lambda: torch.autocast(device_type=chosen.type, dtype=torch.bfloat16)
     return chosen, nullcontext
 
-
 def device_problem(device: str) -> str | None:
     """What is wrong with a --device setting on this machine, or None."""
     if device == "auto":
@@ -85,7 +81,6 @@ def device_problem(device: str) -> str | None:
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         return f"--device={device}: there are {torch.cuda.device_count()} CUDA devices"
     return None
-
 
 @dataclass
 class Process:
@@ -108,7 +103,6 @@ class Process:
         if self.master:  # tqdm.write: above a progress bar, if one is drawn
             tqdm.write(text)
 
-
 def setup(device: str, dtype: str) -> Process:
     """The device and rank of this process; joins the process group when torchrun started
     several."""
@@ -118,7 +112,6 @@ def setup(device: str, dtype: str) -> Process:
     if world_size > 1:
         dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
     return Process(chosen, autocast, rank, local_rank, world_size)
-
 
 def shard(model: torch.nn.Module, bf16: bool) -> None:
     """FSDP2: each block is one unit whose weights are all-gathered just before it runs and freed
@@ -138,7 +131,6 @@ def shard(model: torch.nn.Module, bf16: bool) -> None:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
 
-
 def wrap(module: torch.nn.Module, proc: Process, compile: bool, sharded: bool) -> torch.nn.Module:
     """What the training step calls: DDP (unless sharded), then torch.compile, the order torch's
     DDPOptimizer expects (it cuts the graph at DDP's gradient buckets). Under FSDP2 the graph
@@ -147,7 +139,6 @@ def wrap(module: torch.nn.Module, proc: Process, compile: bool, sharded: bool) -
         module = DDP(module, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
     return torch.compile(module) if compile else module
 
-
 def full_weights(model, sharded: bool) -> dict | None:
     """The full weights, or None where model.state_dict() already holds them (not sharded). Under
     FSDP they are gathered to rank 0's CPU, and every rank must take part."""
@@ -155,7 +146,6 @@ def full_weights(model, sharded: bool) -> dict | None:
         return None
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
-
 
 def full_state(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
     """(full weights or None, full optimizer state). Under FSDP the full state is gathered to rank
@@ -167,7 +157,6 @@ def full_state(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
         return None, optimizer.state_dict()
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return full_weights(model, sharded), get_optimizer_state_dict(model, optimizer, options=full)
-
 
 def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
     """AdamW's moments and step counts from a checkpoint. The hyperparameters (betas, eps, weight
@@ -181,11 +170,9 @@ def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
     for group, settings in zip(optimizer.param_groups, own):
         group.update(settings)
 
-
 def barrier(proc: Process) -> None:
     if proc.world_size > 1:
         dist.barrier()
-
 
 def finish(proc: Process) -> None:
     """Leave the process group once every process is done."""

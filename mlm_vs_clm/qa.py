@@ -2,7 +2,6 @@
 start/end logits, character offsets back to the answer text, the null answer on the final
 end-of-text, and ReCoRD's entity candidates. docs/finetuning.md."""
 
-
 import json
 import statistics
 from typing import NamedTuple
@@ -14,12 +13,10 @@ import torch.nn.functional as F
 from mlm_vs_clm.metrics import position_f1, squad_scores
 from mlm_vs_clm.tasks import Family, Split, field, init_head, token_spans
 
-
 def token_range(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
     """The first and the last token whose characters overlap [start, end) of the text."""
     return (next(i for i, (_, e) in enumerate(spans) if e > start),
             max(i for i, (s, _) in enumerate(spans) if s < end))
-
 
 def window_starts(n_tokens: int, room: int, stride: int) -> list[int]:
     """First token of each window of `room` tokens over a context of n_tokens, consecutive windows
@@ -29,7 +26,6 @@ def window_starts(n_tokens: int, room: int, stride: int) -> list[int]:
         starts.append(starts[-1] + room - stride)
     return starts
 
-
 class Candidate(NamedTuple):
     """qa: an answer the record allows (ReCoRD's entity mentions): its first and last context token
     and its [start, end) characters in the context."""
@@ -37,7 +33,6 @@ class Candidate(NamedTuple):
     last: int
     start: int
     end: int
-
 
 class QAExample(NamedTuple):
     """qa: what scoring a question needs: its id, its context, the character span of each context
@@ -48,7 +43,6 @@ class QAExample(NamedTuple):
     answers: list[str]
     candidates: tuple = ()
 
-
 class QAWindow(NamedTuple):
     """qa: one window over an example's context: its input ids, the context tokens lo..hi it holds
     (context token i sits at position i + offset), and the target (start, end) positions."""
@@ -58,7 +52,6 @@ class QAWindow(NamedTuple):
     hi: int
     offset: int
     target: tuple[int, int]
-
 
 class QuestionAnswering(Family):
     name = "qa"
@@ -230,7 +223,6 @@ class QuestionAnswering(Family):
     def trivial(self, split):
         return self.score(split, {item.example.id: "" for item in split.items})
 
-
 class EncodEvalQA(QuestionAnswering):
     """--protocol=encodeval, the authors' QA (EncodEval's eval_tasks/QA.py): a two-label token
     classification over one input, "Question: {question}\\nContext: " then the context, cut to
@@ -275,7 +267,6 @@ class EncodEvalQA(QuestionAnswering):
 
     def trivial(self, split):
         return {"f1": statistics.fmean(position_f1(set(), item.gold) for item in split.items)}
-
 
 class AnswerTokens(NamedTuple):
     """qa under --protocol=encodeval: the input ids and the positions of the answer's tokens."""

@@ -24,7 +24,6 @@ from mlm_vs_clm.tokenizer import TOKENIZER_FIELDS, check_tokenizer, get_tokenize
 from model import Transformer, configure_optimizer, model_config
 from objectives import PretrainingLoss, Vocab, switch_step
 
-
 @dataclass
 class TokenFiles:
     """A run's prepared token files, and what the objectives need to know of their tokenizer."""
@@ -32,7 +31,6 @@ class TokenFiles:
     vocab: Vocab
     tokenizer: dict  # what every checkpoint records of it (TOKENIZER_FIELDS)
     identity: str  # what the files are: their source, its versions, a hash of the tokens
-
 
 def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
     """The run's token files: prepared once (by one process), then memory-mapped by all."""
@@ -51,14 +49,12 @@ def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
     identity = f"{meta['source']}{f' ({versions})' if versions else ''}, tokens {digest}"
     return TokenFiles(data_dir, tok.vocab(), tokenizer, identity)
 
-
 # What a resumed run may change: how it is watched, where and how fast it runs, what it computes
 # the same way. Every other setting decides what is trained, and stays the run's own.
 RESUME_FREE = {"eval_interval", "eval_batches", "log_interval", "keep_checkpoints", "stop_at",
                "progress", "wandb_project", "wandb_run", "device", "dtype", "compile", "fsdp",
                "attention", "sparse_head", "repeat_data", "data_dir", "init_from", "out_dir",
                "load_optimizer", "max_steps", "batch_size", "total_batch_size", "switch_at"}
-
 
 def resume_settings(cfg, argv: list[str], world_size: int):
     """The run's settings and, with --init_from=resume, the checkpoint it continues. A resumed run
@@ -95,7 +91,6 @@ def resume_settings(cfg, argv: list[str], world_size: int):
     check_extension(merged, type(cfg)(**saved), resumed, world_size, ckpt_path)
     return merged, resumed
 
-
 def check_extension(now, then, resumed: dict, world_size: int, path: str) -> None:
     """A resumed run may read the same global batch in other micro-batches, and extend max_steps
     when the switch and the learning rate of every step already trained stay as they were."""
@@ -118,7 +113,6 @@ def check_extension(now, then, resumed: dict, world_size: int, path: str) -> Non
     print(f"extending the run from {then.max_steps} to {now.max_steps} steps"
           + (f"; the switch stays at step {old}" if old is not None else ""))
 
-
 class Origin(NamedTuple):
     """Where a run starts, besides its weights: a step, a loader position, an AdamW state."""
     step: int = 0
@@ -126,7 +120,6 @@ class Origin(NamedTuple):
     optimizer_state: dict | None = None
     source: str = ""  # the checkpoint it comes from, for messages
     source_id: str | None = None  # that checkpoint's identity (checkpoints.identity)
-
 
 def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Transformer, Origin]:
     """The model, from scratch, from this run's checkpoint, from another run's (continued
@@ -153,7 +146,6 @@ def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Tra
     model.config.attention = cfg.attention  # how attention is computed is not part of the weights
     return model, origin
 
-
 def continued_pretraining(cfg, token_files: TokenFiles, source: dict) -> Origin:
     """What a run started from another run's checkpoint takes from it besides the weights.
     - The data: on its source's data it reads on from where that run stopped, so its steps see new
@@ -176,10 +168,8 @@ def continued_pretraining(cfg, token_files: TokenFiles, source: dict) -> Origin:
                          "--load_optimizer=false")
     return Origin(0, loader_state(source) if same_stream else None, optimizer, cfg.init_from)
 
-
 def loader_state(ckpt: dict) -> dict | None:
     return ckpt.get("loader", ckpt.get("data"))  # "data": checkpoints written before 2026-12
-
 
 def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, allowed: bool):
     """The paper's control: every model sees the same unique ordered blocks. A run that would read
@@ -193,7 +183,6 @@ def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, all
                          "(--data_tokens), run fewer steps, or set --repeat_data=true if "
                          "repetition is intended")
 
-
 def micro_batches(cfg, world_size: int) -> int:
     """Micro-batches per optimizer step on each process (gradient accumulation)."""
     per_step = cfg.total_batch_size or cfg.batch_size * world_size
@@ -201,7 +190,6 @@ def micro_batches(cfg, world_size: int) -> int:
         raise ValueError(f"--total_batch_size={per_step} is not a multiple of --batch_size x "
                          f"processes = {cfg.batch_size} x {world_size}")
     return per_step // (cfg.batch_size * world_size)
-
 
 @dataclass
 class Run:
@@ -288,7 +276,6 @@ class Run:
                 + (f"until step {switch}, then {cfg.switch_to}" if switch is not None else "only")
                 + f" | {cfg.max_steps} steps | data {self.token_files.identity}")
 
-
 def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
     """The run's data, model on its device, optimizer and loader, at step 0 or where the resumed
     checkpoint stopped; checked to read no block twice. The run holds its out_dir until it ends:
@@ -335,7 +322,6 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
         lock.close()
         raise
 
-
 def write_summary(run: Run, val: dict, tokens: int, seconds: float):
     """summary.json, and the run's last line."""
     cfg = run.cfg
@@ -347,7 +333,6 @@ def write_summary(run: Run, val: dict, tokens: int, seconds: float):
             else f"stopped at step {run.step} (resume with --init_from=resume)")
     run.proc.print(f"{done} in {seconds:.0f}s: val clm {val['clm']:.4f} | val mlm "
                    f"{val['mlm']:.4f} | {run.ckpt_path}")
-
 
 class RunLog:
     """The steps' losses on their way to the host, log.jsonl, the printed lines and Weights &

@@ -12,10 +12,8 @@ import sys
 import traceback
 from dataclasses import fields
 
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what was saved and how to go on."""
-
 
 def command(main):
     """Wraps a script's main(argv): a failure the user can fix ends in one 'error:' line, never a
@@ -36,7 +34,6 @@ def command(main):
             raise SystemExit(130) from None
     return wrapped
 
-
 def die_with_parent() -> None:
     """Makes this process (a worker, a child) die when its parent does, even by kill -9: Linux's
     parent-death signal. Elsewhere a no-op."""
@@ -45,34 +42,28 @@ def die_with_parent() -> None:
         import signal
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
-
 def check(cfg) -> None:
     """Stops with every problem cfg.checks() finds: (condition, message) pairs."""
     problems = [message for ok, message in cfg.checks() if not ok]
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
-
 def at_least(cfg, minimum, *names) -> list:
     """(ok, message) checks that each named setting is >= minimum."""
     return [(getattr(cfg, n) >= minimum, f"--{n} must be >= {minimum}, got {getattr(cfg, n)}")
             for n in names]
 
-
 def above(cfg, minimum, *names) -> list:
     return [(getattr(cfg, n) > minimum, f"--{n} must be > {minimum}, got {getattr(cfg, n)}")
             for n in names]
-
 
 def one_of(cfg, name: str, choices) -> list:
     return [(getattr(cfg, name) in choices,
              f"--{name}={getattr(cfg, name)!r} must be one of {', '.join(map(str, choices))}")]
 
-
 def field_help(cls) -> dict:
     """Each field's trailing comment in the class source, for --help."""
     return dict(re.findall(r"^\s+(\w+): [^=]+= .*?  # (.*)$", inspect.getsource(cls), re.M))
-
 
 def parse_value(kind, text: str):
     if kind is bool:
@@ -86,7 +77,6 @@ def parse_value(kind, text: str):
                 raise
             return int(number)
     return kind(text)
-
 
 def run_config_file(path: str) -> dict:
     """The names a config file assigns, or one line naming the file and line of what is wrong."""
@@ -106,7 +96,6 @@ def run_config_file(path: str) -> dict:
         where = f"{path}, line {line}" if line else path
         raise SystemExit(f"error: {where}: {type(e).__name__}: {e}") from None
     return {k: v for k, v in scope.items() if not k.startswith("_") and not inspect.ismodule(v)}
-
 
 def configure(cls, argv: list[str], check_now: bool = True):
     """The settings dataclass from argv (config file paths and --key=value), checked: unknown keys,
@@ -157,7 +146,6 @@ def configure(cls, argv: list[str], check_now: bool = True):
     if check_now and hasattr(cfg, "checks"):
         check(cfg)
     return cfg
-
 
 def explicit_keys(argv: list[str]) -> set:
     """The settings given on the command line (not through config files)."""

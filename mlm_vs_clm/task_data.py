@@ -2,7 +2,6 @@
 Hugging Face hub with the authors' splits (through the optional `datasets` package), or the offline
 demo tasks; then the validation split. Record schemas and sources: docs/finetuning.md."""
 
-
 import hashlib
 import json
 import os
@@ -19,17 +18,14 @@ from mlm_vs_clm.tasks import Retrieval, SequenceClassification, TokenClassificat
 FAMILIES = {"sc": SequenceClassification, "tc": TokenClassification, "qa": QuestionAnswering,
             "ir": Retrieval}
 
-
 def family_class(name: str, protocol: str):
     """The class of a family under a protocol: EncodEval's QA is a token classification."""
     return EncodEvalQA if name == "qa" and protocol == "encodeval" else FAMILIES[name]
-
 
 def read_jsonl(path: str) -> list[tuple[str, dict]]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     return [(f"{path}, line {n}", record) for n, record in files.jsonl_records(path)]
-
 
 class TaskData(NamedTuple):
     """A task's records, as (where, record) rows."""
@@ -41,16 +37,13 @@ class TaskData(NamedTuple):
     documents: dict
     labels: list | None = None  # tc: the dataset's tag names in id order (its ClassLabel)
 
-
 # --------------------------------------------------------------------------------------------------
 # Hub records -> our records: pure functions, one record at a time
-
 
 # The authors' labelled texts: a pair is one text, each part named (EncodEval's datasets.py)
 GLUE_TEXTS = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"),
               "qqp": ("question1", "question2")}
 GLUE_NAMES = {"mnli": ("Premise", "Hypothesis"), "qqp": ("Question 1", "Question 2")}
-
 
 def glue_record(task: str, record: dict, input_format: str) -> dict:
     """sst2: the sentence. mnli, qqp: "Premise: {p}\\nHypothesis: {h}" and "Question 1: {a}\\n
@@ -62,7 +55,6 @@ def glue_record(task: str, record: dict, input_format: str) -> dict:
         (a, b), (name_a, name_b) = texts, GLUE_NAMES[task]
         return {"text": f"{name_a}: {a}\n{name_b}: {b}", "label": record["label"]}
     return {"text": texts[0], "text_pair": texts[1], "label": record["label"]}
-
 
 def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None) -> dict | None:
     """Words and tag names. Integer tags are named by the dataset's ClassLabel feature (tag_names).
@@ -83,20 +75,17 @@ def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None)
                              f"(the dataset's names: {tag_names})")
     return {"words": list(record[words]), "tags": named}
 
-
 def squad_record(record: dict) -> dict:
     answers = record["answers"]
     return {"id": record["id"], "question": record["question"], "context": record["context"],
             "answers": {"text": list(answers["text"]),
                         "answer_start": list(answers["answer_start"])}}
 
-
 def as_list_of_dicts(value) -> list[dict]:
     """A hub Sequence of structs comes as a dict of lists; JSON files give a list of dicts."""
     if isinstance(value, dict):
         return [dict(zip(value, items)) for items in zip(*value.values())]
     return list(value)
-
 
 def entity_mentions(passage: str, entity_spans) -> list[tuple[int, int]]:
     """ReCoRD's entity mentions as [start, end) character spans, each checked against its text.
@@ -114,13 +103,11 @@ def entity_mentions(passage: str, entity_spans) -> list[tuple[int, int]]:
                              f"{start}..{end} of the passage")
     return sorted(set(spans))
 
-
 def record_id(record: dict, index: int) -> str:
     idx = record.get("idx")
     if isinstance(idx, dict):  # SuperGLUE: {"passage": int, "query": int}
         return f"{idx['passage']}-{idx['query']}"
     return str(record.get("id", index))
-
 
 def record_answers(context: str, answers: list[str], mentions: list) -> dict:
     """Every occurrence of every gold answer: the entity mentions with its text, or (an answer
@@ -136,7 +123,6 @@ def record_answers(context: str, answers: list[str], mentions: list) -> dict:
             at = context.find(answer, at + 1)
     found.sort()
     return {"text": [text for _, text in found], "answer_start": [start for start, _ in found]}
-
 
 def record_record(record: dict, index: int) -> dict:
     """ReCoRD in either shape: SQuAD's (question, context, answers {text, answer_start}), as in the
@@ -156,16 +142,13 @@ def record_record(record: dict, index: int) -> dict:
            "answers": answers}
     return out | {"candidates": [list(span) for span in mentions]} if mentions else out
 
-
 # --------------------------------------------------------------------------------------------------
 # Retrieval: training pairs, and evaluation splits built from judgments (qrels)
-
 
 class Judgment(NamedTuple):
     query: str  # query id
     document: str  # document id
     grade: int  # >= 1: relevant
-
 
 def pair_rows(records, where: str) -> list:
     """MS MARCO training pairs {query, positive} -> relevant (query, document) rows; a pair given
@@ -174,7 +157,6 @@ def pair_rows(records, where: str) -> list:
     for i, r in enumerate(records):
         pairs.setdefault((r["query"], r["positive"]), f"{where}, record {i + 1}")
     return [(at, {"query": q, "document": d}) for (q, d), at in pairs.items()]
-
 
 def judged_rows(judgments: list[Judgment], queries: dict, documents: dict, where: str) -> list:
     """One row per judgment, texts looked up by id, score-0 judgments kept (graded qrels: a judged
@@ -191,7 +173,6 @@ def judged_rows(judgments: list[Judgment], queries: dict, documents: dict, where
                           {"query": pair[0], "document": pair[1], "grade": j.grade})
     return list(rows.values())
 
-
 def judged_task(train: list, judgments: dict, queries: dict, documents: dict,
                 where: str) -> TaskData:
     """An ir task trained on `train` and evaluated on the judgments of a validation and a test
@@ -202,11 +183,9 @@ def judged_task(train: list, judgments: dict, queries: dict, documents: dict,
     corpus = list(dict.fromkeys(r["document"] for _, r in val + test))
     return TaskData("ir", train, val, test, {"val": corpus, "test": corpus})
 
-
 # NQ has only test judgments; the authors halve its queries at random (unseeded: a new split each
 # run); here the split is seeded, the same in every run
 NQ_SPLIT_SEED = 0
-
 
 def halve_queries(judgments: list[Judgment], seed: int = NQ_SPLIT_SEED) -> dict:
     """{"validation": [...], "test": [...]}: a random half of the queries (by sorted id, rounded
@@ -216,10 +195,8 @@ def halve_queries(judgments: list[Judgment], seed: int = NQ_SPLIT_SEED) -> dict:
     return {"validation": [j for j in judgments if j.query in val],
             "test": [j for j in judgments if j.query not in val]}
 
-
 def nq_document(record: dict) -> str:
     return f"{record['title']}. {record['text']}"  # the authors' "title. text"
-
 
 def mldr_judgments(records) -> tuple[list[Judgment], dict]:
     """MLDR's {query_id, query, positive_passages: [{docid, ...}]} -> judgments and query texts.
@@ -232,10 +209,8 @@ def mldr_judgments(records) -> tuple[list[Judgment], dict]:
                       for p in as_list_of_dicts(r["positive_passages"])]
     return judgments, queries
 
-
 # --------------------------------------------------------------------------------------------------
 # Loading from the hub
-
 
 # Datasets the hub builds with a loading script, which `datasets` 4 no longer runs (3 only with
 # trust_remote_code, never given here): their files read directly, or the hub's parquet conversion.
@@ -243,7 +218,6 @@ BEIR_FILES = {(f"BeIR/{name}", part): f"hf://datasets/BeIR/{name}/{part}.jsonl.g
               for name in ("msmarco", "nq") for part in ("queries", "corpus")}
 PARQUET = {("hgissbkh/ontonotes5", None), ("hgissbkh/mldr-en", "default"),
            ("hgissbkh/mldr-en", "corpus")}
-
 
 def hub(name: str, config: str | None, split: str):
     """One split of a hub dataset, through the optional `datasets` package."""
@@ -264,7 +238,6 @@ def hub(name: str, config: str | None, split: str):
                          f"({str(e).splitlines()[0][:120]}): connect to the network once; the "
                          f"datasets cache serves it after that (HF_DATASETS_OFFLINE=1)") from None
 
-
 def converted(name: str, split: str, records, convert: Callable) -> list:
     """(where, record) rows of convert(record, index) over a hub split; None results are left out.
     A record the converter cannot read is named with its field."""
@@ -282,7 +255,6 @@ def converted(name: str, split: str, records, convert: Callable) -> list:
             rows.append((where, out))
     return rows
 
-
 def tag_names(ds, column: str, name: str) -> list[str] | None:
     """The names of a column of integer tags (a sequence of ClassLabel, or TAG_NAMES), or None for
     string tags."""
@@ -294,7 +266,6 @@ def tag_names(ds, column: str, name: str) -> list[str] | None:
                          f"give the names in task_data.py")
     return names
 
-
 def glue_task(task: str, test_split: str) -> Callable:
     def load(input_format):
         def rows(split):
@@ -302,7 +273,6 @@ def glue_task(task: str, test_split: str) -> Callable:
                              lambda r, i: glue_record(task, r, input_format))
         return TaskData("sc", rows("train"), None, rows(test_split), {})
     return load
-
 
 def ner_task(name: str, words: str, tags: str) -> Callable:
     def load(input_format):
@@ -313,7 +283,6 @@ def ner_task(name: str, words: str, tags: str) -> Callable:
         return TaskData("tc", rows["train"], rows["validation"], rows["test"], {}, names)
     return load
 
-
 def qa_task(name: str, convert: Callable) -> Callable:
     def load(input_format):
         train, test = (converted(name, s, hub(name, None, s), convert)
@@ -321,11 +290,9 @@ def qa_task(name: str, convert: Callable) -> Callable:
         return TaskData("qa", train, None, test, {})
     return load
 
-
 def msmarco_pairs() -> list:
     name = "hgissbkh/msmarco-pairs"
     return pair_rows(hub(name, None, "train"), f"{name}/train")
-
 
 def texts_by_id(ds, ids: set, id_column: str, text: Callable) -> dict:
     """id -> text for the rows of ds whose id is in ids (a corpus of millions: filter first)."""
@@ -333,11 +300,9 @@ def texts_by_id(ds, ids: set, id_column: str, text: Callable) -> dict:
                        batched=True)
     return {str(r[id_column]): text(r) for r in wanted}
 
-
 def beir_judgments(name: str, split: str) -> list[Judgment]:
     return [Judgment(str(r["query-id"]), str(r["corpus-id"]), int(r["score"]))
             for r in hub(name, None, split)]
-
 
 def beir_task(name: str, judgments: dict, document: Callable) -> TaskData:
     """BEIR's queries and corpus (configs "queries" and "corpus", ids `_id`) for the judgments."""
@@ -347,18 +312,15 @@ def beir_task(name: str, judgments: dict, document: Callable) -> TaskData:
     documents = texts_by_id(hub(name, "corpus", "corpus"), document_ids, "_id", document)
     return judged_task(msmarco_pairs(), judgments, queries, documents, name)
 
-
 def msmarco_task(input_format) -> TaskData:
     # validation: MS MARCO dev (6,980 queries); test: TREC-DL 2019 (43 queries, graded 0-3)
     judgments = {s: beir_judgments("BeIR/msmarco-qrels", s) for s in ("validation", "test")}
     # BEIR's MS MARCO titles are empty; the authors use the text alone
     return beir_task("BeIR/msmarco", judgments, lambda r: r["text"])
 
-
 def nq_task(input_format) -> TaskData:
     return beir_task("BeIR/nq", halve_queries(beir_judgments("BeIR/nq-qrels", "test")),
                      nq_document)
-
 
 def mldr_task(input_format) -> TaskData:
     name = "hgissbkh/mldr-en"
@@ -371,13 +333,11 @@ def mldr_task(input_format) -> TaskData:
                             lambda r: r["text"])
     return judged_task(msmarco_pairs(), judgments, queries, documents, name)
 
-
 class NamedTask(NamedTuple):
     family: str
     source: str  # where its splits come from, for messages and docs/finetuning.md
     load: Callable  # input_format -> TaskData
     one_epoch: bool = False  # encodeval: one epoch (CoNLL, UNER), else max_steps (EncodEval)
-
 
 # OntoNotes' integer tags have no ClassLabel on the hub: tner/ontonotes5's label2id, in id order
 TAG_NAMES = {"hgissbkh/ontonotes5": [
@@ -386,7 +346,6 @@ TAG_NAMES = {"hgissbkh/ontonotes5": [
     "I-MONEY", "B-WORK_OF_ART", "I-WORK_OF_ART", "B-FAC", "B-TIME", "I-CARDINAL", "B-LOC",
     "B-QUANTITY", "I-QUANTITY", "I-NORP", "I-LOC", "B-PRODUCT", "I-TIME", "B-EVENT", "I-EVENT",
     "I-FAC", "B-LANGUAGE", "I-PRODUCT", "I-ORDINAL", "I-LANGUAGE"]}
-
 
 # --task name -> its hub sources and splits, as EncodEval loads them. sc and qa: 5% of train is held
 # out as validation (finetune.py), the official validation split is the test split.
@@ -422,22 +381,18 @@ HF_TASKS = {
                       mldr_task),
 }
 
-
 # --------------------------------------------------------------------------------------------------
 # A task's splits
-
 
 def jsonl_task(cfg) -> TaskData:
     return TaskData(cfg.task, read_jsonl(cfg.train), read_jsonl(cfg.val) if cfg.val else None,
                     read_jsonl(cfg.test), {})
-
 
 def demo_data(cfg, data_dir: str) -> TaskData:
     family = cfg.task.removeprefix("demo_")
     train, test = ([(f"{cfg.task} {split}, record {i + 1}", r) for i, r in enumerate(records)]
                    for split, records in zip(("train", "test"), demo_task(family, data_dir)))
     return TaskData(family, train, None, test, {})
-
 
 def load_task(cfg, data_dir: str = "") -> TaskData:
     """The task's records; validation None when it is to be held out of train (hold_out). data_dir:
@@ -459,7 +414,6 @@ def load_task(cfg, data_dir: str = "") -> TaskData:
              for where, r in read_jsonl(cfg.corpus)]
     return task._replace(documents=task.documents | {"test": task.documents.get("test", [])
                                                      + extra})
-
 
 def hold_out(rows: list, family: str, fraction: float) -> tuple[list, list]:
     """(train, validation): the validation rows are those whose stable hash ranks in the lowest

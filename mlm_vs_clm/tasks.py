@@ -3,7 +3,6 @@ one of two input formats (paper, eot), and has a head, a loss and a metric. Reco
 (where, dict) rows; `where` ("train.jsonl, line 12") starts every error about them.
 docs/finetuning.md."""
 
-
 import bisect
 import itertools
 import json
@@ -28,7 +27,6 @@ HEAD_INIT_STD = 0.02
 # --------------------------------------------------------------------------------------------------
 # Tokens and the text they came from
 
-
 def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
     """(start, end) character span in text of each token of text's encoding. A token that stops
     inside a multi-byte character gets an empty span at it; the token that completes the
@@ -37,7 +35,6 @@ def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
     if decoded != text:
         raise ValueError(f"text does not survive encode/decode (invalid unicode?): {text[:60]!r}")
     return list(zip(starts, starts[1:] + [len(text)]))
-
 
 def align_words(tok, words: list[str], max_len: int) -> tuple[list[int], list[int]]:
     """Token ids of a pre-split sentence and the position of each word's first sub-token. Each word
@@ -57,7 +54,6 @@ def align_words(tok, words: list[str], max_len: int) -> tuple[list[int], list[in
         ids += piece
     return ids, starts
 
-
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T, C) hidden states -> (B, C), inputs padded on the right;
     mask (B, T) is True on real tokens."""
@@ -69,7 +65,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     # the last real token
     return hidden[torch.arange(hidden.size(0), device=hidden.device), mask.sum(1) - 1]
 
-
 def ending_with_eot(ids: list[int], eot: int, max_len: int) -> list[int]:
     """The paper format's input: the text's tokens, cut to leave room, then end-of-text. The
     authors' tokenizer cuts an input longer than its limit (2,028 tokens) after appending, losing
@@ -79,14 +74,12 @@ def ending_with_eot(ids: list[int], eot: int, max_len: int) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # The heads. Their parameter names are transformers' EuroBERT ones: they export as they are.
 
-
 def init_head(head: nn.Module) -> nn.Module:
     for module in head.modules():
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=HEAD_INIT_STD)
             nn.init.zeros_(module.bias)
     return head
-
 
 class SequenceClassifier(nn.Module):
     """transformers' EuroBertForSequenceClassification head with classifier_pooling "mean" (our
@@ -103,7 +96,6 @@ class SequenceClassifier(nn.Module):
 
     def forward(self, pooled):
         return self.classifier(self.activation(self.dense(pooled)))
-
 
 class TokenClassifier(nn.Module):
     """transformers' EuroBertForTokenClassification head: one linear layer with bias on each
@@ -123,7 +115,6 @@ class TokenClassifier(nn.Module):
 # and a metric. Records come as (where, dict) pairs; `where` ("train.jsonl, line 12") starts every
 # error message about them.
 
-
 def field(where: str, record: dict, name: str, kinds, what: str):
     value = record.get(name)
     if (not isinstance(value, kinds) or isinstance(value, bool)
@@ -132,23 +123,19 @@ def field(where: str, record: dict, name: str, kinds, what: str):
         raise ValueError(f"{where}: field {name!r} must be {what} ({found})")
     return value
 
-
 # What a family's encode() turns records into: a Split of items, one per training example (a QA
 # example with a long context gives several windows).
-
 
 class Labelled(NamedTuple):
     """sc: a sequence and its label index."""
     ids: list[int]
     label: int
 
-
 class Tagged(NamedTuple):
     """tc: a sentence's tokens, where each kept word's first sub-token is, each word's tag index."""
     ids: list[int]
     starts: list[int]
     tags: list[int]
-
 
 class QueryDocument(NamedTuple):
     """ir: a relevant (query, document) pair for training, with the query's relevance judgments."""
@@ -157,7 +144,6 @@ class QueryDocument(NamedTuple):
     query_ids: list[int]
     document_ids: list[int]
 
-
 @dataclass
 class Split:
     items: list  # the examples above, in order
@@ -165,7 +151,6 @@ class Split:
     queries: list = dataclass_field(default_factory=list)
     documents: list = dataclass_field(default_factory=list)
     relevance: list = dataclass_field(default_factory=list)
-
 
 class Family:
     # a constant prediction whose test score is worth printing next to the model's (sc and qa)
@@ -206,7 +191,6 @@ class Family:
 
     def chunks(self, items: list):
         return (items[i:i + self.cfg.batch_size] for i in range(0, len(items), self.cfg.batch_size))
-
 
 class SequenceClassification(Family):
     name = "sc"
@@ -282,7 +266,6 @@ class SequenceClassification(Family):
     def trivial(self, split):
         return {"accuracy": accuracy([self.index[self.majority]] * len(split.items),
                                      [item.label for item in split.items])}
-
 
 class TokenClassification(Family):
     name = "tc"
@@ -382,7 +365,6 @@ class TokenClassification(Family):
                 predicted.append([self.tags[best[b][s]] for s in item.starts]
                                  + ["O"] * (len(item.tags) - len(item.starts)))
         return {"f1": statistics.fmean(scores)} if self.encodeval else entity_f1(gold, predicted)
-
 
 class Retrieval(Family):
     name = "ir"

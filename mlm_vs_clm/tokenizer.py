@@ -18,7 +18,6 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>", "<|pad|>")  # appended after the 
 # What every checkpoint and meta.json records of its tokenizer (digest: hf: tokenizers only)
 TOKENIZER_FIELDS = ("tokenizer", "n_vocab", "eot_id", "mask_id", "pad_id", "digest")
 
-
 class Tokenizer:
     """A tiktoken Encoding + three special tokens: end-of-text, mask, pad."""
 
@@ -54,7 +53,6 @@ class Tokenizer:
         """What the objectives need to know of the tokenizer."""
         return Vocab(self.n_vocab, self.mask_id, self.special_ids, self.pad_id)
 
-
 @functools.lru_cache(maxsize=None)  # building a 100k-rank BPE takes ~0.3 s
 def get_tokenizer(name: str) -> Tokenizer:
     """'cl100k': all of cl100k_base; 'cl100k_<N>k': its N*1024 lowest ranks; 'hf:PATH': the
@@ -84,7 +82,6 @@ def get_tokenizer(name: str) -> Tokenizer:
                                  special_tokens=specials, explicit_n_vocab=n + len(SPECIAL_TOKENS))
     return Tokenizer(name, encoding)
 
-
 def tokenizer_problem(name: str) -> str | None:
     """What is wrong with a --tokenizer setting, found before any data is prepared, or None."""
     try:
@@ -92,7 +89,6 @@ def tokenizer_problem(name: str) -> str | None:
     except (ValueError, OSError) as e:
         return f"--tokenizer={name}: {e}"
     return None
-
 
 def check_tokenizer(found: dict, expected: dict, where: str, data: str) -> None:
     """Raises if `data` (a meta.json, a checkpoint) was tokenized differently from what `where`
@@ -105,11 +101,9 @@ def check_tokenizer(found: dict, expected: dict, where: str, data: str) -> None:
         raise ValueError(f"{data} does not match the tokenizer of {where} ({diffs}): prepare the "
                          "data again with the matching --tokenizer")
 
-
 def tokenizer_diffs(found: dict, expected: dict) -> str:
     return "; ".join(f"{k} {found.get(k)!r} against {expected.get(k)!r}" for k in TOKENIZER_FIELDS
                      if found.get(k) != expected.get(k))
-
 
 def tokenizer_of(ckpt: dict, path: str) -> Tokenizer:
     """The tokenizer a checkpoint was trained with, checked to be that one still."""
@@ -132,7 +126,6 @@ def tokenizer_of(ckpt: dict, path: str) -> Tokenizer:
 # Hugging Face tokenizers in: tokenizer.json (GPT-2, Llama 3, SmolLM kinds) or a tiktoken-format
 # tokenizer.model
 
-
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # GPT-2's pattern after a Digits(individual_digits=True) pre-tokenizer (SmolLM): every digit stands
 # alone, and a whitespace run before a digit ends where its piece ends.
@@ -142,7 +135,6 @@ GPT2_DIGITS_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{
 # Llama 3's.
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
                   r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map of the 256 bytes to printable characters, in which byte-level BPE files spell
@@ -156,7 +148,6 @@ def bytes_to_unicode() -> dict[int, str]:
         else:
             chars[b], n = chr(256 + n), n + 1
     return chars
-
 
 def pretokenizer_pattern(pre: dict | None, path: str) -> str:
     """The single regex tiktoken needs, from the pre-tokenizer forms byte-level BPEs use."""
@@ -178,7 +169,6 @@ def pretokenizer_pattern(pre: dict | None, path: str) -> str:
     raise ValueError(f"{path}: pre-tokenizer {kinds} is not one tiktoken can reproduce; supported: "
                      "[Split(Isolated regex), ByteLevel(use_regex=false)], [ByteLevel], "
                      "[Digits, ByteLevel]")
-
 
 def read_tokenizer_json(path: str):
     """tokenizer.json -> (mergeable ranks, special tokens, pattern). tiktoken's ranks are its token
@@ -221,7 +211,6 @@ def read_tokenizer_json(path: str):
         last = merged
     return ranks, specials, pattern
 
-
 def read_tiktoken_file(path: str, config: dict):
     """A tiktoken-format file ('base64-token rank' lines) + tokenizer_config.json's specials."""
     ranks = {}
@@ -237,13 +226,11 @@ def read_tiktoken_file(path: str, config: dict):
     specials = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
     return ranks, specials, LLAMA3_PATTERN
 
-
 def find_special(config: dict, key: str, specials: dict, usual: tuple) -> str | None:
     """The special token tokenizer_config.json names for key, else the first usual one present."""
     name = config.get(key)
     name = name.get("content") if isinstance(name, dict) else name  # both forms are written
     return name if name in specials else next((t for t in usual if t in specials), None)
-
 
 @functools.lru_cache(maxsize=None)
 def hf_tokenizer(name: str) -> Tokenizer:

@@ -12,7 +12,6 @@ import torch
 
 import data
 
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """These models are tiny: a second thread gains nothing, and on a busy machine the threads of
@@ -21,7 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):

@@ -10,7 +10,6 @@ import bench
 
 SMALL = ["--model=test", "--block_size=32", "--batch_size=2", "--steps=8"]
 
-
 @pytest.mark.slow
 def test_real_step_report(tmp_path, capsys):
     """train.py's own loop on synthetic files: both phases timed, the head's share, the SDPA
@@ -28,7 +27,6 @@ def test_real_step_report(tmp_path, capsys):
                if line.startswith("{")]
     assert printed[-2]["graphs"] == 0 and printed[-2]["mlm_tokens_per_s"] > 0
 
-
 def test_memory_model_grows_with_the_micro_batch_and_shards_under_fsdp():
     estimate = bench.memory_model("test", 8195, 64, 8, bench.activation_bytes("test"))
     small, large = estimate(1), estimate(4)
@@ -39,7 +37,6 @@ def test_memory_model_grows_with_the_micro_batch_and_shards_under_fsdp():
                        "--block_size=64", "--gpu_gb=0.05"])
     assert rows[0]["micro_batch"] == 4 and rows[0]["largest_ddp"] >= 1
 
-
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                     reason="needs transformers")
@@ -47,7 +44,6 @@ def test_compare_with_transformers():
     row = bench.main(SMALL + ["--compile=false", "--compare=transformers"])[-1]
     assert row["clm speed-up"] > 0 and row["mlm speed-up"] > 0
     assert 0 < row["matmul share of our clm step"] <= 1
-
 
 def test_bench_rejects_bad_settings_and_gpu_suite_without_gpu():
     with pytest.raises(SystemExit, match="--compare"):

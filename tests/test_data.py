@@ -23,10 +23,8 @@ from mlm_vs_clm.docstrings import Document, docstring_documents, split_of
 UNICODE_TEXT = ("Héllo wörld — naïve café, 東京 and emoji 🤖🚀; "
                 "tabs\tand\nnewlines  x² ∑ 𝔘")
 
-
 # --------------------------------------------------------------------------------------------------
 # Tokenizers
-
 
 @pytest.mark.parametrize("name, n_ordinary",
                          [("cl100k", 100256), ("cl100k_8k", 8192), ("cl100k_16k", 16384)])
@@ -46,7 +44,6 @@ def test_tokenizer_specials_and_round_trip(name, n_ordinary):
     assert tok.encode_batch([text, "", "abc"]) == [ids, [], tok.encode("abc")]
     assert tok.decode([tok.eot_id, tok.mask_id, tok.pad_id]) == "".join(SPECIAL_TOKENS)
 
-
 def test_special_strings_in_text_are_ordinary_text():
     tok = get_tokenizer("cl100k_8k")
     text = "a <|endoftext|> b <|mask|> c <|pad|>"
@@ -54,7 +51,6 @@ def test_special_strings_in_text_are_ordinary_text():
     assert not set(ids) & set(tok.special_ids)
     assert tok.decode(ids) == text
     assert not set(tok.encode_batch([text])[0]) & set(tok.special_ids)
-
 
 def test_truncated_tokenizer_is_a_prefix_of_cl100k():
     full, small = get_tokenizer("cl100k"), get_tokenizer("cl100k_8k")
@@ -65,24 +61,19 @@ def test_truncated_tokenizer_is_a_prefix_of_cl100k():
     assert max(small.encode(text + UNICODE_TEXT)) < 8192
     assert get_tokenizer("cl100k_8k") is small  # cached
 
-
 @pytest.mark.parametrize("name", ["gpt2", "cl100k_base", "cl100k_0k", "cl100k_98k", "cl100k_8"])
 def test_unknown_tokenizer(name):
     with pytest.raises(ValueError, match="cl100k"):
         get_tokenizer(name)
 
-
 # --------------------------------------------------------------------------------------------------
 # The docstring corpus (docstrings.py)
-
 
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
-
 LONG = "This sentence is long enough to count as a real piece of English prose for the corpus."
-
 
 def _fake_tree(root):
     _write(root / "stdlib" / "alpha.py", f'"""{LONG} (alpha module)"""\n'
@@ -101,7 +92,6 @@ def _fake_tree(root):
     _write(root / "sp" / "numpy" / "testing" / "utils.py", f'"""{LONG} (testing)"""\n')
     _write(root / "sp" / "torch" / "nn.py",
            f'class Linear:\n    def forward(self):\n        """{LONG} (fwd)"""\n')
-
 
 def test_docstring_extraction_on_fake_packages(tmp_path, monkeypatch):
     _fake_tree(tmp_path)
@@ -125,7 +115,6 @@ def test_docstring_extraction_on_fake_packages(tmp_path, monkeypatch):
     ]
     assert docstring_documents() == docs
 
-
 def test_split_of_is_stable_and_roughly_85_5_10():
     docs = [Document("stdlib", f"mod{i // 10}", f"f{i}", "text") for i in range(20000)]
     splits = [split_of(d) for d in docs]
@@ -139,11 +128,9 @@ def test_split_of_is_stable_and_roughly_85_5_10():
             ("os", "namedtuple")]
     assert [split_of(Document("stdlib", m, n, "")) for m, n in keys] == ["train", "val", "heldout"]
 
-
 @pytest.fixture(scope="module")
 def real_docs():
     return docstring_documents()  # the one real extraction of this file (~20-30 s)
-
 
 @pytest.mark.slow
 def test_real_docstring_corpus(real_docs):
@@ -161,7 +148,6 @@ def test_real_docstring_corpus(real_docs):
     # within each
     sources = [d.source for d in real_docs]
     assert sources == sorted(sources, key=["stdlib", "numpy", "torch"].index)
-
 
 @pytest.mark.slow
 def test_prepare_docstrings_excludes_heldout(tmp_path, monkeypatch, real_docs):
@@ -185,16 +171,13 @@ def test_prepare_docstrings_excludes_heldout(tmp_path, monkeypatch, real_docs):
     # re-prepared with other data: the old list is gone
     assert not (tmp_path / docstrings.HELDOUT_FILE).exists()
 
-
 # --------------------------------------------------------------------------------------------------
 # prepare on local files
-
 
 def _decode_split(out_dir, split, tok, dtype):
     stream = np.fromfile(os.path.join(out_dir, f"{split}.bin"), dtype=dtype)
     assert stream[-1] == tok.eot_id
     return tok.decode(stream).split("<|endoftext|>")[:-1]
-
 
 @pytest.mark.parametrize("tokenizer, dtype", [("cl100k_8k", "uint16"), ("cl100k", "uint32")])
 def test_prepare_txt_round_trip(tmp_path, tokenizer, dtype):
@@ -219,7 +202,6 @@ def test_prepare_txt_round_trip(tmp_path, tokenizer, dtype):
     assert meta2["n_tokens"] == meta["n_tokens"]
     assert (out / "train.bin").read_bytes() == (tmp_path / "out2" / "train.bin").read_bytes()
 
-
 def test_prepare_jsonl_text_field_seed_and_max_tokens(tmp_path):
     rows = [{"id": i, "content": f"Row number {i} says hello, ünïcödé 🚀."}
             for i in range(60)]
@@ -242,7 +224,6 @@ def test_prepare_jsonl_text_field_seed_and_max_tokens(tmp_path):
     assert sum(small["n_tokens"].values()) <= 20 * n_doc + 3
     assert sum(small["n_documents"].values()) == 20  # whole documents only
 
-
 @pytest.mark.parametrize("line, match", [('{"text": "ok"', "invalid JSON"),
                                          ('{"body": "no text"}', "'text'"),
                                          ('["text"]', "JSON object"), ('{"text": 3}', "'text'")])
@@ -253,7 +234,6 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, line, match):
         prepare(str(path), str(tmp_path / "out"))
     assert str(path) in str(e.value) and "line 3" in str(e.value)
     assert not (tmp_path / "out" / "meta.json").exists()
-
 
 def test_unknown_source_and_unsupported_files(tmp_path):
     with pytest.raises(ValueError, match="docstrings.*fineweb-edu"):
@@ -268,7 +248,6 @@ def test_unknown_source_and_unsupported_files(tmp_path):
         prepare(str(tmp_path / "one.txt"), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="val_fraction"):
         prepare(str(tmp_path / "one.txt"), str(tmp_path / "out"), val_fraction=0)
-
 
 def test_fineweb_branch(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="max_tokens"):
@@ -289,10 +268,8 @@ def test_fineweb_branch(tmp_path, monkeypatch):
     assert calls == [("HuggingFaceFW/fineweb-edu", "sample-100BT", "train", True)]
     assert 4900 < sum(meta["n_tokens"].values()) <= 5000 and meta["n_documents"]["val"] > 0
 
-
 # --------------------------------------------------------------------------------------------------
 # meta checks
-
 
 def test_load_meta_missing_and_truncated(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare"):
@@ -313,7 +290,6 @@ def test_load_meta_missing_and_truncated(tmp_path):
     with pytest.raises(FileNotFoundError, match="val.bin"):
         load_meta(str(tmp_path / "d"))
 
-
 def test_check_tokenizer():
     meta = {**get_tokenizer("cl100k_8k").meta(), "dtype": "uint16"}
     check_tokenizer(meta, get_tokenizer("cl100k_8k").meta(), "the model", "the data")
@@ -323,13 +299,11 @@ def test_check_tokenizer():
     with pytest.raises(ValueError, match="mask_id 8193 against 5"):
         check_tokenizer(meta, {**meta, "mask_id": 5}, "the model", "the data")
 
-
 # --------------------------------------------------------------------------------------------------
 # BlockLoader, on a synthetic stream where token i == i, so a block's first token tells which
 # block it is
 
 N_TOKENS, T = 1005, 10  # 100 blocks, 5 tail tokens dropped
-
 
 @pytest.fixture()
 def stream_dir(tmp_path):
@@ -341,14 +315,12 @@ def stream_dir(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     return str(tmp_path)
 
-
 def _blocks(x):
     assert x.dtype == torch.int64 and x.shape[1] == T
     # each row is a contiguous slice of the stream
     assert torch.equal(x - x[:, :1], torch.arange(T).expand_as(x))
     assert bool((x[:, 0] % T == 0).all())  # ... that starts on a block boundary
     return (x[:, 0] // T).tolist()
-
 
 def test_loader_epochs_follow_seeded_permutations(stream_dir):
     loader = BlockLoader(stream_dir, "train", T, 8, seed=3)
@@ -364,13 +336,11 @@ def test_loader_epochs_follow_seeded_permutations(stream_dir):
     assert sorted(seen[:100]) == list(range(100)) and seen[:100] != seen[100:]
     assert loader.position == 200 and loader.epoch == 2
 
-
 def test_loader_seed_determinism(stream_dir):
     a, b, c = (BlockLoader(stream_dir, "train", T, 4, seed=s) for s in (0, 0, 1))
     xs_a, xs_b, xs_c = ([loader.next_batch() for _ in range(5)] for loader in (a, b, c))
     assert all(torch.equal(x, y) for x, y in zip(xs_a, xs_b))
     assert not all(torch.equal(x, y) for x, y in zip(xs_a, xs_c))
-
 
 def test_loader_order_independent_of_batch_and_world_size(stream_dir):
     big = BlockLoader(stream_dir, "train", T, 8, seed=7)
@@ -381,7 +351,6 @@ def test_loader_order_independent_of_batch_and_world_size(stream_dir):
         assert torch.equal(x, torch.cat([r0.next_batch(), r1.next_batch()]))
         assert torch.equal(x, torch.cat([small.next_batch(), small.next_batch()]))
     assert big.position == r0.position == r1.position == small.position == 120
-
 
 def test_loader_resume(stream_dir):
     loader = BlockLoader(stream_dir, "train", T, 6, seed=1)
@@ -401,7 +370,6 @@ def test_loader_resume(stream_dir):
     with pytest.raises(ValueError, match="block_size"):
         BlockLoader(stream_dir, "train", 5, 6, seed=1).load_state_dict(state)
 
-
 def test_loader_val_split_and_errors(stream_dir):
     val = BlockLoader(stream_dir, "val", T, 3)
     assert sorted(_blocks(val.next_batch())) == [0, 1, 2]
@@ -416,7 +384,6 @@ def test_loader_val_split_and_errors(stream_dir):
     with pytest.raises(ValueError, match="rank"):
         BlockLoader(stream_dir, "train", T, 1, rank=2, world_size=2)
 
-
 def test_loader_on_prepared_data_matches_stream(tmp_path):
     for i in range(30):
         _write(tmp_path / "c" / f"{i:02d}.txt",
@@ -430,10 +397,8 @@ def test_loader_on_prepared_data_matches_stream(tmp_path):
     assert torch.equal(x, torch.from_numpy(np.stack([stream[b * 16:(b + 1) * 16]
                                                      for b in order[:2]])))
 
-
 # --------------------------------------------------------------------------------------------------
 # CLI
-
 
 @pytest.mark.slow
 def test_cli(tmp_path):
@@ -453,10 +418,8 @@ def test_cli(tmp_path):
     meta = load_meta(str(tmp_path / data.default_data_dir(str(tmp_path / "c"), "cl100k_16k")))
     assert meta["tokenizer"] == "cl100k_16k" and sum(meta["n_documents"].values()) == 10
 
-
 # --------------------------------------------------------------------------------------------------
 # The loader's check of the token ids
-
 
 def test_loader_rejects_ids_past_the_vocabulary(tmp_path):
     """On accelerators objectives.py skips its range check (a host sync); the loader's host-side

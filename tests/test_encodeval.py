@@ -16,13 +16,11 @@ from mlm_vs_clm import metrics, task_data
 from mlm_vs_clm.tasks import Split
 from tests.helpers import TOK, make_checkpoint, make_family, rows, sc_files, tiny_body
 
-
 def test_encodeval_position_f1_by_hand():
     assert metrics.position_f1(set(), set()) == 1  # no answer, none predicted: {0} against {0}
     assert metrics.position_f1(set(), {5, 6}) == 0
     assert metrics.position_f1({5}, set()) == 0
     assert metrics.position_f1({5, 6, 7}, {6, 7}) == pytest.approx(2 * 2 / 5)  # P 2/3, R 1
-
 
 def test_encodeval_sentence_macro_f1_by_hand():
     # tag 0: gold 3, predicted 2, both 2 -> 4/5; tag 1: gold 1, predicted 1, both 0 -> 0;
@@ -33,7 +31,6 @@ def test_encodeval_sentence_macro_f1_by_hand():
         from sklearn.metrics import f1_score
         assert metrics.sentence_macro_f1([0, 0, 0, 1], [0, 0, 1, 2]) == pytest.approx(
             f1_score([0, 0, 0, 1], [0, 0, 1, 2], average="macro", zero_division=0))
-
 
 def test_encodeval_top_10_ndcg_by_hand():
     relevance = [{0: 1, 1: 1}, {3: 1}, {4: 1}, {}]
@@ -46,7 +43,6 @@ def test_encodeval_top_10_ndcg_by_hand():
         from sklearn.metrics import ndcg_score
         assert ndcg_score([[0, 1]], [[2, 1]]) == pytest.approx(1 / math.log2(3))
 
-
 def fixed_head(answers: list[set]):
     """A head whose argmax is label 1 exactly at answers[row]'s positions."""
     class Head(nn.Module):
@@ -56,7 +52,6 @@ def fixed_head(answers: list[set]):
                                   dtype=torch.float)
             return torch.stack([1 - inside, inside], -1)
     return Head()
-
 
 def test_encodeval_qa_tags_the_first_answer_and_scores_positions():
     records = [{"id": "a", "question": "Who won?", "context": "Denver won the game.",
@@ -82,7 +77,6 @@ def test_encodeval_qa_tags_the_first_answer_and_scores_positions():
     loss = family.loss(body, nn.Linear(64, 2), split.items)
     assert loss.ndim == 0 and torch.isfinite(loss)
 
-
 def test_encodeval_tc_tags_every_subtoken_and_votes_per_word():
     names = ["O", "B-PER", "I-PER", "B-LOC"]
     records = [{"words": ["Alexandria", "visits", "Rome"], "tags": ["B-PER", "O", "B-LOC"]}]
@@ -104,7 +98,6 @@ def test_encodeval_tc_tags_every_subtoken_and_votes_per_word():
     votes = [1, 2] * (n_first // 2) + [3 if w == 2 else 0 for w in item.starts[n_first:]]
     assert n_first % 2 == 0 and family.evaluate(tiny_body(), Head(), Split([item]))["f1"] == 1.0
 
-
 def test_encodeval_tc_accepts_a_tag_only_the_test_split_uses():
     names = ["O", "B-PER", "I-PER", "B-MISC", "I-MISC"]
     records = [{"words": ["Bob", "runs"], "tags": ["B-PER", "O"]}]
@@ -114,7 +107,6 @@ def test_encodeval_tc_accepts_a_tag_only_the_test_split_uses():
     with pytest.raises(ValueError, match="a tag the training file never uses"):
         standard.check(rows([{"words": ["Euro"], "tags": ["B-MISC"]}]))
 
-
 def test_encodeval_ir_keeps_in_batch_false_negatives_and_scores_the_top_10():
     records = [{"query": "q1", "document": "d1"}, {"query": "q1", "document": "d2"}]
     family, _ = make_family("ir", records, protocol="encodeval")
@@ -123,7 +115,6 @@ def test_encodeval_ir_keeps_in_batch_false_negatives_and_scores_the_top_10():
     body = tiny_body()
     # the two pairs share a query: standard masks the other positive, EncodEval does not
     assert family.loss(body, None, batch) > standard.loss(body, None, batch)
-
 
 def test_encodeval_length_steps_and_protocol_rules(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt", block_size=64)
@@ -150,7 +141,6 @@ def test_encodeval_length_steps_and_protocol_rules(tmp_path, monkeypatch):
     assert task_data.HF_TASKS["conll2003"].one_epoch and task_data.HF_TASKS["uner"].one_epoch
     assert not task_data.HF_TASKS["ontonotes"].one_epoch
 
-
 def test_encodeval_datasets_load_without_loading_scripts(monkeypatch):
     """A stand-in `datasets` records what is asked: BEIR's files through the json builder, the
     hub's parquet conversion for the datasets that ship a script, never trust_remote_code."""
@@ -171,7 +161,6 @@ def test_encodeval_datasets_load_without_loading_scripts(monkeypatch):
         assert asked[-1][2]["revision"] == "refs/convert/parquet"
         assert "\n" not in str(e.value) and name in str(e.value) and "network" in str(e.value)
     assert all("trust_remote_code" not in kwargs for _, _, kwargs in asked)
-
 
 def test_released_sl_model_checkpoints_load_as_bodies(tmp_path):
     """The MLMvsCLM releases: model_type sl_model, SLModel's names (no "model." prefix), no LM

@@ -19,7 +19,6 @@ from mlm_vs_clm.checkpoints import CHECKPOINT_FORMAT
 from mlm_vs_clm.settings import parse_value
 from tests.helpers import read_log, run_args, sc_files
 
-
 @pytest.mark.slow
 def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
     """--summarize reads runs and their sweeps from disk: rows in the paper's order, one column per
@@ -100,7 +99,6 @@ def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="no run in"):
         experiment.main([f"--summarize={tmp_path / 'empty'}"])
 
-
 def test_cpu_experiment_runs_every_step_in_order_and_picks_up_where_it_stopped(tmp_path,
                                                                                monkeypatch,
                                                                                capsys):
@@ -156,7 +154,6 @@ def test_cpu_experiment_runs_every_step_in_order_and_picks_up_where_it_stopped(t
     assert "clm: kept (finished, the same settings)" in printed and "mlm: resuming" in printed
     with pytest.raises(SystemExit, match=r"exp/clm was trained with --max_steps=40, not 60"):
         experiment.main([a for a in argv if not a.startswith("--steps")] + ["--steps=60"])
-
 
 def test_quick_experiment_settings_fit_and_bad_schedules_are_named():
     cfg = experiment.ExperimentConfig(**experiment.QUICK)

@@ -24,7 +24,6 @@ from tests.helpers import (HERE, error_of, make_checkpoint, make_family, read_lo
                            run_args, sc_files, tiny_body, write_jsonl)
 from data import load_meta, prepare
 
-
 def train_in_subprocess(args, crash_at_step=None, timeout=120):
     """train.py in its own process; crash_at_step=N: the process dies (os._exit, no cleanup, no
     buffers flushed, like kill -9) when step N starts."""
@@ -40,13 +39,11 @@ def train_in_subprocess(args, crash_at_step=None, timeout=120):
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           cwd=HERE, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
-
 def strict_json_lines(path):
     def reject(constant):
         raise ValueError(f"{path} holds {constant}, which is not JSON")
     with open(path) as f:
         return [json.loads(line, parse_constant=reject) for line in f]
-
 
 def test_summarize_never_unpickles_code(tmp_path):
     class Payload:  # what a hostile checkpoint carries: unpickling it would create `marker`
@@ -61,7 +58,6 @@ def test_summarize_never_unpickles_code(tmp_path):
     message = str(e.value)
     assert "ckpt.pt holds Python objects" in message and "not loaded" in message
     assert not (tmp_path / "marker").exists()
-
 
 @pytest.mark.slow
 def test_a_non_finite_gradient_is_never_applied_nor_saved(tiny_data, tmp_path):
@@ -84,7 +80,6 @@ def test_a_non_finite_gradient_is_never_applied_nor_saved(tiny_data, tmp_path):
     assert ckpt["step"] == 2 and checkpoints.first_non_finite(ckpt) is None
     strict_json_lines(os.path.join(out, "log.jsonl"))
 
-
 def test_a_non_finite_checkpoint_is_refused_and_the_old_one_kept(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     checkpoints.save_checkpoint({"step": 1, "model": {"w": torch.ones(3)}, "model_config": {}},
@@ -95,7 +90,6 @@ def test_a_non_finite_checkpoint_is_refused_and_the_old_one_kept(tmp_path):
     assert torch.load(path, weights_only=True)["step"] == 1
     nan_state = {"optimizer": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}}
     assert checkpoints.first_non_finite(nan_state) == "optimizer.state.0.exp_avg"
-
 
 def test_finetuning_stops_before_a_non_finite_update(tmp_path):
     """A loss that is finite with a NaN gradient (sqrt at 0 in the backward pass) from step 2 on:
@@ -119,7 +113,6 @@ def test_finetuning_stops_before_a_non_finite_update(tmp_path):
     assert result["diverged_at"] == 2 and math.isfinite(result["test"]["accuracy"])
     assert all(torch.isfinite(p).all() and p.grad is None for p in body.parameters())
 
-
 @pytest.mark.slow
 def test_resume_rewrites_the_log_atomically_and_drops_a_torn_line(tiny_data, tmp_path):
     out = str(tmp_path / "run")
@@ -137,14 +130,12 @@ def test_resume_rewrites_the_log_atomically_and_drops_a_torn_line(tiny_data, tmp
     assert [r["step"] for r in steps] == list(range(1, 9)) and \
         [e["step"] for e in evals] == [0, 4, 8]
 
-
 @pytest.mark.slow
 def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_step_0_once(tiny_data, tmp_path):
     out = str(tmp_path / "run")
     assert train_in_subprocess(run_args(tiny_data, out), crash_at_step=1).returncode == 9
     train.main(run_args(tiny_data, out))
     assert [e["step"] for e in read_log(out)[1]] == [0, 4, 8]
-
 
 def test_log_is_strict_json_when_a_figure_is_not_finite(tiny_data, tmp_path, monkeypatch):
     # an unknown GPU: MFU NaN
@@ -153,7 +144,6 @@ def test_log_is_strict_json_when_a_figure_is_not_finite(tiny_data, tmp_path, mon
     train.main(run_args(tiny_data, out, max_steps=2, switch_at=1, warmup_steps=1, decay_steps=1))
     records = strict_json_lines(os.path.join(out, "log.jsonl"))
     assert [r["mfu"] for r in records if "mfu" in r] == [None, None]
-
 
 @pytest.mark.slow
 def test_one_run_per_out_dir_and_a_crashed_run_leaves_no_stuck_lock(tiny_data, tmp_path):
@@ -171,7 +161,6 @@ def test_one_run_per_out_dir_and_a_crashed_run_leaves_no_stuck_lock(tiny_data, t
         assert "already working there" in error_of([f"--init_from={ckpt}", "--task=sc",
                                                     f"--train={train_file}", f"--test={test_file}",
                                                     f"--out_dir={tmp_path / 'ft'}"])
-
 
 @pytest.mark.slow
 def test_two_preparations_of_one_directory_run_one_after_the_other(tmp_path, capsys):
@@ -212,7 +201,6 @@ def test_two_preparations_of_one_directory_run_one_after_the_other(tmp_path, cap
     assert "preparing" not in capsys.readouterr().out  # reused, not prepared a second time
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
 
-
 @pytest.mark.parametrize("argv, message", [
     (["--grad_clip=-1"], "grad_clip must be >= 0"),
     (["--lr=inf"], "lr must be a finite number"),
@@ -227,7 +215,6 @@ def test_settings_that_would_silently_do_the_wrong_thing(argv, message, tmp_path
         train.main(argv + [f"--out_dir={tmp_path}"])
     if "grad_clip" in message:
         assert "grad_clip must be >= 0" in error_of(["--init_from=x.pt", "--grad_clip=-1"])
-
 
 def test_meta_json_is_checked_against_the_tokenizer(tiny_data, tmp_path):
     edited = tmp_path / "data"
@@ -244,7 +231,6 @@ def test_meta_json_is_checked_against_the_tokenizer(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="meta.json: field 'mask_id' must be a token id"):
         train.main(run_args(str(edited), str(tmp_path / "run")))
 
-
 def test_config_file_errors_name_the_file_and_line(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("lr = 1e-3\nmax_steps = = 5\n")
@@ -255,7 +241,6 @@ def test_config_file_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(SystemExit,
                        match=r"failing.py, line 3: NameError: name 'steps' is not defined"):
         train.main([str(failing)])
-
 
 def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
     (tmp_path / "a.txt").write_bytes("first line\ncaf\xe9 in latin-1\n".encode("latin-1"))
@@ -271,7 +256,6 @@ def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path):
                                                               f"--train={tmp_path}/train.jsonl",
                                                               f"--test={tmp_path}/train.jsonl"])
 
-
 def one_line_error(command, args, cwd):
     result = subprocess.run([sys.executable, os.path.join(HERE, command), *args],
                             capture_output=True, text=True, cwd=cwd, timeout=120)
@@ -279,7 +263,6 @@ def one_line_error(command, args, cwd):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr
     return lines[0]
-
 
 @pytest.mark.slow
 def test_bad_files_stop_with_one_line_that_names_them(tiny_data, tmp_path):
@@ -301,7 +284,6 @@ def test_bad_files_stop_with_one_line_that_names_them(tiny_data, tmp_path):
                                                init_from="resume"), tmp_path)
     assert f"there is no {tmp_path / 'never' / 'ckpt.pt'} to resume" in line
 
-
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_data, tmp_path):
     """/dev/full answers every write with ENOSPC, as a full disk does: the checkpoint write fails,
@@ -320,7 +302,6 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_data, tmp_p
 # Round two: nothing poisons a run, deletes a file or outlives its parent, and resume cannot
 # change the run
 
-
 def script_error(main, argv, cwd):
     """main(argv) must stop with one `error:` line and leave nothing behind in cwd."""
     before = set(os.listdir(cwd))
@@ -330,7 +311,6 @@ def script_error(main, argv, cwd):
     assert message.startswith("error: ") and "\n" not in message, message
     assert set(os.listdir(cwd)) == before
     return message
-
 
 BAD_SETTINGS = {
     "train": ["--attention=flash", "--seed=-1", "--out_dir=", "--max_steps=0", "--batch_size=-2",
@@ -351,7 +331,6 @@ if not torch.cuda.is_available():  # a device this torch build or machine lacks
     for script in ("train", "finetune", "sample", "bench"):
         BAD_SETTINGS[script].append("--device=cuda")
 
-
 @pytest.mark.parametrize("script, bad", [(s, b) for s, bads in BAD_SETTINGS.items()
                                          for b in bads])
 def test_every_script_names_a_bad_setting_before_any_work(script, bad, tmp_path, monkeypatch):
@@ -365,7 +344,6 @@ def test_every_script_names_a_bad_setting_before_any_work(script, bad, tmp_path,
     message = script_error(module.main, argv + [bad], tmp_path)
     assert bad.split("=")[0] in message
 
-
 def test_a_checkpoint_never_holds_a_config_that_cannot_load(tmp_path):
     model = make_checkpoint(tmp_path / "ckpt.pt")
     payload = torch.load(model, weights_only=True)
@@ -373,7 +351,6 @@ def test_a_checkpoint_never_holds_a_config_that_cannot_load(tmp_path):
     with pytest.raises(ValueError, match="attention='flash'"):
         checkpoints.save_checkpoint(payload, str(tmp_path / "bad.pt"))
     assert not os.path.exists(tmp_path / "bad.pt")
-
 
 def test_export_writes_only_where_it_may_and_a_failure_keeps_the_old_export(tmp_path, monkeypatch):
     from mlm_vs_clm import export
@@ -407,7 +384,6 @@ def test_export_writes_only_where_it_may_and_a_failure_keeps_the_old_export(tmp_
         assert "Permission denied" in script_error(
             export.main, [f"--init_from={ckpt}", f"--out_dir={readonly / 'hf'}"], tmp_path)
 
-
 @pytest.mark.slow
 def test_a_moved_experiment_is_still_summarised(tiny_data, tmp_path):
     root = tmp_path / "exp"
@@ -425,7 +401,6 @@ def test_a_moved_experiment_is_still_summarised(tiny_data, tmp_path):
     assert summary["runs"] == ["clm", "cpt"] and summary["tasks"] == ["sc"]
     assert any(line.startswith("| cpt | clm + MLM 4 |") for line in summary["tables"].splitlines())
     assert "| clm | 4 |" in summary["tables"]
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's parent-death signal")
 @pytest.mark.parametrize("how", ["pool", "child"])
@@ -462,7 +437,6 @@ def test_workers_and_children_die_with_their_parent(tmp_path, how):
         time.sleep(0.1)
     assert alive == []
 
-
 def peak_memory_of(code: str) -> tuple[str, float]:
     """(stderr's last line, peak resident GB) of a python process running code."""
     result = subprocess.run([sys.executable, "-c", code + textwrap.dedent("""
@@ -471,7 +445,6 @@ def peak_memory_of(code: str) -> tuple[str, float]:
         """)], cwd=HERE, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     return lines[-2] if len(lines) > 1 else "", float(lines[-1])
-
 
 def test_hostile_sizes_are_refused_before_anything_is_built(tmp_path):
     from mlm_vs_clm import export
@@ -513,7 +486,6 @@ def test_hostile_sizes_are_refused_before_anything_is_built(tmp_path):
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         checkpoints.load_model(f"hf:{hf_dir}")
 
-
 def test_bad_weights_are_refused_naming_the_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -534,7 +506,6 @@ def test_bad_weights_are_refused_naming_the_tensor(tmp_path):
     torch.save(payload, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj\.weight holds NaN"):
         checkpoints.load_model(str(tmp_path / "nan.pt"))
-
 
 @pytest.mark.slow
 def test_resume_refuses_what_would_change_the_run_and_extends_what_it_can(tiny_data, tmp_path,
@@ -576,13 +547,11 @@ def test_resume_refuses_what_would_change_the_run_and_extends_what_it_can(tiny_d
         train.main, run_args(tiny_data, out, init_from="resume", switch_at=4, max_steps=16),
         tmp_path)
 
-
 def test_prepared_data_on_read_only_storage_is_read(tiny_data, tmp_path, monkeypatch):
     def no_lock(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path))
     monkeypatch.setattr(files, "exclusive", no_lock)  # as on a read-only file system
     assert prepare("anything", tiny_data, reuse=True) == load_meta(tiny_data)
-
 
 def test_finetuning_refuses_a_retrieval_split_with_no_relevant_document(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
@@ -594,7 +563,6 @@ def test_finetuning_refuses_a_retrieval_split_with_no_relevant_document(tmp_path
                         f"--test={test_file}", f"--out_dir={tmp_path / 'out'}"])
     assert "test.jsonl: the test split judges no document relevant" in message
     assert not os.path.exists(tmp_path / "out" / "results.jsonl")
-
 
 def test_finetuning_reruns_when_hf_weights_change_in_place(tmp_path, monkeypatch):
     from mlm_vs_clm import export
@@ -616,14 +584,12 @@ def test_finetuning_reruns_when_hf_weights_change_in_place(tmp_path, monkeypatch
     ft.main(argv)
     assert len(calls) == 2
 
-
 def test_sampling_cannot_overflow(tmp_path):
     import sample
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     out = sample.main([f"--init_from={ckpt}", "--show=continue", "--temperature=1e-30",
                        "--max_new_tokens=3"])
     assert [len(new) for new in out["continue"].values()] == [3]
-
 
 def test_ctrl_c_says_what_was_saved(tiny_data, tmp_path, monkeypatch, capsys):
     real = train.train_step

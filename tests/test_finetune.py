@@ -28,10 +28,8 @@ from mlm_vs_clm.settings import configure
 from mlm_vs_clm.task_data import FAMILIES
 from model import lr_at
 
-
 # --------------------------------------------------------------------------------------------------
 # Metrics against hand-computed values
-
 
 def test_bio_entities_read_like_conlleval():
     tags = ["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-LOC", "I-PER", "B-ORG", "B-ORG"]
@@ -39,7 +37,6 @@ def test_bio_entities_read_like_conlleval():
     # B-ORG B-ORG is two
     assert metrics.bio_entities(tags) == {(0, 2, "PER"), (3, 5, "LOC"), (5, 6, "LOC"),
                                           (6, 7, "PER"), (7, 8, "ORG"), (8, 9, "ORG")}
-
 
 def test_entity_f1_partial_overlaps_and_types():
     gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O"]]
@@ -52,7 +49,6 @@ def test_entity_f1_partial_overlaps_and_types():
     # the type change splits the span
     assert metrics.entity_f1([["B-PER", "I-PER"]], [["B-PER", "I-LOC"]])["f1"] == 0.0
     assert metrics.entity_f1([["O"]], [["O"]])["f1"] == 0.0
-
 
 def test_squad_normalisation_exact_and_f1():
     assert metrics.normalize_answer("  The Quick,  brown fox!") == "quick brown fox"
@@ -68,7 +64,6 @@ def test_squad_normalisation_exact_and_f1():
     assert metrics.squad_scores("cat", []) == (0.0, 0.0)
     assert metrics.squad_scores("", ["cat"]) == (0.0, 0.0)
     assert metrics.squad_scores("the", ["cat"]) == (0.0, 0.0)  # normalises to the empty answer
-
 
 def test_ndcg_mrr_graded_relevance():
     ranked = [[3, 1, 2, 0], [0, 1], list(range(20, 31)) + [4]]
@@ -91,12 +86,10 @@ def test_ndcg_mrr_graded_relevance():
     with pytest.raises(ValueError, match="no query has a relevant document"):
         metrics.ndcg_mrr([[0]], [{0: 0}], empty_queries="zero")
 
-
 def test_ranking_ties_keep_corpus_order():
     scores = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1], [1.0, 1.0, 1.0, 1.0, 1.0]])
     assert metrics.rank_documents(scores, 10) == [[1, 3, 0, 2, 4], [0, 1, 2, 3, 4]]
     assert metrics.rank_documents(scores, 2) == [[1, 3], [0, 1]]
-
 
 def test_t_quantiles_and_confidence_interval():
     assert metrics.t975(1) == 12.7062 and metrics.t975(4) == 2.7764 and metrics.t975(30) == 2.0423
@@ -105,7 +98,6 @@ def test_t_quantiles_and_confidence_interval():
     mean, half = metrics.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert mean == 3.0 and half == pytest.approx(2.7764 * math.sqrt(2.5) / math.sqrt(5))  # = 1.9632
     assert metrics.mean_ci([4.0]) == (4.0, None)
-
 
 def test_report_means_intervals_choice_and_stability():
     def cell(lr, seed, val, test):
@@ -130,7 +122,6 @@ def test_report_means_intervals_choice_and_stability():
     all_diverged = [r | {"diverged_at": 1} for r in results if r["lr"] != 1e-4]
     assert ft.report(all_diverged, "accuracy")["stability_sd_converged"] is None
 
-
 def test_lr_schedule_warms_up_then_decays_to_zero():
     def lr_factor(step, steps, warmup_steps):  # what finetune_cell multiplies the learning rate by
         return lr_at(step, 1.0, steps, warmup_steps, steps - warmup_steps)
@@ -139,10 +130,8 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
         factors == sorted(factors, reverse=True)
     assert [lr_factor(s, 20, 2) for s in range(3)] == [0.5, 1.0, 1.0]
 
-
 # --------------------------------------------------------------------------------------------------
 # Tokens, words and characters
-
 
 def test_align_words_first_subtoken_per_word():
     words = ["Hello", "wörld", "tokenization", "x"]
@@ -155,7 +144,6 @@ def test_align_words_first_subtoken_per_word():
     long_ids, long_starts = tasks.align_words(TOK, ["a" * 300], 8)
     assert len(long_ids) == 8 and long_starts == [0]
 
-
 def test_token_spans_cover_text_even_inside_multibyte_characters():
     text = "naïve 😀 café: ok"
     ids = TOK.encode(text)
@@ -164,7 +152,6 @@ def test_token_spans_cover_text_even_inside_multibyte_characters():
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous, in order
     assert "".join(text[s:e] for s, e in spans) == text
 
-
 def test_pooling_ignores_padding():
     hidden = torch.arange(24, dtype=torch.float32).view(2, 3, 4)  # (B, T, C)
     mask = torch.tensor([[True, True, False], [True, True, True]])
@@ -172,12 +159,10 @@ def test_pooling_ignores_padding():
     assert torch.equal(tasks.pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 2]]))
     assert torch.equal(tasks.pool(hidden, mask, "first"), hidden[:, 0])
 
-
 def encoded(family_name, records, input_format, max_len=64, **settings):
     family, _ = make_family(family_name, records, max_len=max_len, input_format=input_format,
                             **settings)
     return family, family.encode(rows(records))
-
 
 def test_sc_inputs_in_both_formats():
     eot = TOK.eot_id
@@ -199,7 +184,6 @@ def test_sc_inputs_in_both_formats():
     _, split = encoded("sc", long, "eot", max_len=16)
     assert split.items[0].ids == TOK.encode(long[0]["text"])[:16]
 
-
 def test_tc_inputs_in_both_formats():
     record = {"words": ["EU", "rejects", "German", "call"], "tags": ["I-ORG", "O", "I-MISC", "O"]}
     _, paper = encoded("tc", [record], "paper")
@@ -213,7 +197,6 @@ def test_tc_inputs_in_both_formats():
     kept = len(paper.items[0].starts)  # the words that fit before the <eot>
     assert 0 < kept < len(long["words"])
     assert TOK.decode(paper.items[0].ids[:-1]) == " ".join(long["words"][:kept])
-
 
 def test_ir_inputs_in_both_formats():
     records = [{"query": "what is x", "document": "x is a letter"}]
@@ -229,7 +212,6 @@ def test_ir_inputs_in_both_formats():
                        max_len=10)
     assert len(split.documents[0]) == 10 and split.documents[0][-1] == TOK.eot_id
 
-
 def qa_example(answer_at_end=True):
     filler = " ".join(f"word{i}" for i in range(60))
     context = f"{filler} The secret code is Blue Falcon. {filler}" if answer_at_end else filler
@@ -239,7 +221,6 @@ def qa_example(answer_at_end=True):
     return {"id": "q1" if answer_at_end else "q0", "question": "What is the code?",
             "context": context, "answers": answers}
 
-
 def oracle_logits(split):
     """Start and end logits that peak on each window's training target."""
     starts, ends = [], []
@@ -247,7 +228,6 @@ def oracle_logits(split):
         starts.append(torch.nn.functional.one_hot(torch.tensor(s), len(ids)).float() * 10)
         ends.append(torch.nn.functional.one_hot(torch.tensor(e), len(ids)).float() * 10)
     return starts, ends
-
 
 @pytest.mark.parametrize("input_format", ["paper", "eot"])
 def test_qa_stride_windows_map_answers_back_to_characters(input_format):
@@ -270,7 +250,6 @@ def test_qa_stride_windows_map_answers_back_to_characters(input_format):
     # "" for q0
     assert family.predict(split, *oracle_logits(split)) == {"q1": "Blue Falcon", "q0": ""}
     assert family.score(split, {"q1": "blue falcon", "q0": ""}) == {"f1": 1.0, "exact": 1.0}
-
 
 def test_qa_candidates_restrict_the_answer_to_entity_mentions():
     context = "Paris is big. The city of Lyon and the Loire Valley region are not @highlight news"
@@ -302,7 +281,6 @@ def test_qa_candidates_restrict_the_answer_to_entity_mentions():
             make_family("qa", [record | {"candidates": bad}])
         assert str(e.value).startswith(f"train.jsonl, line 1: field 'candidates' {message}")
 
-
 def test_qa_scores_the_best_gold_answer_like_record():
     # ReCoRD: several gold answers (the mentions of one entity); F1 and EM are the best over them
     record = {"id": "r", "question": "Who? @placeholder",
@@ -314,11 +292,9 @@ def test_qa_scores_the_best_gold_answer_like_record():
     assert family.score(split, {"r": "Obama spoke"}) == \
         pytest.approx({"f1": 2 / 3, "exact": 0.0})  # vs "Obama": P 1/2, R 1
 
-
 def test_window_starts_cover_the_context():
     assert qa.window_starts(10, 20, 5) == [0]
     assert qa.window_starts(100, 40, 10) == [0, 30, 60]  # 0-40, 30-70, 60-100
-
 
 def test_parameter_sections_numpydoc_and_google():
     numpydoc = ("Sum of array elements.\n\nParameters\n----------\na : array_like\n"
@@ -342,17 +318,14 @@ def test_parameter_sections_numpydoc_and_google():
         {"x": "the input.", "dim": "the\n        dimension"}
     assert docstrings.parameter_sections("No sections here.\n\nReturns:\n    y: z.") == []
 
-
 def test_markup_to_bio():
     words, tags = docstrings.markup_to_bio("Call ``f(x, y)`` or :func:`~torch.nn.functional.relu` "
                                            "(see :math:`x^2`), not `np.sum`.")
     assert words == ["Call", "f(x,", "y)", "or", "relu", "(see", "x^2", "),", "not", "np.sum", "."]
     assert tags == ["O", "B-LIT", "I-LIT", "O", "B-REF", "O", "O", "O", "O", "B-REF", "O"]
 
-
 # --------------------------------------------------------------------------------------------------
 # The heads: transformers' EuroBERT heads, names and all
-
 
 def test_sequence_classifier_is_eurobert_dense_gelu_classifier():
     torch.manual_seed(0)
@@ -372,7 +345,6 @@ def test_sequence_classifier_is_eurobert_dense_gelu_classifier():
     family, _ = make_family("sc", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     assert family.export() == {"labels": ["x", "y"], "head_type": "eurobert_sc_mean"}
 
-
 def test_token_classifier_and_the_other_heads_export():
     family, _ = make_family("tc", [{"words": ["EU", "x"], "tags": ["B-ORG", "O"]}])
     head = family.head(16)
@@ -383,7 +355,6 @@ def test_token_classifier_and_the_other_heads_export():
     family, _ = make_family("ir", [{"query": "q", "document": "d"}])
     assert family.export() == {"labels": [], "head_type": "none"}
     assert dict(family.head(16).state_dict()) == {}
-
 
 @pytest.mark.slow
 def test_heads_match_transformers_eurobert():
@@ -417,17 +388,14 @@ def test_heads_match_transformers_eurobert():
     hf.model = Body()
     assert torch.allclose(head(hidden), hf(input_ids=ids).logits, atol=1e-6)
 
-
 # --------------------------------------------------------------------------------------------------
 # Each head learns a small learnable task on a tiny random model, clearly above chance
-
 
 def train_and_score(name, train, test, lr=2e-3, steps=60, max_len=64, **settings):
     family, cfg = make_family(name, train, max_len=max_len, batch_size=16, max_steps=steps,
                               warmup=0.1, **settings)
     splits = {"train": family.encode(rows(train)), "test": family.encode(rows(test))}
     return ft.finetune_cell(family, tiny_body(), splits, cfg, lr, seed=0), family, splits
-
 
 def test_sequence_classification_head_learns():
     rng = random.Random(0)
@@ -441,7 +409,6 @@ def test_sequence_classification_head_learns():
     result, *_ = train_and_score("sc", [example() for _ in range(1000)],
                                  [example() for _ in range(200)])
     assert result["test"]["accuracy"] > 85  # chance: 50
-
 
 def test_token_classification_head_learns():
     rng = random.Random(0)
@@ -462,7 +429,6 @@ def test_token_classification_head_learns():
                                  [example() for _ in range(200)])
     assert result["test"]["f1"] > 70  # chance (all O): 0
 
-
 def test_question_answering_head_learns_including_no_answer():
     rng = random.Random(0)
     colours = "red green blue yellow purple orange".split()
@@ -481,7 +447,6 @@ def test_question_answering_head_learns_including_no_answer():
     # always "no answer" scores the unanswerable share
     trivial = 100 * family.trivial(splits["test"])["f1"]
     assert 20 < trivial < 40 and result["test"]["f1"] > trivial + 30
-
 
 def test_retrieval_head_learns_an_association():
     rng = random.Random(0)
@@ -510,10 +475,8 @@ def test_retrieval_head_learns_an_association():
     # at random
     assert before < 40 and result["test"]["ndcg@10"] > before + 40
 
-
 # --------------------------------------------------------------------------------------------------
 # The command: the sweep, its report, restarts, bad input
-
 
 def test_sweep_writes_report_and_restarts_without_redoing_cells(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
@@ -543,7 +506,6 @@ def test_sweep_writes_report_and_restarts_without_redoing_cells(tmp_path, monkey
     ft.main(argv + ["--pooling=last"])
     assert len(calls) == 6
 
-
 def test_same_cell_gives_same_result(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     train, test = sc_files(tmp_path)
@@ -552,7 +514,6 @@ def test_same_cell_gives_same_result(tmp_path):
     a = ft.main(base + [f"--out_dir={tmp_path}/a"])
     b = ft.main(base + [f"--out_dir={tmp_path}/b"])
     assert a["per_lr"] == b["per_lr"]
-
 
 @pytest.mark.slow
 def test_compiled_fine_tuning_matches_eager(tmp_path):
@@ -564,7 +525,6 @@ def test_compiled_fine_tuning_matches_eager(tmp_path):
     eager = ft.main(base + [f"--out_dir={tmp_path}/eager"])
     compiled = ft.main(base + [f"--out_dir={tmp_path}/compiled", "--compile=true"])
     assert compiled["test_mean"] == pytest.approx(eager["test_mean"], abs=1e-6)
-
 
 def test_default_master_weights_keep_updates_bf16_rounds_away():
     """fp32 master weights (the default) take a tiny update that bfloat16 weights round away."""
@@ -580,7 +540,6 @@ def test_default_master_weights_keep_updates_bf16_rounds_away():
         changed[dtype] = (body.blocks[0].mlp.up_proj.weight != before).float().mean().item()
     assert changed[torch.float32] > 0.5 and changed[torch.bfloat16] < 0.05
 
-
 SMALL_TASKS = {
     "sc": [{"text": f"{w} film", "label": w} for w in ["good", "bad"] * 8],
     "tc": [{"words": ["Alice", "sees", "Bob"], "tags": ["B-PER", "O", "B-PER"]}] * 16,
@@ -588,7 +547,6 @@ SMALL_TASKS = {
             "answers": {"text": ["red"], "answer_start": [6]}} for i in range(16)],
     "ir": [{"query": f"the {i}", "document": f"number {i}"} for i in range(16)],
 }
-
 
 @pytest.mark.parametrize("name", list(SMALL_TASKS))
 def test_bf16_weights_train_on_cpu(name, monkeypatch):
@@ -611,7 +569,6 @@ def test_bf16_weights_train_on_cpu(name, monkeypatch):
     assert result["diverged_at"] is None
     assert all(math.isfinite(v) for v in result["test"].values())
 
-
 def test_bf16_weights_end_to_end(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     train, test = sc_files(tmp_path)
@@ -620,7 +577,6 @@ def test_bf16_weights_end_to_end(tmp_path, capsys):
                    "--max_steps=2", "--weights=bf16", "--progress=False"])
     assert "in torch.bfloat16" in capsys.readouterr().out
     assert math.isfinite(rep["test_mean"]) and rep["settings"]["weights"] == "bf16"
-
 
 def test_save_model_reloads_with_the_same_logits(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
@@ -664,7 +620,6 @@ def test_save_model_reloads_with_the_same_logits(tmp_path, monkeypatch):
     on_disk = json.load(open(tmp_path / "out" / "report.json"))
     assert on_disk["saved_model"]["seed"] == best["seed"]
 
-
 def test_validation_file_replaces_the_hold_out(tmp_path):
     train, test = sc_files(tmp_path)
     val = write_jsonl(tmp_path / "val.jsonl", [{"text": "a good film", "label": 1},
@@ -686,7 +641,6 @@ def test_validation_file_replaces_the_hold_out(tmp_path):
     assert "bad_val.jsonl, line 1" in message and "'label'" in message
     assert "--train/--val/--test are for" in error_of(["--init_from=x.pt", "--task=sst2",
                                                        f"--val={val}"])
-
 
 def test_bad_input_names_file_line_and_field(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
@@ -724,7 +678,6 @@ def test_bad_input_names_file_line_and_field(tmp_path):
     ir = [{"query": "q", "document": "d", "grade": "high"}]
     assert "'grade'" in run(ir * 2, ir, task="ir")
 
-
 def test_bad_checkpoint_and_settings(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     message = error_of([f"--init_from={tmp_path}/other.pt", "--task=demo_sc"])
@@ -735,7 +688,6 @@ def test_bad_checkpoint_and_settings(tmp_path):
     assert "--task must be one of" in error_of(["--init_from=x.pt", "--task=glue"])
     assert "--lrs must be" in error_of(["--init_from=x.pt", "--lrs=1e-3,fast"])
 
-
 def test_help_lists_every_setting(capsys):
     with pytest.raises(SystemExit):
         configure(ft.FinetuneConfig, ["--help"])
@@ -743,15 +695,12 @@ def test_help_lists_every_setting(capsys):
     assert all(f"--{f.name}=" in out for f in dataclasses.fields(ft.FinetuneConfig))
     assert "learning-rate grid" in out
 
-
 # --------------------------------------------------------------------------------------------------
 # The offline demo tasks: real docstrings, real labels
-
 
 @pytest.fixture(scope="module")
 def demo():
     return {family: docstrings.demo_task(family) for family in FAMILIES}
-
 
 @pytest.mark.slow
 def test_demo_tasks_are_real_and_non_trivial(demo):
@@ -773,7 +722,6 @@ def test_demo_tasks_are_real_and_non_trivial(demo):
     ir_train, ir_test = demo["ir"]
     assert len({r["document"] for r in ir_test}) == len(ir_test)
     assert not {r["query"] for r in ir_train} & {r["query"] for r in ir_test}
-
 
 @pytest.mark.slow
 def test_demo_task_end_to_end(tmp_path, demo, monkeypatch):

@@ -47,7 +47,6 @@ needs_hf = pytest.mark.skipif(transformers is None or tokenizers is None,
                               reason="needs the Hugging Face libraries: "
                                      "pip install transformers tokenizers")
 
-
 def train_bpe(path, pre_tokenizer):
     """A 300-token byte-level BPE trained by the tokenizers library, written as
     path/tokenizer.json."""
@@ -65,13 +64,11 @@ def train_bpe(path, pre_tokenizer):
         json.dump({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}, f)
     return tk
 
-
 def llama3_pre():
     from tokenizers import Regex, pre_tokenizers
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
 
 def make_llama(path, tie=False, rope_scaling=None, shard=False, **overrides):
     """A tiny random LlamaForCausalLM with a trained tokenizer, saved like a Hub checkpoint."""
@@ -91,11 +88,9 @@ def make_llama(path, tie=False, rope_scaling=None, shard=False, **overrides):
     model.save_pretrained(path, max_shard_size="20KB" if shard else "5GB")
     return model
 
-
 def ours(path):
     tok = get_tokenizer("hf:" + str(path))
     return hf.load_hf(str(path), tok).eval(), tok
-
 
 def hf_logits(model, ids, causal=True):
     # Bidirectional in transformers >= 5: is_causal=False (a forward argument, or "is_causal": false
@@ -104,10 +99,8 @@ def hf_logits(model, ids, causal=True):
     with torch.no_grad():
         return model(ids).logits if causal else model(ids, is_causal=False).logits
 
-
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-
 
 @needs_hf
 @pytest.mark.parametrize("tie,scaling", [(False, None), (True, None), (False, LLAMA3_SCALING)])
@@ -125,7 +118,6 @@ def test_import_matches_transformers(tmp_path, tie, scaling):
         (model.lm_head.weight is model.embed.weight) == tie
     assert (model.config.rope_scaling is not None) == (scaling is not None)
 
-
 @needs_hf
 def test_added_tokens_and_padding_rows(tmp_path):
     make_llama(tmp_path)
@@ -142,7 +134,6 @@ def test_added_tokens_and_padding_rows(tmp_path):
                                mean.expand(model.embed.weight.shape[0] - V, -1))
     assert tok.meta()["digest"] and tok.meta()["n_vocab"] == V + 2
 
-
 @needs_hf
 def test_sharded_checkpoint_loads(tmp_path):
     ref = make_llama(tmp_path, shard=True)
@@ -153,7 +144,6 @@ def test_sharded_checkpoint_loads(tmp_path):
     with torch.no_grad():
         got = model.logits(model(ids))[..., :ref.config.vocab_size]
     torch.testing.assert_close(got, hf_logits(ref, ids), atol=2e-5, rtol=1e-4)
-
 
 @needs_hf
 @pytest.mark.parametrize("tie", [False, True])
@@ -181,7 +171,6 @@ def test_export_round_trip(tmp_path, tie):
     assert tok2.encode(SAMPLE) == tok.encode(SAMPLE) and tok2.mask_id == tok.mask_id and \
         tok2.n_vocab == tok.n_vocab
 
-
 @needs_hf
 @pytest.mark.parametrize("style", ["llama3", "gpt2", "digits"])
 def test_tokenizer_matches_tokenizers_library(tmp_path, style):
@@ -198,7 +187,6 @@ def test_tokenizer_matches_tokenizers_library(tmp_path, style):
         assert tok.encode(text) == tk.encode(text, add_special_tokens=False).ids, text[:40]
         assert tok.decode(tok.encode(text)) == text
 
-
 @needs_hf
 def test_cl100k_tokenizer_json_matches_tiktoken(tmp_path):
     tok = get_tokenizer("cl100k_8k")
@@ -208,7 +196,6 @@ def test_cl100k_tokenizer_json_matches_tiktoken(tmp_path):
     for text in (SAMPLE, TRAIN_TEXT[:4000]):
         assert tk.encode(text, add_special_tokens=False).ids == tok.encode(text)
     assert tk.token_to_id("<|mask|>") == tok.mask_id
-
 
 @needs_hf
 def test_tiktoken_format_tokenizer_model(tmp_path):
@@ -225,7 +212,6 @@ def test_tiktoken_format_tokenizer_model(tmp_path):
     tok = get_tokenizer(f"hf:{tmp_path / 'tt'}")
     assert tok.encode(SAMPLE) == reference.encode(SAMPLE) and \
         tok.meta()["digest"] == reference.meta()["digest"]
-
 
 @needs_hf
 def test_bad_inputs_name_the_file(tmp_path):
@@ -272,10 +258,8 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer\.json: not a byte-level BPE"):
         get_tokenizer(f"hf:{tmp_path / 'sp'}")
 
-
 # --------------------------------------------------------------------------------------------------
 # train.py end to end: continued pretraining from an hf: checkpoint, export, FSDP
-
 
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
@@ -287,13 +271,11 @@ def hf_run(tmp_path_factory):
     data.prepare(str(root / "*.txt"), str(root / "data"), name)
     return root, name
 
-
 def hf_run_args(data_dir, out_dir, **overrides):
     settings = dict(data_dir=data_dir, out_dir=out_dir, block_size=32, batch_size=2, max_steps=6,
                     warmup_steps=2, decay_steps=2, objective="mlm", switch_to="none",
                     eval_interval=3, eval_batches=2, lr=1e-3, progress=False) | overrides
     return [f"--{k}={v}" for k, v in settings.items()]
-
 
 @needs_hf
 def test_train_from_hf_then_export(hf_run, tmp_path):
@@ -320,7 +302,6 @@ def test_train_from_hf_then_export(hf_run, tmp_path):
     for key in ("val_clm", "val_mlm"):
         assert first[key] == pytest.approx(start[key], rel=1e-3)
 
-
 def torchrun(args, nproc):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -328,7 +309,6 @@ def torchrun(args, nproc):
     result = subprocess.run(cmd + args, cwd=HERE, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-
 
 @needs_hf
 def test_fsdp_matches_single_process_and_resumes(hf_run, tmp_path):
@@ -347,7 +327,6 @@ def test_fsdp_matches_single_process_and_resumes(hf_run, tmp_path):
     ckpt = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)
     # full tensors, not shards
     assert all(not hasattr(v, "full_tensor") for v in ckpt["model"].values())
-
 
 @needs_hf
 def test_finetune_starts_from_an_hf_decoder(tmp_path):

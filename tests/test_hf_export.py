@@ -46,7 +46,6 @@ SENTENCES = ["The encoder sees both sides of the text.", "a decoder looks left o
 MASKED = ["The value of <|mask|> is returned.", "It returns <|mask|> items of the <|mask|>.",
           "<|mask|> the list"]
 
-
 def tiny_checkpoint(path, **payload):
     """A tiny random model with the project's tokenizer, EuroBERT's RoPE base (not transformers'
     default) and random norm gains, so that a swapped or missing weight would show."""
@@ -60,13 +59,11 @@ def tiny_checkpoint(path, **payload):
     torch.save(checkpoint_payload(model, tokenizer=TOK.meta(), step=7, **payload), path)
     return model.eval(), str(path)
 
-
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoder")
     model, ckpt = tiny_checkpoint(root / "ckpt.pt", objective="mlm")
     return model, ckpt, export.export(ckpt, str(root / "hf")).out_dir
-
 
 def batch(texts):
     """Right-padded ids and the real-token mask, as transformers' tokenizer pads them."""
@@ -75,7 +72,6 @@ def batch(texts):
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
     return ids, ids != TOK.pad_id
-
 
 def test_export_kind_follows_the_last_objective(tmp_path, capsys):
     for objective, architecture in (("clm", "LlamaForCausalLM"), ("mlm", "EuroBertForMaskedLM")):
@@ -94,7 +90,6 @@ def test_export_kind_follows_the_last_objective(tmp_path, capsys):
     assert os.path.exists(tmp_path / "hf_ckpt_100" / "model.safetensors")
     card = (tmp_path / "hf_ckpt_100" / "README.md").read_text()  # the model card
     assert "EuroBertForMaskedLM" in card and "## Load it" in card and "<|endoftext|>" in card
-
 
 @needs_hf
 def test_encoder_export_matches_transformers(encoder):
@@ -117,7 +112,6 @@ def test_encoder_export_matches_transformers(encoder):
         torch.testing.assert_close(logits[mask], model.logits(ours)[mask][:, :TOK.n_vocab],
                                    atol=1e-5, rtol=1e-5)
 
-
 @needs_hf
 def test_fill_mask_pipeline_matches_ours(encoder):
     model, _, out = encoder
@@ -135,7 +129,6 @@ def test_fill_mask_pipeline_matches_ours(encoder):
                                        torch.tensor([q for _, q in predicted]),
                                        atol=1e-7, rtol=1e-5)
 
-
 @needs_hf
 def test_sequence_classification_loads_and_trains(encoder):
     _, _, out = encoder
@@ -151,7 +144,6 @@ def test_sequence_classification_loads_and_trains(encoder):
     grads = [p.grad for p in classifier.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
-
 @needs_hf
 def test_encoder_export_imports_back(encoder):
     model, _, out = encoder
@@ -165,7 +157,6 @@ def test_encoder_export_imports_back(encoder):
             ref = model.logits(model(ids, causal=causal, attention_mask=mask))[..., :TOK.n_vocab]
             got = back.logits(back(ids, causal=causal, attention_mask=mask))[..., :TOK.n_vocab]
             torch.testing.assert_close(got, ref, atol=0, rtol=0)
-
 
 @needs_hf
 def test_encoder_export_tied_with_llama3_rope(tmp_path):
@@ -183,7 +174,6 @@ def test_encoder_export_tied_with_llama3_rope(tmp_path):
         theirs = mlm(ids, attention_mask=mask.long()).logits
     torch.testing.assert_close(theirs[mask], ours[mask], atol=1e-5, rtol=1e-5)
 
-
 @needs_hf
 def test_sentence_transformers_mean_pools_our_encoder(encoder):
     st = pytest.importorskip("sentence_transformers")
@@ -195,9 +185,7 @@ def test_sentence_transformers_mean_pools_our_encoder(encoder):
         ours = pool(model(ids, causal=False, attention_mask=mask), mask, "mean")
     torch.testing.assert_close(got, ours, atol=1e-5, rtol=1e-5)
 
-
 # Fine-tuned models: a tiny body and a random head of the structure finetune.py saves
-
 
 class EuroBertHead(torch.nn.Module):
     """EuroBERT's sequence classification head: dense, GELU, classifier, on the pooled vector."""
@@ -209,7 +197,6 @@ class EuroBertHead(torch.nn.Module):
 
     def forward(self, x):
         return self.classifier(torch.nn.functional.gelu(self.dense(x)))
-
 
 def finetuned(path, family, head, labels=None, pooling="mean", input_format="eot", **extra):
     torch.manual_seed(1)
@@ -223,11 +210,9 @@ def finetuned(path, family, head, labels=None, pooling="mean", input_format="eot
     model, ckpt = tiny_checkpoint(path, finetuned=info)
     return model, ckpt, head.eval()
 
-
 def fine_tuning_input(text, input_format):
     """tasks.py's single-text input: the text, and <eot> in the authors' format."""
     return TOK.encode(text) + [TOK.eot_id] * (input_format == "paper")
-
 
 @needs_hf
 @pytest.mark.parametrize("pooling,input_format", [("mean", "paper"), ("first", "eot")])
@@ -254,7 +239,6 @@ def test_sequence_classification_export(tmp_path, pooling, input_format):
     assert meta["task"] == "my_sc" and meta["labels"] == ["neg", "neutral", 7]
     assert classify.tokenizer.model_max_length == 48  # the fine-tuning's max_len
 
-
 @needs_hf
 def test_token_classification_export(tmp_path):
     tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -272,7 +256,6 @@ def test_token_classification_export(tmp_path):
         ours = head(model(inputs["input_ids"], causal=False, attention_mask=mask))
         theirs = tagger(**inputs).logits
     torch.testing.assert_close(theirs[mask], ours[mask], atol=1e-5, rtol=1e-5)
-
 
 @needs_hf
 @pytest.mark.parametrize("input_format,causal", [("paper", False), ("eot", False), ("eot", True)])
@@ -299,7 +282,6 @@ def test_question_answering_export(tmp_path, input_format, causal):
     torch.testing.assert_close(theirs.start_logits, ours[..., 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs.end_logits, ours[..., 1], atol=1e-5, rtol=1e-5)
 
-
 @needs_hf
 @pytest.mark.parametrize("pooling,input_format",
                          [("mean", "paper"), ("first", "eot"), ("last", "paper")])
@@ -323,7 +305,6 @@ def test_retrieval_export_is_a_sentence_transformer(tmp_path, pooling, input_for
             ours = torch.nn.functional.normalize(
                 pool(model(ids, causal=False, attention_mask=mask), mask, pooling), dim=-1)
         torch.testing.assert_close(got, ours, atol=1e-5, rtol=1e-5)
-
 
 def test_export_bad_inputs(tmp_path):
     def fails(ckpt, match, **kw):
@@ -354,7 +335,6 @@ def test_export_bad_inputs(tmp_path):
         with pytest.raises(SystemExit, match=match):
             export.main(argv)
 
-
 def test_export_refuses_a_changed_tokenizer(tmp_path):
     """A checkpoint trained with an hf: tokenizer whose files changed since: every id would mean
     another token."""
@@ -371,7 +351,6 @@ def test_export_refuses_a_changed_tokenizer(tmp_path):
     with pytest.raises(ValueError, match=r"cpt\.pt was trained with the tokenizer hf:.*digest.*"
                                          r"restore the tokenizer files"):
         export.export(str(tmp_path / "cpt.pt"), str(tmp_path / "out"))
-
 
 @needs_hf
 def test_a_model_finetune_py_saved_exports(tmp_path):

@@ -10,7 +10,6 @@ from tests.helpers import HERE
 
 SCRIPTS = {"train", "finetune", "bench", "sample", "experiment"}
 
-
 def project_modules() -> dict:
     """module name -> path, for every .py file of the project outside the tests."""
     paths = glob.glob(os.path.join(HERE, "*.py")) + glob.glob(os.path.join(HERE, "mlm_vs_clm",
@@ -21,7 +20,6 @@ def project_modules() -> dict:
         if not os.path.basename(path).startswith("test_"):
             names[name] = path
     return names
-
 
 def imports_of(path: str, modules: dict) -> set:
     """The project modules a file imports anywhere in it, inside functions too."""
@@ -36,7 +34,6 @@ def imports_of(path: str, modules: dict) -> set:
         found |= {t for t in targets if t in modules}
     return found
 
-
 def test_imports_run_one_way():
     modules = project_modules()
     graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
@@ -50,7 +47,6 @@ def test_imports_run_one_way():
     assert [(n, sorted(graph[n] & SCRIPTS)) for n in graph if n.startswith("mlm_vs_clm")
             and graph[n] & SCRIPTS] == []
     assert [n for n in graph if "train" in graph[n]] == ["bench"]
-
 
 def test_lines_fit_in_100_columns():
     paths = [p for d in ("", "mlm_vs_clm", "tests", "config")

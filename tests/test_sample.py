@@ -20,26 +20,21 @@ from mlm_vs_clm.tokenizer import get_tokenizer
 
 TEXT = "Return a new list of the items in the sequence, sorted by their key."
 
-
 def checkpoint_in(directory, seed=0):
     directory.mkdir(parents=True)
     return make_checkpoint(directory / "ckpt.pt", seed=seed)
-
 
 @pytest.fixture
 def ckpt(tmp_path):
     return checkpoint_in(tmp_path / "a")
 
-
 def model_of(path):
     model = checkpoints.load_model(path).model
     return model.eval()
 
-
 def run(capsys, *args):
     out = sample.main(list(args))
     return out, capsys.readouterr().out
-
 
 def test_fill_mask_is_the_bidirectional_softmax_at_each_mask(ckpt, capsys):
     text = "The value of <|mask|> is returned by\n<|mask|>."
@@ -61,7 +56,6 @@ def test_fill_mask_is_the_bidirectional_softmax_at_each_mask(ckpt, capsys):
         torch.testing.assert_close(torch.tensor([p for _, p in got]), best.values)
     assert "mask 2, after" in printed and "bidirectional" in printed
 
-
 def test_mask_ratio_masks_as_pretraining_does(ckpt, capsys):
     out, printed = run(capsys, f"--init_from={ckpt}", "--show=fill", f"--text={TEXT}",
                        "--mask_ratio=0.4", "--seed=3", "--top_k=1")
@@ -69,7 +63,6 @@ def test_mask_ratio_masks_as_pretraining_does(ckpt, capsys):
                                  generator=torch.Generator().manual_seed(3))
     assert len(out["fill"]["a"]) == int((labels != IGNORE).sum()) > 0
     assert repr(TOK.decode(inputs[0])) in printed and "truth" in printed
-
 
 def greedy(model, ids, n):
     ids = list(ids)
@@ -79,7 +72,6 @@ def greedy(model, ids, n):
         logits[[TOK.mask_id, TOK.pad_id]] = float("-inf")
         ids.append(int(logits.argmax()))
     return ids
-
 
 def test_continuation_greedy_sampled_and_bounded_by_the_context(ckpt, capsys):
     prompt = "Return the number of"
@@ -100,14 +92,12 @@ def test_continuation_greedy_sampled_and_bounded_by_the_context(ckpt, capsys):
     new, why = sample.continuation(model, TOK, TOK.encode(long_prompt), cfg)
     assert len(new) <= 4 and (len(new) == 4) == ("context" in why)
 
-
 def test_continuation_stops_at_end_of_text(ckpt):
     model = model_of(ckpt)
     eot = torch.nn.functional.one_hot(torch.tensor(TOK.eot_id), model.config.padded_vocab_size)
     model.logits = lambda hidden: eot.float().expand(*hidden.shape[:-1], -1)  # always end-of-text
     new, why = sample.continuation(model, TOK, TOK.encode("hello"), sample.SampleConfig())
     assert new == [] and why == "end-of-text"
-
 
 def test_losses_use_the_same_masks_for_every_model(tmp_path, capsys):
     a, b = checkpoint_in(tmp_path / "clm", seed=0), checkpoint_in(tmp_path / "mlm", seed=1)
@@ -125,7 +115,6 @@ def test_losses_use_the_same_masks_for_every_model(tmp_path, capsys):
     assert set(out["fill"]) == set(out["continue"]) == {"clm", "mlm"}
     assert "clm loss" in printed and "the same masks for every model" in printed
 
-
 def test_hf_directory_gives_the_same_results(ckpt, tmp_path, capsys):
     """An exported encoder directory (written without transformers) read back with hf:DIR, side by
     side with its checkpoint: another tokenizer name, the same token ids."""
@@ -138,12 +127,10 @@ def test_hf_directory_gives_the_same_results(ckpt, tmp_path, capsys):
     # and load_hf refills with the mean row: equal up to their share of the probability mass
     assert out["loss"]["a"] == pytest.approx(out["loss"]["hf:a/hf"], rel=1e-3)
 
-
 def error(*args):
     with pytest.raises(SystemExit) as e:
         sample.main(list(args))
     return str(e.value)
-
 
 def test_bad_input_is_one_line_naming_the_fix(ckpt, tmp_path):
     assert "--text has no <|mask|>" in error(f"--init_from={ckpt}", "--show=fill",
@@ -178,7 +165,6 @@ def test_bad_input_is_one_line_naming_the_fix(ckpt, tmp_path):
     for e in [error(f"--init_from={ckpt}", "--show=fill", "--text=x"),
               error(f"--init_from={tmp_path / 'notes.json'}")]:
         assert e.startswith("error: ") and "\n" not in e
-
 
 def test_help_lists_every_setting(capsys):
     with pytest.raises(SystemExit) as e:

@@ -16,11 +16,9 @@ CONLL_NAMES = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MIS
 UNER_NAMES = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 ONTONOTES_NAMES = ["O", "B-PERSON", "I-PERSON", "B-GPE", "I-GPE", "B-DATE", "I-DATE"]
 
-
 def class_labels(names):
     """What datasets gives for a column of integer tags: Sequence(ClassLabel(names))."""
     return SimpleNamespace(feature=SimpleNamespace(names=names))
-
 
 class FakeSplit:
     """The little of a datasets.Dataset that task_data uses: iteration, features, filter."""
@@ -35,7 +33,6 @@ class FakeSplit:
         keep = function([r[input_columns] for r in self.records])
         return FakeSplit([r for r, k in zip(self.records, keep) if k], self.features)
 
-
 def squad(i, answered=True):
     context = f"Denver won game {i}."
     answers = {"text": ["Denver"], "answer_start": [0]} if answered else \
@@ -43,14 +40,12 @@ def squad(i, answered=True):
     return {"id": f"q{i}", "title": "Super_Bowl", "context": context, "question": "Who won?",
             "answers": answers}
 
-
 def beir(prefix, n_queries, extra_docs=()):
     """BEIR's three parts: queries, corpus (more documents than are judged), judgments."""
     queries = [{"_id": f"{prefix}q{i}", "text": f"what is {prefix} {i}"} for i in range(n_queries)]
     corpus = [{"_id": f"{prefix}d{i}", "title": f"T{i}", "text": f"{prefix} {i} is a thing"}
               for i in range(n_queries + 5)] + list(extra_docs)
     return queries, corpus
-
 
 MARCO_Q, MARCO_DOCS = beir("marco", 6)
 NQ_Q, NQ_DOCS = beir("nq", 8)
@@ -123,7 +118,6 @@ for _name, (_words, _tags, _names, _record) in NER.items():
         FAKE_HUB[_name, None, _split] = FakeSplit([_marked, _record],
                                                   {_tags: class_labels(_names)})
 
-
 @pytest.fixture
 def fake_hub(monkeypatch):
     """Replaces the hub by FAKE_HUB; returns the (name, config, split) asked for, in order."""
@@ -136,17 +130,14 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(task_data, "hub", hub)
     return asked
 
-
 def sources(task):
     """The hub splits each of the task's splits was read from."""
     return {name: {where.rsplit(",", 1)[0] for where, _ in rows}
             for name, rows in (("train", task.train), ("val", task.val or []),
                                ("test", task.test))}
 
-
 # --------------------------------------------------------------------------------------------------
 # The splits of every named task
-
 
 @pytest.mark.parametrize("name", list(HF_TASKS))
 def test_every_named_task_loads_and_its_records_pass_the_checks(name, fake_hub):
@@ -163,7 +154,6 @@ def test_every_named_task_loads_and_its_records_pass_the_checks(name, fake_hub):
                 family.encode(rows, task.documents[split]) if split in task.documents \
                     else family.encode(rows)
 
-
 def test_sc_and_qa_validation_is_held_out_and_test_is_the_official_validation(fake_hub):
     for name, test in (("sst2", "validation"), ("qqp", "validation"),
                        ("mnli", "validation_matched")):
@@ -176,7 +166,6 @@ def test_sc_and_qa_validation_is_held_out_and_test_is_the_official_validation(fa
         task = HF_TASKS[name].load("paper")
         assert task.val is None and sources(task) == {
             "train": {f"{hub_name}/train"}, "val": set(), "test": {f"{hub_name}/validation"}}
-
 
 def test_tc_uses_the_datasets_own_three_splits(fake_hub):
     for name, hub_name in (("conll2003", "hgissbkh/conll2003-en"),
@@ -191,7 +180,6 @@ def test_tc_uses_the_datasets_own_three_splits(fake_hub):
     # IOB1 as the authors' copy has it: I-ORG and I-MISC start entities, named by ClassLabel
     assert conll.train[1][1] == {"words": ["EU", "rejects", "German", "call"],
                                  "tags": ["I-ORG", "O", "I-MISC", "O"]}
-
 
 def test_msmarco_trains_on_pairs_and_evaluates_on_beir_dev_and_trec_dl(fake_hub):
     task = HF_TASKS["msmarco"].load("paper")
@@ -208,7 +196,6 @@ def test_msmarco_trains_on_pairs_and_evaluates_on_beir_dev_and_trec_dl(fake_hub)
     assert task.documents == {"val": corpus, "test": corpus}
     assert ("BeIR/msmarco-qrels", None, "validation") in fake_hub
 
-
 def test_nq_halves_its_test_queries_with_a_seed_and_uses_title_and_text(fake_hub):
     task = HF_TASKS["nq"].load("paper")
     val = {r["query"] for _, r in task.val}
@@ -222,7 +209,6 @@ def test_nq_halves_its_test_queries_with_a_seed_and_uses_title_and_text(fake_hub
     assert len({j.query for j in halves["validation"]}) == round(0.5 * 7)
     assert halves != task_data.halve_queries(judgments, seed=1)
 
-
 def test_mldr_uses_dev_and_test_and_only_positive_passages(fake_hub):
     task = HF_TASKS["mldr"].load("paper")
     assert [r for _, r in task.val] == [{"query": "long query 0", "document": "long doc 0",
@@ -230,7 +216,6 @@ def test_mldr_uses_dev_and_test_and_only_positive_passages(fake_hub):
     assert len(task.test) == 2
     assert task.documents["test"] == ["long doc 0", "long doc 1", "long doc 2"]
     assert ("hgissbkh/mldr-en", "default", "dev") in fake_hub
-
 
 def test_corpus_file_adds_distractors_to_the_test_split_of_a_named_task(fake_hub, tmp_path):
     path = tmp_path / "corpus.jsonl"
@@ -241,10 +226,8 @@ def test_corpus_file_adds_distractors_to_the_test_split_of_a_named_task(fake_hub
     assert task.documents["test"][-1] == "a distractor"
     assert "a distractor" not in task.documents["val"]
 
-
 # --------------------------------------------------------------------------------------------------
 # Record conversions, one hub shape at a time
-
 
 def test_glue_records_in_both_formats():
     mnli = {"premise": "P.", "hypothesis": "H.", "label": 2, "idx": 5}
@@ -258,7 +241,6 @@ def test_glue_records_in_both_formats():
     for input_format in ("paper", "eot"):
         assert task_data.glue_record("sst2", sst2, input_format) == \
             {"text": "a gem .", "label": 1}
-
 
 def test_ner_records():
     record = {"words": ["EU", "rejects", "German"], "ner": [4, 0, 8]}
@@ -275,7 +257,6 @@ def test_ner_records():
     with pytest.raises(ValueError, match="x: column 'ner' holds integer tags without"):
         task_data.tag_names(unnamed, "ner", "x")
 
-
 def test_a_hub_record_without_a_field_is_named():
     records = [{"words": ["a"], "ner": [0]}, {"words": ["b"]}]
     with pytest.raises(ValueError) as e:
@@ -286,9 +267,7 @@ def test_a_hub_record_without_a_field_is_named():
         task_data.converted("c", "train", [{"words": ["a"], "ner": [99]}],
                             lambda r, i: task_data.ner_record(r, "words", "ner", CONLL_NAMES))
 
-
 SUPERGLUE_PASSAGE = "Obama met Merkel in Berlin. @highlight\nBarack Obama flew home"
-
 
 def superglue_record(end_inclusive):
     mentions = [(0, 5), (10, 16), (20, 26), (39, 51)]  # Obama, Merkel, Berlin, Barack Obama
@@ -298,7 +277,6 @@ def superglue_record(end_inclusive):
     return {"passage": SUPERGLUE_PASSAGE, "query": "@placeholder spoke with the chancellor",
             "entities": ["Barack Obama", "Berlin", "Merkel", "Obama"], "entity_spans": spans,
             "answers": ["Obama", "Barack Obama"], "idx": {"passage": 3, "query": 7}}
-
 
 @pytest.mark.parametrize("end_inclusive", [True, False])
 def test_record_superglue_shape_gives_every_answer_occurrence_and_candidates(end_inclusive):
@@ -310,7 +288,6 @@ def test_record_superglue_shape_gives_every_answer_occurrence_and_candidates(end
     assert out["candidates"] == [[0, 5], [10, 16], [20, 26], [39, 51]]
     family, _ = make_family("qa", [out])  # passes the qa checks, candidates included
     assert family.encode([("r", out)]).items[0].example.candidates
-
 
 def test_record_answers_outside_the_mentions_and_bad_spans():
     record = superglue_record(False) | {"answers": ["Obama", "home"]}
@@ -326,13 +303,11 @@ def test_record_answers_outside_the_mentions_and_bad_spans():
     with pytest.raises(ValueError, match="field 'entity_spans' item 0: 'Merkel' is not at"):
         task_data.record_record(broken, 0)
 
-
 def test_record_squad_shape_as_the_authors_copy():
     record = FAKE_HUB["hgissbkh/record", None, "train"][0]
     out = task_data.record_record(record, 12)
     assert out == {"id": "12", "question": "@placeholder won", "context": record["context"],
                    "answers": {"text": ["Obama", "Barack Obama"], "answer_start": [0, 10]}}
-
 
 def test_retrieval_judgments_to_rows():
     queries, documents = {"q1": "what", "q2": "what"}, {"d1": "one", "d2": "two", "d3": "one"}
@@ -348,7 +323,6 @@ def test_retrieval_judgments_to_rows():
     judgments, texts = task_data.mldr_judgments([{"query_id": "m", "query": "q",
                                                   "positive_passages": positives}])
     assert judgments == [Judgment("m", "a", 1), Judgment("m", "b", 1)] and texts == {"m": "q"}
-
 
 def test_missing_datasets_package_names_the_pip_package(monkeypatch):
     import builtins

@@ -15,7 +15,6 @@ import pytest
 import train
 from tests.helpers import HERE, run_args
 
-
 def test_wandb_gets_what_log_jsonl_holds(tiny_data, tmp_path, monkeypatch):
     """A stand-in for the wandb module records what train.py sends it."""
     calls = {"log": [], "finish": 0}
@@ -43,12 +42,10 @@ def test_wandb_gets_what_log_jsonl_holds(tiny_data, tmp_path, monkeypatch):
     assert calls["init"]["project"] == "mlm-vs-clm" and calls["init"]["name"] == "run"
     assert calls["init"]["config"]["switch_step"] == 2 and calls["init"]["dir"] == str(out)
 
-
 def test_a_missing_wandb_names_the_package(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(SystemExit, match="pip install wandb"):
         train.main(run_args(tiny_data, str(tmp_path / "run"), wandb_project="x"))
-
 
 def test_wandb_without_a_login_says_how_to_log_in(tiny_data, tmp_path, monkeypatch):
     def init(**kwargs):
@@ -58,7 +55,6 @@ def test_wandb_without_a_login_says_how_to_log_in(tiny_data, tmp_path, monkeypat
         train.main(run_args(tiny_data, str(tmp_path / "run"), wandb_project="x"))
     assert "wandb login" in str(e.value) and "WANDB_MODE=offline" in str(e.value)
     assert "\n" not in str(e.value)
-
 
 def wandb_history(path):
     """The rows a .wandb file holds (wandb has no reader API for offline runs): LevelDB-log
@@ -86,7 +82,6 @@ def wandb_history(path):
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
-
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_log(tiny_data, tmp_path):

@@ -20,7 +20,6 @@ from tests.helpers import HERE, VOCAB, random_tokens, read_log, run_args, tiny_m
 from mlm_vs_clm.parallel import Process, device_and_autocast
 from model import lr_at
 
-
 def test_lr_schedule_is_warmup_stable_decay():
     cfg = train.TrainConfig(max_steps=100, warmup_steps=10, decay_steps=20, lr=1.0)
     lrs = [lr_at(s, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_steps) for s in range(100)]
@@ -30,12 +29,10 @@ def test_lr_schedule_is_warmup_stable_decay():
     assert lrs[80] == 1.0 and lrs[99] == pytest.approx(1 / 20)
     assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
 
-
 def test_switch_step():
     assert O.switch_step("mlm", 0.25, 40) == 10  # a fraction of the budget
     assert O.switch_step("mlm", 30.0, 40) == 30  # a step
     assert O.switch_step("none", 0.25, 40) is None
-
 
 def test_run_switches_objective_keeps_optimizer_and_does_not_rewarm(tiny_data, tmp_path):
     out = str(tmp_path / "run")
@@ -51,7 +48,6 @@ def test_run_switches_objective_keeps_optimizer_and_does_not_rewarm(tiny_data, t
     assert all(state["step"].item() == 8 for state in ckpt["optimizer"]["state"].values())
     assert [e["step"] for e in evals] == [0, 4, 8]
     assert evals[-1]["val_clm"] < evals[0]["val_clm"] and evals[-1]["val_mlm"] < evals[0]["val_mlm"]
-
 
 @pytest.mark.slow
 def test_resume_is_exact(tiny_data, tmp_path):
@@ -69,7 +65,6 @@ def test_resume_is_exact(tiny_data, tmp_path):
     a = torch.load(os.path.join(whole, "ckpt.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(split, "ckpt.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
 
 def test_gradient_accumulation_averages_over_predicted_tokens():
     """Two MLM micro-batches predict different numbers of tokens; the step must follow the
@@ -102,7 +97,6 @@ def test_gradient_accumulation_averages_over_predicted_tokens():
         for p, q in zip(model.parameters(), reference.parameters()):
             assert torch.allclose(p, q - q.grad, atol=1e-6)
 
-
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_data, tmp_path):
     """torchrun with 2 CPU processes (gloo), 1 micro-batch each == 1 process with 2 micro-batches:
@@ -120,7 +114,6 @@ def test_ddp_two_processes_match_one(tiny_data, tmp_path):
     assert [r["loss"] for r in steps2] == pytest.approx([r["loss"] for r in steps1], rel=1e-4)
     assert [e["val_mlm"] for e in evals2] == pytest.approx([e["val_mlm"] for e in evals1],
                                                            rel=1e-4)
-
 
 def test_device_choice_on_a_gpu_machine(monkeypatch):
     """What train/finetune/bench do on CUDA, checked on a CPU by standing in for torch.cuda: the
@@ -141,7 +134,6 @@ def test_device_choice_on_a_gpu_machine(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert device_and_autocast("auto", "auto") == (torch.device("cpu"), nullcontext)
 
-
 @pytest.mark.parametrize("argv, message", [
     (["--max_step=5"], "unknown setting 'max_step'.*max_steps"),
     (["--max_steps=five"], "max_steps must be of type int"),
@@ -159,7 +151,6 @@ def test_bad_settings_fail_before_any_work(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         train.main(argv + [f"--out_dir={tmp_path}"])
 
-
 def test_config_files_and_help(tmp_path, capsys):
     preset = tmp_path / "preset.py"
     preset.write_text("model = '210m'\nblock_size = 2048\nlr = 5e-4\nmax_steps = 42_000\n")
@@ -174,7 +165,6 @@ def test_config_files_and_help(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--switch_at=0.25" in out and "fraction of max_steps" in out
 
-
 def test_existing_run_is_not_overwritten_and_bad_data_is_clear(tiny_data, tmp_path):
     out = str(tmp_path / "run")
     train.main(run_args(tiny_data, out, max_steps=4, switch_at=2))
@@ -182,7 +172,6 @@ def test_existing_run_is_not_overwritten_and_bad_data_is_clear(tiny_data, tmp_pa
         train.main(run_args(tiny_data, out, max_steps=4, switch_at=2))
     with pytest.raises(SystemExit, match="prepared with cl100k_8k"):
         train.main(run_args(tiny_data, str(tmp_path / "other"), tokenizer="cl100k_16k"))
-
 
 @pytest.mark.slow
 def test_continued_pretraining_starts_from_weights(tiny_data, tmp_path):
@@ -204,15 +193,12 @@ def test_continued_pretraining_starts_from_weights(tiny_data, tmp_path):
     assert torch.load(os.path.join(other, "ckpt.pt"), weights_only=False)["loader"]["position"] == \
         4 * 2
 
-
 # --------------------------------------------------------------------------------------------------
 # The paper's recipe at scale: unique data, intermediate checkpoints, continued pretraining
-
 
 def train_blocks(data_dir, block_size=32):
     from data import load_meta
     return load_meta(data_dir)["n_tokens"]["train"] // block_size
-
 
 @pytest.mark.slow
 def test_a_run_that_would_read_a_block_twice_stops_unless_told(tiny_data, tmp_path):
@@ -230,7 +216,6 @@ def test_a_run_that_would_read_a_block_twice_stops_unless_told(tiny_data, tmp_pa
     with pytest.raises(SystemExit, match=rf"from block 16 they fit {(n - 16) // 2:,} steps"):
         train.main(run_args(tiny_data, str(tmp_path / "cpt"), init_from=f"{base}/ckpt.pt",
                             objective="mlm", switch_to="none", max_steps=(n - 16) // 2 + 1))
-
 
 @pytest.mark.slow
 def test_intermediate_checkpoints_hold_the_weights_of_their_step(tiny_data, tmp_path):
@@ -250,7 +235,6 @@ def test_intermediate_checkpoints_hold_the_weights_of_their_step(tiny_data, tmp_
     for bad in ("every:x", "0", "9", "2;5"):
         with pytest.raises(SystemExit, match="keep_checkpoints"):
             train.main(run_args(tiny_data, str(tmp_path / "bad"), keep_checkpoints=bad))
-
 
 @pytest.mark.slow
 def test_continued_pretraining_carries_the_adamw_state_unless_told(tiny_data, tmp_path):
@@ -274,7 +258,6 @@ def test_continued_pretraining_carries_the_adamw_state_unless_told(tiny_data, tm
         train.main(run_args(tiny_data, str(tmp_path / "mixed"),
                             **dict(cpt, init_from=tmp_path / "fsdp.pt")))
 
-
 def test_paper_presets_hold_their_longest_run_and_the_cpt_budgets_are_valid():
     """Every preset's data holds its longest run, the 42k pretraining plus the +22k continued
     pretraining, read once; the three CPT budgets, written as docs/experiment.md gives them, are
@@ -292,7 +275,6 @@ def test_paper_presets_hold_their_longest_run_and_the_cpt_budgets_are_valid():
             assert (cpt.objective, cpt.switch_to, cpt.mask_ratio, cpt.load_optimizer) == \
                 ("mlm", "none", 0.4, True)
 
-
 @pytest.mark.slow
 def test_compiled_run_has_static_shapes_and_no_graph_break(tiny_data, tmp_path):
     """--compile=true on the CPU: the model and its loss in one graph per objective for training
@@ -306,14 +288,12 @@ def test_compiled_run_has_static_shapes_and_no_graph_break(tiny_data, tmp_path):
     steps, evals = read_log(str(tmp_path))
     assert [r["objective"] for r in steps] == ["clm"] * 3 + ["mlm"] * 3 and len(evals) == 3
 
-
 def torchrun_train(args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={nproc}", os.path.join(HERE, "train.py"), *args],
                             capture_output=True, text=True, env=env, cwd=HERE, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fsdp, eval_batches", [("true", 1), ("false", 3)])
@@ -328,7 +308,6 @@ def test_validation_cannot_deadlock(tiny_data, tmp_path, fsdp, eval_batches):
     for a, b in zip(one, two):
         assert b["val_clm"] == pytest.approx(a["val_clm"], rel=1e-4)
         assert b["val_mlm"] == pytest.approx(a["val_mlm"], rel=1e-4)
-
 
 @pytest.mark.slow
 def test_fsdp_in_bf16_matches_ddp_in_bf16(tiny_data, tmp_path):
