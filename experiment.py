@@ -65,19 +65,17 @@ QUICK = dict(steps=60, warmup_steps=6, decay_steps=12, cpt_steps=30, eval_interv
 
 
 def read_run(ckpt_path: str) -> dict:
-    """A train.py run: its settings (from the checkpoint; mmap reads them without loading the
-    weights), its validation losses, and the report.json of every sweep in a subdirectory of its
-    out_dir, matched to ckpt.pt or a ckpt_<step>.pt by the checkpoint's identity, not its path:
-    an experiment can be moved or copied."""
-    run_dir = os.path.dirname(ckpt_path)
-    ckpt = read_checkpoint(ckpt_path)
+    """A train.py run: its settings (from the checkpoint, mmapped), its validation losses, and the
+    report.json of each sweep below its out_dir, matched to ckpt.pt or a ckpt_<step>.pt by the
+    checkpoint's identity, not its path: an experiment can be moved or copied."""
+    run_dir, ckpt = os.path.dirname(ckpt_path), read_checkpoint(ckpt_path)
     if "train_config" not in ckpt:
         raise ValueError(f"{ckpt_path} has no train_config: not written by train.py")
     evals = [r for r in files.read_json_lines(os.path.join(run_dir, "log.jsonl")) if "val_clm" in r]
     steps = {identity(ckpt_path, ckpt): None}  # checkpoint identity -> step (None: the final one)
     for kept in glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
-        step = read_checkpoint(kept)
-        steps[identity(kept, step)] = step["step"]
+        kept_ckpt = read_checkpoint(kept)
+        steps[identity(kept, kept_ckpt)] = kept_ckpt["step"]
     reports, by_step = {}, {}  # task -> report of ckpt.pt; step -> task -> report of ckpt_<step>.pt
     for path in sorted(glob.glob(os.path.join(run_dir, "*", "report.json"))):
         rep = files.read_json(path, "a report.json of finetune.py")
@@ -90,97 +88,96 @@ def read_run(ckpt_path: str) -> dict:
         (reports if step is None else by_step.setdefault(step, {}))[rep["task"]] = rep
     if by_step and reports:  # the final checkpoint is the last point of the data-efficiency curve
         by_step[ckpt["step"]] = reports
-    return {"name": os.path.basename(run_dir), "ckpt": ckpt_path, "config": ckpt["train_config"],
+    return {"name": os.path.basename(run_dir), "config": ckpt["train_config"],
             "model_config": ckpt["model_config"], "global_batch": ckpt.get("global_batch"),
             "id": next(iter(steps)), "source_id": ckpt.get("source_id"), "evals": evals,
             "reports": reports, "by_step": by_step}
 
+def phases(run: dict, steps: int | None = None) -> list[tuple[str, int]]:
+    """(objective, steps) of a run's first `steps` steps (all of them by default)."""
+    cfg = SimpleNamespace(**run["config"])
+    steps = cfg.max_steps if steps is None else steps
+    switch = switch_step(cfg.switch_to, cfg.switch_at, cfg.max_steps)
+    if switch is None:
+        return [(cfg.objective, steps)]
+    return [(o, n) for o, n in ((cfg.objective, min(steps, switch)),
+                                (cfg.switch_to, max(0, steps - switch))) if n]
+
 def describe_runs(runs: list[dict]) -> list[dict]:
-    """Each run's pretraining in words ("CLM 100 -> MLM 300"), its CPT source (the run whose
-    checkpoint it started from, if any) and its share of CLM steps; sorted as the paper's tables
-    are: CLM first, then more and more MLM, then continued pretraining."""
+    """Each run's pretraining in words ("CLM 100 -> MLM 300", after its CPT source's name), sorted
+    as the paper's tables are: CLM first, then more and more MLM, then continued pretraining."""
     by_id = {r["id"]: r for r in runs}
     for run in runs:
-        cfg = SimpleNamespace(**run["config"])
-        switch = switch_step(cfg.switch_to, cfg.switch_at, cfg.max_steps)
-        phases = [(cfg.objective, cfg.max_steps)] if switch is None else \
-            [(cfg.objective, switch), (cfg.switch_to, cfg.max_steps - switch)]
-        run["pretraining"] = " -> ".join(f"{objective.upper()} {steps}"
-                                         for objective, steps in phases)
-        run["clm_share"] = sum(steps for objective, steps in phases
-                               if objective == "clm") / cfg.max_steps
-        run["source"] = None
-        if cfg.init_from not in ("scratch", "resume"):
-            source = by_id.get(run["source_id"])
-            run["source"] = source
-            run["pretraining"] = (f"{source['name'] if source else cfg.init_from} + "
-                                  f"{run['pretraining']}")
+        run["pretraining"] = " -> ".join(f"{o.upper()} {n}" for o, n in phases(run))
+        run["clm_share"] = sum(n for o, n in phases(run) if o == "clm") / run["config"]["max_steps"]
+        run["source"] = by_id.get(run["source_id"])
+        if run["config"]["init_from"] not in ("scratch", "resume"):
+            name = run["source"]["name"] if run["source"] else run["config"]["init_from"]
+            run["pretraining"] = f"{name} + {run['pretraining']}"
     depth = lambda run: 0 if run["source"] is None else 1 + depth(run["source"])  # noqa: E731
     return sorted(runs, key=lambda run: (depth(run), -run["clm_share"], run["name"]))
 
 def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
-    """The tasks, and two markdown tables: the test score at the learning rate chosen on validation
-    (mean ± 95% CI over seeds) per run and task, as the paper reports; then the stability figure
-    (sd across the learning-rate grid, points; its mean also over the learning rates where no seed
-    diverged) and the final validation losses of pretraining."""
+    """The tasks, and markdown tables: the test score at the learning rate chosen on validation
+    (mean ± 95% CI over seeds) per run and task, as the paper reports; the stability (sd across the
+    learning-rate grid, points) with the final validation losses; and, when checkpoints along a
+    run were fine-tuned, their scores against the tokens seen (the data-efficiency view)."""
     family = {t: r["reports"][t]["family"] for r in runs for t in r["reports"]}
     tasks = sorted(family, key=lambda t: (list(FAMILIES).index(family[t]), t))
     metric = {t: next(r["reports"][t]["metric"] for r in runs if t in r["reports"]) for t in tasks}
 
-    def row(cells):
+    def row(*cells):
         return "| " + " | ".join(cells) + " |"
 
-    # over every task, or none: a mean over fewer tasks would not compare with the others
-    def mean_of(values):
+    def mean_of(values):  # over every task or none: fewer would not compare with the others
         return "-" if not values or None in values else f"{statistics.mean(values):.2f}"
 
-    scores = [row(["run", "pretraining"] + [f"{t} {metric[t]}" for t in tasks] + ["mean"]),
-              row(["---"] * (len(tasks) + 3))]
-    stability = [row(["run"] + [t for t in tasks] + ["mean", "mean, lrs with no divergence",
-                                                      "final val CLM", "final val MLM"]),
-                 row(["---"] * (len(tasks) + 5))]
+    def score(rep):
+        return "-" if rep is None else f"{rep['test_mean']:.2f}" + (
+            f" ± {rep['test_ci95']:.2f}" if rep["test_ci95"] is not None else "")
+    scores = [row("run", "pretraining", *(f"{t} {metric[t]}" for t in tasks), "mean"),
+              row(*["---"] * (len(tasks) + 3))]
+    stability = [row("run", *tasks, "mean", "mean, lrs with no divergence", "final val CLM",
+                     "final val MLM"), row(*["---"] * (len(tasks) + 5))]
+    efficiency = [row("run", "step", "tokens", *tasks), row(*["---"] * (len(tasks) + 3))]
     for run in runs:
         reps = [run["reports"].get(t) for t in tasks]
-        scores.append(row([run["name"], run["pretraining"]]
-                          + [("-" if rep is None else f"{rep['test_mean']:.2f}"
-                              + (f" ± {rep['test_ci95']:.2f}" if rep["test_ci95"] is not None
-                                 else "")) for rep in reps]
-                          + [mean_of([rep and rep["test_mean"] for rep in reps])]))
+        scores.append(row(run["name"], run["pretraining"], *map(score, reps),
+                          mean_of([rep and rep["test_mean"] for rep in reps])))
         sds = [rep and rep["stability_sd"] for rep in reps]
-        converged = [rep and rep.get("stability_sd_converged") for rep in reps]
         last = run["evals"][-1] if run["evals"] else {}
-        stability.append(row([run["name"]] + ["-" if sd is None else f"{sd:.2f}" for sd in sds]
-                             + [mean_of(sds), mean_of(converged)]
-                             + [f"{last[k]:.4f}" if k in last else "-"
-                                for k in ("val_clm", "val_mlm")]))
-    tables = "\n".join(scores) + "\n\n" + "\n".join(stability)
-    efficiency = efficiency_table(runs)
-    return tasks, tables + ("\n\n" + efficiency if efficiency else "")
+        stability.append(row(run["name"], *("-" if sd is None else f"{sd:.2f}" for sd in sds),
+                             mean_of(sds), mean_of([rep and rep.get("stability_sd_converged")
+                                                    for rep in reps]),
+                             *(f"{last[k]:.4f}" if k in last else "-"
+                               for k in ("val_clm", "val_mlm"))))
+        for step, by_task in sorted(run["by_step"].items()):
+            efficiency.append(row(run["name"], str(step), f"{step * tokens_per_step(run):,}",
+                                  *(f"{by_task[t]['test_mean']:.2f}" if t in by_task else "-"
+                                    for t in tasks)))
+    tables = [scores, stability] + ([efficiency] if len(efficiency) > 2 else [])
+    return tasks, "\n\n".join("\n".join(table) for table in tables)
 
-def efficiency_table(runs: list[dict]) -> str:
-    """The paper's data-efficiency view: the test score (at the learning rate chosen on
-    validation) of checkpoints taken along a run, against the tokens it had seen; "" when no
-    intermediate checkpoint was fine-tuned."""
-    curves = [run for run in runs if run["by_step"]]
-    if not curves:
-        return ""
-    tasks = sorted({t for run in curves for reps in run["by_step"].values() for t in reps})
-    lines = ["| run | step | tokens | " + " | ".join(tasks) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |"]
-    for run in curves:
-        cfg = run["config"]
-        tokens_per_step = ((cfg.get("total_batch_size") or cfg["batch_size"]) * cfg["block_size"])
-        for step in sorted(run["by_step"]):
-            reps = run["by_step"][step]
-            lines.append(f"| {run['name']} | {step} | {step * tokens_per_step:,} | " + " | ".join(
-                f"{reps[t]['test_mean']:.2f}" if t in reps else "-" for t in tasks) + " |")
-    return "\n".join(lines)
+def tokens_per_step(run: dict) -> int:
+    cfg = run["config"]
+    return (run["global_batch"] or cfg["total_batch_size"] or cfg["batch_size"]) \
+        * cfg["block_size"]
+
+def training_flops(run: dict, step: int) -> float:
+    """The FLOPs of a run's first `step` steps, counted as MFU counts them (model.py's
+    flops_per_token: 6 per weight a token meets, attention, MLM's head on its masked share)."""
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**run["model_config"]))
+    cfg = SimpleNamespace(**run["config"])
+    return sum(n * tokens_per_step(run) * model.flops_per_token(
+        cfg.block_size, o == "clm", 1.0 if o == "clm" else cfg.mask_ratio)
+        for o, n in phases(run, step))
 
 def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
-    """Two PNGs: the validation losses of both objectives over pretraining for every run (a
-    continued-pretraining run drawn after its source's steps; a dotted line where the objective
-    changes), and the test score against the learning rate per task: the seed mean as a line, each
-    seed as a dot (with a few seeds, the dots say more than a t interval, which is wide)."""
+    """The validation losses over pretraining (a continued-pretraining run after its source's
+    steps; dotted where the objective changes), the test score against the learning rate per task,
+    and against the pretraining step and FLOPs (the paper's Fig. 10) of checkpoints along a run:
+    the seed mean as a line, each seed as a dot (the dots say more than a wide t interval)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
@@ -188,108 +185,69 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
     except ImportError:
         raise SystemExit("error: --figures needs matplotlib: pip install matplotlib") from None
     os.makedirs(out_dir, exist_ok=True)
-    colors = {run["name"]: f"C{i}" for i, run in enumerate(runs)}
+    color = {run["name"]: f"C{i}" for i, run in enumerate(runs)}
 
     def offset(run):  # the step a run's step 0 stands at: after everything its source ran
-        return (0 if run["source"] is None
-                else offset(run["source"]) + run["source"]["config"]["max_steps"])
+        return 0 if run["source"] is None else offset(run["source"]) + \
+            run["source"]["config"]["max_steps"]
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, key, title in zip(axes, ("val_clm", "val_mlm"),
-                              ("validation CLM loss", "validation MLM loss")):
+    for ax, key in zip(axes, ("val_clm", "val_mlm")):
         for run in runs:
             start = offset(run)
             ax.plot([start + e["step"] for e in run["evals"]], [e[key] for e in run["evals"]],
-                    color=colors[run["name"]], label=f"{run['name']}: {run['pretraining']}")
-            cfg = SimpleNamespace(**run["config"])
-            switch = switch_step(cfg.switch_to, cfg.switch_at, cfg.max_steps)
-            changes = [start + s for s in (switch, 0 if run["source"] else None)
-                       if s is not None]
+                    color=color[run["name"]], label=f"{run['name']}: {run['pretraining']}")
+            changes = [start] * bool(run["source"]) + [start + phases(run)[0][1]] * (
+                len(phases(run)) > 1)
             for x in changes:
-                ax.axvline(x, color=colors[run["name"]], linestyle=":", linewidth=1)
-        ax.set(title=title, xlabel="pretraining step")
+                ax.axvline(x, color=color[run["name"]], linestyle=":", linewidth=1)
+        ax.set(title=f"validation {key[4:].upper()} loss", xlabel="pretraining step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (nats per token)")
-    fig.legend(*axes[0].get_legend_handles_labels(),
-               loc="lower center", ncol=4, fontsize=8)  # below: curves fill both
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.06 * math.ceil(len(runs) / 4), 1, 1))
-    losses = os.path.join(out_dir, "experiment_losses.png")
-    fig.savefig(losses, dpi=120)
+    paths = [os.path.join(out_dir, "experiment_losses.png")]
+    fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
-    if not tasks:  # no sweeps yet: the losses are all there is to draw
-        return [losses]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        reports = [(run, run["reports"][task]) for run in runs if task in run["reports"]]
-        for run, rep in reports:
-            ax.plot([row["lr"] for row in rep["per_lr"]],
-                    [row["test_mean"] for row in rep["per_lr"]],
-                    color=colors[run["name"]], marker="o", label=run["name"])
-            ax.scatter([c["lr"] for c in rep["cells"]],
-                       [c["test"][rep["metric"]] for c in rep["cells"]],
-                       color=colors[run["name"]], s=10, alpha=0.4)
-        ax.set(xscale="log", title=task, xlabel="fine-tuning learning rate",
-               ylabel=f"test {reports[0][1]['metric']}")
-        lrs = sorted({row["lr"] for _, rep in reports for row in rep["per_lr"]})
-        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-    sweep_path = save_figure(plt, fig, axes, os.path.join(out_dir, "experiment_lr.png"))
-    efficiency = [draw_efficiency(plt, runs, colors, out_dir, by_flops)
-                  for by_flops in (False, True)]
-    return [losses, sweep_path] + [path for path in efficiency if path]
+    def panels(name, points, xlabel, xscale="linear"):
+        """A row of per-task panels of (x, report, cells) points for each run."""
+        shown = [t for t in tasks if any(points(run, t) for run in runs)]
+        if not shown:
+            return
+        fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.8), squeeze=False)
+        for ax, task in zip(axes[0], shown):
+            for run in runs:
+                if found := points(run, task):
+                    ax.plot([x for x, _, _ in found], [rep["test_mean"] for _, rep, _ in found],
+                            color=color[run["name"]], marker="o", label=run["name"])
+                    ax.scatter(*zip(*[(x, c) for x, _, cells in found for c in cells]),
+                               color=color[run["name"]], s=10, alpha=0.4)
+            metric = next(rep["metric"] for run in runs for _, rep, _ in points(run, task))
+            ax.set(title=task, xlabel=xlabel, ylabel=f"test {metric}", xscale=xscale)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path := os.path.join(out_dir, name), dpi=120)
+        plt.close(fig)
+        paths.append(path)
 
-def draw_efficiency(plt, runs: list[dict], colors: dict, out_dir: str,
-                    by_flops: bool) -> str | None:
-    """The data-efficiency figures: per task, the test score of each checkpoint fine-tuned along a
-    run (the seed mean, with each seed as a dot) against its pretraining step, or against the
-    training FLOPs spent to reach it (the paper's Fig. 10)."""
-    curves = [run for run in runs if run["by_step"]]
-    tasks = sorted({t for run in curves for reps in run["by_step"].values() for t in reps})
-    if not tasks:
-        return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for run in curves:
-            points = [(training_flops(run, step) if by_flops else step, reps[task])
-                      for step, reps in sorted(run["by_step"].items()) if task in reps]
-            ax.plot([step for step, _ in points], [rep["test_mean"] for _, rep in points],
-                    color=colors[run["name"]], marker="o", label=run["name"])
-            for step, rep in points:
-                chosen = [c["test"][rep["metric"]] for c in rep["cells"]
-                          if c["lr"] == rep["chosen_lr"]]
-                ax.scatter([step] * len(chosen), chosen, color=colors[run["name"]], s=10,
-                           alpha=0.4)
-        metric = next(reps[task]["metric"] for run in curves for reps in run["by_step"].values()
-                      if task in reps)
-        ax.set(title=task, xlabel="pretraining FLOPs" if by_flops else "pretraining step",
-               ylabel=f"test {metric}", xscale="log" if by_flops else "linear")
-        ax.grid(alpha=0.3)
-    name = "experiment_flops.png" if by_flops else "experiment_steps.png"
-    return save_figure(plt, fig, axes, os.path.join(out_dir, name))
+    def lr_points(run, task):
+        rep = run["reports"].get(task)
+        return [(row["lr"], {**rep, "test_mean": row["test_mean"]},
+                 [c["test"][rep["metric"]] for c in rep["cells"] if c["lr"] == row["lr"]])
+                for row in rep["per_lr"]] if rep else []
 
-def training_flops(run: dict, step: int) -> float:
-    """The FLOPs of a run's first `step` steps, counted as MFU counts them (model.py's
-    flops_per_token: 6 per weight a token meets, plus attention; MLM's head on its masked share)."""
-    cfg = SimpleNamespace(**run["config"])
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(**run["model_config"]))
-    switch = switch_step(cfg.switch_to, cfg.switch_at, cfg.max_steps)
-    tokens = (run["global_batch"] or cfg.total_batch_size or cfg.batch_size) * cfg.block_size
-    phases = [(cfg.objective, min(step, switch if switch is not None else step)),
-              (cfg.switch_to, max(0, step - switch) if switch is not None else 0)]
-    return sum(n * tokens * model.flops_per_token(cfg.block_size, objective == "clm",
-                                                  1.0 if objective == "clm" else cfg.mask_ratio)
-               for objective, n in phases if n)
-
-def save_figure(plt, fig, axes, path: str) -> str:
-    """A row of per-task panels, the legend in the last one."""
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    def step_points(run, task, flops=False):
+        return [(training_flops(run, step) if flops else step, by_task[task],
+                 [c["test"][by_task[task]["metric"]] for c in by_task[task]["cells"]
+                  if c["lr"] == by_task[task]["chosen_lr"]])
+                for step, by_task in sorted(run["by_step"].items()) if task in by_task]
+    panels("experiment_lr.png", lr_points, "fine-tuning learning rate", "log")
+    panels("experiment_steps.png", step_points, "pretraining step")
+    panels("experiment_flops.png", lambda run, task: step_points(run, task, flops=True),
+           "pretraining FLOPs", "log")
+    return paths
 
 def summarize(directory: str, figures_dir: str = "") -> dict:
     """--summarize=DIR: the table (printed, and DIR/summary.md) and figures of every run in DIR."""
