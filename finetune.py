@@ -1,6 +1,5 @@
-"""Fine-tune a pretraining checkpoint on one task and evaluate it the way the paper does: a
-learning-rate x seed grid, each cell from the same checkpoint, the learning rate chosen on
-validation, the test score as a seed mean with its 95% interval, and the stability across the grid.
+"""Fine-tune a checkpoint on one task over a learning-rate x seed grid, as the paper does: the lr
+chosen on validation, the test score as a seed mean with its 95% interval, the stability.
 
     python finetune.py --init_from=out/demo/ckpt.pt --task=demo_sc       # an offline demo task
     python finetune.py --init_from=ckpt.pt --task=sc --train=train.jsonl --test=dev.jsonl
@@ -31,7 +30,7 @@ from mlm_vs_clm.metrics import mean_ci
 from mlm_vs_clm.parallel import device_and_autocast, device_problem
 from mlm_vs_clm.settings import above, at_least, command, configure, one_of
 from mlm_vs_clm.task_data import FAMILIES, HF_TASKS, family_class, hold_out, load_task
-from mlm_vs_clm.tasks import INPUT_FORMATS, Family
+from mlm_vs_clm.tasks import Family
 from model import configure_optimizer, lr_at
 
 @dataclass
@@ -56,7 +55,6 @@ class FinetuneConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     # the model
     causal: bool = False  # fine-tune with causal attention (ablation: the paper is bidirectional)
-    input_format: str = "paper"  # paper (labelled text + <eot>, the authors') or eot (a <eot> b)
     pooling: str = "mean"  # sc/ir: mean of real tokens, first (EuroBERT's "bos"), last real token
     max_len: int = 0  # tokens per input: 0 = 2028 for the paper's tasks (EncodEval's), else 512
     protocol: str = "auto"  # auto: encodeval for the paper's tasks, else standard (docs)
@@ -79,8 +77,6 @@ class FinetuneConfig:
         return [
             (self.init_from != "", "--init_from (a pretraining checkpoint) is required"),
             *one_of(self, "protocol", ("auto", "encodeval", "standard")),
-            (self.protocol != "encodeval" or self.input_format == "paper",
-             "--protocol=encodeval writes inputs the authors' way: --input_format=paper"),
             (self.max_len == 0 or self.max_len >= 8, "--max_len must be 0 (auto) or >= 8"),
             (not self.init_from or source_problem("init_from", self.init_from) is None,
              source_problem("init_from", self.init_from)),
@@ -104,8 +100,6 @@ class FinetuneConfig:
             (self.grad_clip >= 0,
              "--grad_clip must be >= 0 (0 = off; a negative bound would make clipping ascend)"),
             (self.pooling in ("mean", "first", "last"), "--pooling must be mean, first or last"),
-            (self.input_format in INPUT_FORMATS,
-             f"--input_format must be {' or '.join(INPUT_FORMATS)}"),
             (self.weights in ("fp32", "bf16"), "--weights must be fp32 or bf16"),
             (self.empty_queries in ("skip", "zero"), "--empty_queries must be skip or zero"),
             *above(self, 0, "temperature"),
@@ -139,19 +133,12 @@ def family_of(task: str) -> str | None:
     return name if name in FAMILIES else None
 
 # --------------------------------------------------------------------------------------------------
-# One cell: fine-tune from the checkpoint at one learning rate and seed,
-# then score validation and test
-
-def finetune_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: float,
-                  seed: int) -> dict:
-    """Trains body (in place) and a new head;
-    returns the scores of each split in `splits` other than "train"."""
-    return train_cell(family, body, splits, cfg, lr, seed)[0]
+# One cell: fine-tune from the checkpoint at one learning rate and seed, then score val and test
 
 def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: float,
                seed: int) -> tuple[dict, nn.Module]:
-    """finetune_cell's result, and the trained head. The head takes the body's dtype: float32, or
-    bfloat16 for --weights=bf16, where the whole model is bfloat16."""
+    """Trains body (in place) and a new head in the body's dtype; returns the scores of each split
+    but "train", and the head."""
     torch.manual_seed(seed)
     head = family.head(body.config.n_embd).to(family.device, next(body.parameters()).dtype)
     run_body = torch.compile(body, dynamic=True) if cfg.compile else body
@@ -178,9 +165,7 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(both.parameters(), cfg.grad_clip or float("inf"))
         if not (torch.isfinite(loss.detach()) and torch.isfinite(grad_norm)):
-            # A real outcome at a high learning rate: the update is not applied, and the cell is
-            # scored with the weights of its last finite step. A finite loss can come with a
-            # non-finite gradient.
+            # a real outcome at a high learning rate: the cell is scored with its last finite step
             diverged = step
             optimizer.zero_grad(set_to_none=True)  # the body is reused by the next cell
             break
@@ -196,14 +181,13 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
 # The sweep and its report
 
 def read_results(path: str, key: str) -> dict:
-    """(lr, seed) -> result of the cells already in path for this configuration (the key). The torn
-    last line of a sweep killed mid-write is cut from the file; that cell is simply done again."""
+    """(lr, seed) -> result of the cells already in path with this key. The torn last line of a
+    sweep killed mid-write is cut from the file; that cell is simply done again."""
     return {(r["lr"], r["seed"]): r for r in files.read_json_lines(path, repair=True)
             if r.get("key") == key}
 
 def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> list[dict]:
-    """Every (lr, seed) cell, from out_dir/results.jsonl when it is there with the same key,
-    else fine-tuned now."""
+    """Every (lr, seed) cell: from out_dir/results.jsonl, else fine-tuned now."""
     path = os.path.join(cfg.out_dir, "results.jsonl")
     done = read_results(path, key)
     cells = [(lr, seed) for lr in learning_rates(cfg) for seed in range(cfg.seeds)]
@@ -215,7 +199,7 @@ def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> 
         body.load_state_dict(initial)
         t0 = time.perf_counter()
         result = {"key": key, "lr": lr, "seed": seed,
-                  **finetune_cell(family, body, splits, cfg, lr, seed),
+                  **train_cell(family, body, splits, cfg, lr, seed)[0],
                   "seconds": round(time.perf_counter() - t0, 1)}
         with open(path, "a", encoding="utf-8") as f:
             f.write(files.json_line(result))
@@ -227,16 +211,10 @@ def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> 
     return [done[cell] for cell in cells]
 
 def report(results: list[dict], metric: str) -> dict:
-    """Per learning rate: the seed mean of the validation and test scores with their 95% intervals.
-    The chosen learning rate has the best mean validation score (the smaller one on a tie).
-
-    Stability, the paper's second finding (CLM-pretrained models fine-tune more stably): how much
-    the score varies across the learning-rate grid, which the paper reads off its score against
-    learning rate figure over the whole grid. stability_sd is the standard deviation (n - 1) across
-    the whole grid of the seed-mean test score, in points: how far the score moves when the
-    learning rate is mis-set; lower is more stable. stability_sd_converged is the same over the
-    learning rates where no seed diverged (stability_lrs_converged), so that a few diverged cells
-    do not decide the figure alone."""
+    """Per learning rate, the seed means of val and test with their 95% intervals; the chosen lr
+    (best val mean, the smaller on a tie). stability_sd, the paper's second finding: the sd across
+    the grid of the seed-mean test score (lower: more stable); _converged: over the lrs where no
+    seed diverged, so that a few diverged cells do not decide it alone."""
     per_lr = []
     for lr in dict.fromkeys(r["lr"] for r in results):
         cells = [r for r in results if r["lr"] == lr]
@@ -290,8 +268,8 @@ def main(argv: list[str]) -> dict:
     return finetune(configure(FinetuneConfig, argv))
 
 def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict]:
-    """The encoded train / val / test splits, and their record counts. Validation is the task's
-    own split when it has one, else val_fraction of train held out."""
+    """The encoded train / val / test splits and their record counts; val is held out of train
+    unless the task has its own."""
     family.check(task.test)
     if task.val is not None:
         family.check(task.val)
@@ -316,8 +294,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                   max_len=cfg.max_len or (ENCODEVAL_MAX_LEN if named else 512))
     device, autocast = device_and_autocast(cfg.device, cfg.dtype)
     body, tok, ckpt = load_model(cfg.init_from, device, head=False)  # the LM head goes unused
-    # bf16, the authors' pure bfloat16 weights: AdamW's small updates round away
-    # (docs/finetuning.md)
+    # bf16, the authors': AdamW's small updates round away (docs/finetuning.md)
     body = body.to(torch.bfloat16 if cfg.weights == "bf16" else torch.float32)
     # where the demo tasks find their held-out docstrings (hf: bodies have none)
     data_dir = data_dir_of(ckpt["train_config"]) if "train_config" in ckpt else ""
@@ -334,15 +311,13 @@ def finetune(cfg: FinetuneConfig) -> dict:
     print(f"{cfg.task} ({task.family}): {counts['train']:,} train / {counts['val']:,} validation "
           f"({held}) / {counts['test']:,} test records -> {len(splits['train'].items):,} training "
           f"items; body {cfg.init_from} on {device} in {next(body.parameters()).dtype}, "
-          f"max_len {max_len}, input format {cfg.input_format}, protocol {cfg.protocol}")
-    # A cell is only reused when everything that decides its result is the same: settings,
-    # the checkpoint's content, the data.
+          f"max_len {max_len}, protocol {cfg.protocol}")
+    # a cell is reused only when all that decides its result is the same: settings, weights, data
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY | {"init_from"}}
     fingerprint = json.dumps([settings, checkpoint_id, task.train, task.val, task.test,
                               task.documents], sort_keys=True)
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-    # One sweep at a time in an out_dir:
-    # two would do the same cells twice and interleave results.jsonl.
+    # one sweep at a time in an out_dir: two would interleave results.jsonl
     with files.exclusive(cfg.out_dir, f"fine-tuning in {cfg.out_dir}"):
         results = sweep(family, body, splits, cfg, key)
         rep = {"task": cfg.task, "family": task.family, "init_from": cfg.init_from,
@@ -365,18 +340,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 def save_model(family: Family, body, splits: dict, cfg: FinetuneConfig, results: list[dict],
                rep: dict, tok) -> dict:
-    """Trains the cell with the best validation score at the chosen learning rate once more (a
-    sweep keeps no weights: cells can come from an earlier run's results.jsonl, and holding the
-    best body so far would double the memory) and saves body and head to out_dir/model.pt, a
-    checkpoint of this project whose "finetuned" entry describes the head (docs/finetuning.md).
-    Returns what report.json records of it."""
+    """Trains the best-validation cell at the chosen lr once more (a sweep keeps no weights: its
+    cells may come from results.jsonl) and saves it to out_dir/model.pt (docs/finetuning.md)."""
     cells = [r for r in results if r["lr"] == rep["chosen_lr"]]
     best = max(cells, key=lambda r: (r["val"][family.metric], -r["seed"]))
     print(f"saving the model: training lr {best['lr']:.1e} seed {best['seed']} again")
     result, head = train_cell(family, body, splits, cfg, best["lr"], best["seed"])
     finetuned = {"task": cfg.task, "family": family.name, **family.export(),
-                 "pooling": cfg.pooling, "input_format": cfg.input_format,
-                 "head": dict(head.state_dict()), "lr": best["lr"], "seed": best["seed"],
+                 "pooling": cfg.pooling, "head": dict(head.state_dict()), "lr": best["lr"], "seed": best["seed"],
                  "val": result["val"], "test": result["test"], "source": cfg.init_from,
                  "causal": cfg.causal, "max_len": family.max_len}
     path = os.path.join(cfg.out_dir, "model.pt")

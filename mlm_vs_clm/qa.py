@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlm_vs_clm.metrics import position_f1, squad_scores
-from mlm_vs_clm.tasks import Family, Split, field, init_head, token_spans
+from mlm_vs_clm.tasks import Family, Split, TokenClassifier, field, init_head, token_spans
 
 def token_range(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
     """The first and the last token whose characters overlap [start, end) of the text."""
@@ -113,16 +113,12 @@ class QuestionAnswering(Family):
                                  f"the context (integers, 0 <= start < end <= {n_chars})")
 
     def prompt(self, question: str) -> list[int]:
-        """The tokens before the context: "Question: {question}\nContext: " (paper; one
-        encoding, as the authors' tokenizer reads the pair's first text) or "question <eot>"."""
-        if self.input_format == "paper":
-            return self.tok.encode(f"Question: {question}\nContext: ")[:self.max_question]
-        return self.tok.encode(question)[:self.max_question] + [self.tok.eot_id]
+        """The tokens before the context, encoded as one text as the authors' tokenizer does."""
+        return self.tok.encode(f"Question: {question}\nContext: ")[:self.max_question]
 
     def encode(self, rows):
-        """Each example becomes windows "prompt, context piece, <eot>" (prompt: see prompt()). The
-        null answer points at the final <eot>, in both formats: as the last real token it sees the
-        whole input under causal attention too, unlike BERT's position 0."""
+        """Each example becomes windows "prompt, context piece, <eot>". The null answer is the final
+        <eot>: as the last token it sees the whole input under causal attention too (BERT: 0)."""
         items, eot = [], self.tok.eot_id
         for _, r in rows:
             context, answers = r["context"], r["answers"]
@@ -229,6 +225,9 @@ class EncodEvalQA(QuestionAnswering):
     fit, and <eot>; the tokens of the first gold answer are 1, all others 0 (all 0 when there is
     no answer, or truncation cut it); scored by metrics.position_f1, ReCoRD's candidates unused."""
     head_type = "token_2"
+
+    def head(self, n_embd):  # exports as EuroBertForTokenClassification
+        return TokenClassifier(n_embd, 2)
 
     def export(self):
         return {"labels": ["outside", "answer"], "head_type": self.head_type}

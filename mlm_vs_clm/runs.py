@@ -1,7 +1,5 @@
-"""Where a pretraining run starts and what it leaves: its token files, its model, optimizer and
-loader at step 0 or where a checkpoint stopped (resume, continued pretraining, Hugging Face), its
-checkpoints and its log. train.py's loop uses these. docs/pretraining.md.
-"""
+"""A pretraining run's start (scratch, resume, continued pretraining, Hugging Face), checkpoints
+and log, for train.py's loop. docs/pretraining.md."""
 
 import math
 import os
@@ -26,14 +24,13 @@ from objectives import PretrainingLoss, Vocab, switch_step
 
 @dataclass
 class TokenFiles:
-    """A run's prepared token files, and what the objectives need to know of their tokenizer."""
     dir: str
     vocab: Vocab
     tokenizer: dict  # what every checkpoint records of it (TOKENIZER_FIELDS)
     identity: str  # what the files are: their source, its versions, a hash of the tokens
 
 def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
-    """The run's token files: prepared once (by one process), then memory-mapped by all."""
+    """Prepared once (by one process), then memory-mapped by all."""
     data_dir = data_dir_of(asdict(cfg))
     if proc.master:  # a no-op when prepared; of two runs starting at once, one waits
         prepare(cfg.data, data_dir, cfg.tokenizer, max_tokens=cfg.data_tokens or None, reuse=True)
@@ -57,10 +54,8 @@ RESUME_FREE = {"eval_interval", "eval_batches", "log_interval", "keep_checkpoint
                "load_optimizer", "max_steps", "batch_size", "total_batch_size", "switch_at"}
 
 def resume_settings(cfg, argv: list[str], world_size: int):
-    """The run's settings and, with --init_from=resume, the checkpoint it continues. A resumed run
-    keeps its own settings: what is given now may only change how it is watched or run, extend
-    max_steps where that moves no step already trained, or split the same global batch into other
-    micro-batches; anything else is refused, naming it."""
+    """The run's settings and, with --init_from=resume, the checkpoint it continues, whose own
+    settings it keeps: what would change what was trained is refused, naming it."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from != "resume":
         if os.path.exists(ckpt_path):
@@ -92,8 +87,8 @@ def resume_settings(cfg, argv: list[str], world_size: int):
     return merged, resumed
 
 def check_extension(now, then, resumed: dict, world_size: int, path: str) -> None:
-    """A resumed run may read the same global batch in other micro-batches, and extend max_steps
-    when the switch and the learning rate of every step already trained stay as they were."""
+    """The same global batch in any micro-batches; a longer budget that moves neither the switch
+    nor the learning rate of a step already trained."""
     step, batch = resumed["step"], resumed.get("global_batch")
     if batch is not None and (now.total_batch_size or now.batch_size * world_size) != batch:
         raise ValueError(f"{path} was trained with {batch} sequences a step; --batch_size x "
@@ -114,7 +109,6 @@ def check_extension(now, then, resumed: dict, world_size: int, path: str) -> Non
           + (f"; the switch stays at step {old}" if old is not None else ""))
 
 class Origin(NamedTuple):
-    """Where a run starts, besides its weights: a step, a loader position, an AdamW state."""
     step: int = 0
     loader_state: dict | None = None
     optimizer_state: dict | None = None
@@ -122,8 +116,7 @@ class Origin(NamedTuple):
     source_id: str | None = None  # that checkpoint's identity (checkpoints.identity)
 
 def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Transformer, Origin]:
-    """The model, from scratch, from this run's checkpoint, from another run's (continued
-    pretraining) or from a Hugging Face checkpoint; and where the run starts."""
+    """The model, and where the run starts (Origin)."""
     torch.manual_seed(cfg.seed)
     meta_path, origin = os.path.join(token_files.dir, "meta.json"), Origin()
     if resumed is not None:
@@ -147,12 +140,9 @@ def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Tra
     return model, origin
 
 def continued_pretraining(cfg, token_files: TokenFiles, source: dict) -> Origin:
-    """What a run started from another run's checkpoint takes from it besides the weights.
-    - The data: on its source's data it reads on from where that run stopped, so its steps see new
-      blocks, as the paper's CPT (steps 42k-64k of one data stream) does.
-    - The AdamW moments (load_optimizer): the authors' trainer reloads the optimizer state whenever
-      it restarts from a checkpoint.
-    The learning rate follows this run's own schedule (config/cpt.py sets the paper's CPT)."""
+    """What a run continuing another's checkpoint takes from it besides the weights: on the same
+    data, the stream from where it stopped (the paper's CPT reads steps 42k-64k of one stream),
+    and the AdamW moments (the authors' trainer reloads them). config/cpt.py: the schedule."""
     saved = source.get("train_config", {})
     same_stream = (os.path.realpath(data_dir_of(saved)) == os.path.realpath(token_files.dir)
                    and loader_state(source) and saved.get("seed") == cfg.seed
@@ -172,8 +162,7 @@ def loader_state(ckpt: dict) -> dict | None:
     return ckpt.get("loader", ckpt.get("data"))  # "data": checkpoints written before 2026-12
 
 def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, allowed: bool):
-    """The paper's control: every model sees the same unique ordered blocks. A run that would read
-    a block a second time stops before its first step unless told it is intended."""
+    """The paper's control: every model sees the same blocks once, in the same order."""
     left = loader.n_blocks - loader.position  # blocks this run has not read yet
     if steps_left * per_step > left and not allowed:
         raise ValueError(f"{loader.path} holds {loader.n_blocks:,} blocks of {loader.block_size} "
@@ -184,7 +173,6 @@ def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, all
                          "repetition is intended")
 
 def micro_batches(cfg, world_size: int) -> int:
-    """Micro-batches per optimizer step on each process (gradient accumulation)."""
     per_step = cfg.total_batch_size or cfg.batch_size * world_size
     if per_step % (cfg.batch_size * world_size):
         raise ValueError(f"--total_batch_size={per_step} is not a multiple of --batch_size x "
@@ -193,7 +181,6 @@ def micro_batches(cfg, world_size: int) -> int:
 
 @dataclass
 class Run:
-    """A run under way: what the loop advances and what a checkpoint saves."""
     cfg: object  # train.TrainConfig
     proc: parallel.Process
     token_files: TokenFiles
@@ -217,7 +204,6 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        """Releases the out_dir (its lock, held since start); Ctrl-C ends in one line."""
         self.lock.close()
         if kind is KeyboardInterrupt:
             raise Interrupted(f"training stopped at step {self.step}. {self.last_good()}") \
@@ -240,7 +226,6 @@ class Run:
                                   objective=self.objective, **extra)
 
     def save(self, val: dict):
-        """ckpt.pt: everything needed to resume exactly."""
         weights, optimizer_state = parallel.full_state(self.raw_model, self.optimizer,
                                                        self.cfg.fsdp)
         if self.proc.master:
@@ -252,7 +237,7 @@ class Run:
         self.saved_step = self.step
 
     def keep(self):
-        """ckpt_<step>.pt: the weights alone, for fine-tuning and export (not resumable)."""
+        """ckpt_<step>.pt: the weights alone, for fine-tuning and export."""
         weights = parallel.full_weights(self.raw_model, self.cfg.fsdp)
         if self.proc.master:
             save_checkpoint(self.payload(weights),
@@ -265,7 +250,6 @@ class Run:
                 "from it with --init_from=resume")
 
     def describe(self) -> str:
-        """The line a run starts with: the model, the processes, the batch and the objectives."""
         cfg, params, switch = self.cfg, self.raw_model.num_params(), self.switch
         name = cfg.model if cfg.init_from in ("scratch", "resume") else cfg.init_from
         per_step = self.grad_accum * cfg.batch_size * self.proc.world_size
@@ -277,15 +261,13 @@ class Run:
                 + f" | {cfg.max_steps} steps | data {self.token_files.identity}")
 
 def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
-    """The run's data, model on its device, optimizer and loader, at step 0 or where the resumed
-    checkpoint stopped; checked to read no block twice. The run holds its out_dir until it ends:
-    a second run there would interleave the log and race on ckpt.pt."""
+    """The run at step 0 or where its checkpoint stopped. It holds its out_dir until it ends: a
+    second run there would interleave the log and race on ckpt.pt."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     lock = ExitStack()
     try:
         if proc.master:
-            lock.enter_context(files.exclusive(cfg.out_dir,
-                                               f"training in {cfg.out_dir}"))
+            lock.enter_context(files.exclusive(cfg.out_dir, f"training in {cfg.out_dir}"))
         token_files = open_token_files(cfg, proc)
         raw_model, origin = build_model(cfg, token_files, resumed)
         raw_model.to(proc.device)
@@ -323,7 +305,6 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
         raise
 
 def write_summary(run: Run, val: dict, tokens: int, seconds: float):
-    """summary.json, and the run's last line."""
     cfg = run.cfg
     summary = {"steps": run.step, "max_steps": cfg.max_steps, "switch_step": run.switch,
                "tokens": tokens, "val_clm": val["clm"], "val_mlm": val["mlm"],
@@ -335,10 +316,8 @@ def write_summary(run: Run, val: dict, tokens: int, seconds: float):
                    f"{val['mlm']:.4f} | {run.ckpt_path}")
 
 class RunLog:
-    """The steps' losses on their way to the host, log.jsonl, the printed lines and Weights &
-    Biases (--wandb_project; `wandb` is imported only then). Every process keeps the pending steps
-    and checks them; the first alone writes. A resumed run keeps its records up to the
-    checkpoint's step (what an interrupted run wrote after it is redone), rewritten atomically."""
+    """log.jsonl, the printed lines and W&B (--wandb_project). Every process checks the pending
+    steps, the first writes. A resumed run keeps the records up to its checkpoint's step."""
 
     def __init__(self, run: Run):
         self.run, cfg, self.pending = run, run.cfg, []
@@ -371,14 +350,12 @@ class RunLog:
                                  "later)") from None
 
     def add(self, loss, grad_norm, lr: float):
-        """The step just done, its loss and gradient norm still on the device."""
         run = self.run
         self.pending.append((run.step, run.objective, lr, torch.stack([loss, grad_norm.float()])))
 
     def flush(self):
-        """The one host sync of the loop (every log_interval steps, and before validation and
-        checkpoints): the pending losses come over, each becomes a record, and a non-finite one,
-        whose update the device skipped, stops the run."""
+        """The loop's one host sync: the pending losses come over, each becomes a record, and a
+        non-finite one, whose update the device skipped, stops the run."""
         if not self.pending:
             return
         run, cfg = self.run, self.run.cfg

@@ -45,16 +45,13 @@ GLUE_TEXTS = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"),
               "qqp": ("question1", "question2")}
 GLUE_NAMES = {"mnli": ("Premise", "Hypothesis"), "qqp": ("Question 1", "Question 2")}
 
-def glue_record(task: str, record: dict, input_format: str) -> dict:
-    """sst2: the sentence. mnli, qqp: "Premise: {p}\\nHypothesis: {h}" and "Question 1: {a}\\n
-    Question 2: {b}" (paper format), or the two texts as text and text_pair (eot format)."""
+def glue_record(task: str, record: dict) -> dict:
+    """sst2: the sentence; mnli, qqp: "Premise: {p}\\nHypothesis: {h}", "Question 1: {a}\\n..."."""
     texts = [record[column] for column in GLUE_TEXTS[task]]
     if len(texts) == 1:
         return {"text": texts[0], "label": record["label"]}
-    if input_format == "paper":
-        (a, b), (name_a, name_b) = texts, GLUE_NAMES[task]
-        return {"text": f"{name_a}: {a}\n{name_b}: {b}", "label": record["label"]}
-    return {"text": texts[0], "text_pair": texts[1], "label": record["label"]}
+    (a, b), (name_a, name_b) = texts, GLUE_NAMES[task]
+    return {"text": f"{name_a}: {a}\n{name_b}: {b}", "label": record["label"]}
 
 def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None) -> dict | None:
     """Words and tag names. Integer tags are named by the dataset's ClassLabel feature (tag_names).
@@ -267,15 +264,15 @@ def tag_names(ds, column: str, name: str) -> list[str] | None:
     return names
 
 def glue_task(task: str, test_split: str) -> Callable:
-    def load(input_format):
+    def load():
         def rows(split):
             return converted(f"nyu-mll/glue {task}", split, hub("nyu-mll/glue", task, split),
-                             lambda r, i: glue_record(task, r, input_format))
+                             lambda r, i: glue_record(task, r))
         return TaskData("sc", rows("train"), None, rows(test_split), {})
     return load
 
 def ner_task(name: str, words: str, tags: str) -> Callable:
-    def load(input_format):
+    def load():
         splits = {s: hub(name, None, s) for s in ("train", "validation", "test")}
         names = tag_names(splits["train"], tags, name)
         rows = {s: converted(name, s, ds, lambda r, i: ner_record(r, words, tags, names))
@@ -284,7 +281,7 @@ def ner_task(name: str, words: str, tags: str) -> Callable:
     return load
 
 def qa_task(name: str, convert: Callable) -> Callable:
-    def load(input_format):
+    def load():
         train, test = (converted(name, s, hub(name, None, s), convert)
                        for s in ("train", "validation"))
         return TaskData("qa", train, None, test, {})
@@ -312,17 +309,17 @@ def beir_task(name: str, judgments: dict, document: Callable) -> TaskData:
     documents = texts_by_id(hub(name, "corpus", "corpus"), document_ids, "_id", document)
     return judged_task(msmarco_pairs(), judgments, queries, documents, name)
 
-def msmarco_task(input_format) -> TaskData:
+def msmarco_task() -> TaskData:
     # validation: MS MARCO dev (6,980 queries); test: TREC-DL 2019 (43 queries, graded 0-3)
     judgments = {s: beir_judgments("BeIR/msmarco-qrels", s) for s in ("validation", "test")}
     # BEIR's MS MARCO titles are empty; the authors use the text alone
     return beir_task("BeIR/msmarco", judgments, lambda r: r["text"])
 
-def nq_task(input_format) -> TaskData:
+def nq_task() -> TaskData:
     return beir_task("BeIR/nq", halve_queries(beir_judgments("BeIR/nq-qrels", "test")),
                      nq_document)
 
-def mldr_task(input_format) -> TaskData:
+def mldr_task() -> TaskData:
     name = "hgissbkh/mldr-en"
     judgments, queries = {}, {}
     for ours, theirs in (("validation", "dev"), ("test", "test")):
@@ -336,7 +333,7 @@ def mldr_task(input_format) -> TaskData:
 class NamedTask(NamedTuple):
     family: str
     source: str  # where its splits come from, for messages and docs/finetuning.md
-    load: Callable  # input_format -> TaskData
+    load: Callable  # () -> TaskData
     one_epoch: bool = False  # encodeval: one epoch (CoNLL, UNER), else max_steps (EncodEval)
 
 # OntoNotes' integer tags have no ClassLabel on the hub: tner/ontonotes5's label2id, in id order
@@ -400,7 +397,7 @@ def load_task(cfg, data_dir: str = "") -> TaskData:
     if cfg.task in FAMILIES:
         task = jsonl_task(cfg)
     elif cfg.task in HF_TASKS:
-        task = HF_TASKS[cfg.task].load(cfg.input_format)
+        task = HF_TASKS[cfg.task].load()
     else:
         task = demo_data(cfg, data_dir)
     for name, path, rows in (("training", cfg.train, task.train), ("validation", cfg.val, task.val),

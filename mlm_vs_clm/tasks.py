@@ -1,7 +1,5 @@
-"""The task families sc, tc and ir (qa.py has the fourth): each checks its records, encodes them in
-one of two input formats (paper, eot), and has a head, a loss and a metric. Records come as
-(where, dict) rows; `where` ("train.jsonl, line 12") starts every error about them.
-docs/finetuning.md."""
+"""The task families sc, tc and ir (qa.py has the fourth): each checks its records, encodes them
+as the authors do, and has a head, a loss and a metric. docs/finetuning.md."""
 
 import bisect
 import itertools
@@ -19,7 +17,6 @@ import torch.nn.functional as F
 from mlm_vs_clm.metrics import (accuracy, entity_f1, ndcg_mrr, rank_documents, sentence_macro_f1,
                                 top_k_ndcg)
 
-INPUT_FORMATS = ("paper", "eot")
 # transformers' _init_weights: what from_pretrained gives a head the checkpoint lacks (EuroBERT's
 # initializer_range), so a new head starts as the authors' did
 HEAD_INIT_STD = 0.02
@@ -28,9 +25,8 @@ HEAD_INIT_STD = 0.02
 # Tokens and the text they came from
 
 def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
-    """(start, end) character span in text of each token of text's encoding. A token that stops
-    inside a multi-byte character gets an empty span at it; the token that completes the
-    character spans it."""
+    """(start, end) character span in text of each token of text's encoding (a token that stops
+    inside a multi-byte character gets an empty span; the one that completes it spans it)."""
     decoded, starts = tok.encoding.decode_with_offsets(ids)
     if decoded != text:
         raise ValueError(f"text does not survive encode/decode (invalid unicode?): {text[:60]!r}")
@@ -38,16 +34,13 @@ def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
 
 def align_words(tok, words: list[str], max_len: int) -> tuple[list[int], list[int]]:
     """Token ids of a pre-split sentence and the position of each word's first sub-token. Each word
-    is encoded on its own, with the space that precedes it in running text (BPE tokens carry their
-    leading space), so every token belongs to exactly one word. Words that do not fit in max_len are
-    left out: only len(starts) words are kept."""
+    is encoded on its own with its leading space, so every token belongs to one word; only the
+    len(starts) words that fit in max_len are kept."""
     ids, starts = [], []
     for i, word in enumerate(words):
         piece = tok.encode(word if i == 0 else " " + word)
         if len(ids) + len(piece) > max_len:
-            # one word longer than max_len: keep its first tokens,
-            # so the example still has a label
-            if i == 0:
+            if i == 0:  # one word longer than max_len: keep its first tokens, to keep a label
                 ids, starts = piece[:max_len], [0]
             break
         starts.append(len(ids))
@@ -55,8 +48,7 @@ def align_words(tok, words: list[str], max_len: int) -> tuple[list[int], list[in
     return ids, starts
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, T, C) hidden states -> (B, C), inputs padded on the right;
-    mask (B, T) is True on real tokens."""
+    """(B, T, C) -> (B, C), inputs padded on the right; mask (B, T) is True on real tokens."""
     if how == "mean":
         m = mask.unsqueeze(-1).type_as(hidden)  # (B, T, 1)
         return (hidden * m).sum(1) / m.sum(1)
@@ -66,9 +58,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.size(0), device=hidden.device), mask.sum(1) - 1]
 
 def ending_with_eot(ids: list[int], eot: int, max_len: int) -> list[int]:
-    """The paper format's input: the text's tokens, cut to leave room, then end-of-text. The
-    authors' tokenizer cuts an input longer than its limit (2,028 tokens) after appending, losing
-    the end-of-text; here it always ends the input, as it ended every document in pretraining."""
+    """The text's tokens, cut to leave room, then end-of-text: the authors' inputs, except that their
+    tokenizer cuts after appending and so loses the end-of-text of a long input."""
     return ids[:max_len - 1] + [eot]
 
 # --------------------------------------------------------------------------------------------------
@@ -111,9 +102,8 @@ class TokenClassifier(nn.Module):
         return self.classifier(hidden)
 
 # --------------------------------------------------------------------------------------------------
-# The four task families. Each checks its records, encodes them, builds its head and computes a loss
-# and a metric. Records come as (where, dict) pairs; `where` ("train.jsonl, line 12") starts every
-# error message about them.
+# The families. Records come as (where, dict) rows; `where` ("train.jsonl, line 12") starts every
+# error about them.
 
 def field(where: str, record: dict, name: str, kinds, what: str):
     value = record.get(name)
@@ -122,9 +112,6 @@ def field(where: str, record: dict, name: str, kinds, what: str):
         found = "missing" if name not in record else f"got {json.dumps(value)[:80]}"
         raise ValueError(f"{where}: field {name!r} must be {what} ({found})")
     return value
-
-# What a family's encode() turns records into: a Split of items, one per training example (a QA
-# example with a long context gives several windows).
 
 class Labelled(NamedTuple):
     """sc: a sequence and its label index."""
@@ -180,10 +167,6 @@ class Family:
         # bfloat16 when the whole model is (--weights=bf16, the authors'). Losses take float32.
         return hidden.to(next(body.parameters()).dtype), mask
 
-    @property
-    def input_format(self) -> str:
-        return self.cfg.input_format
-
     def export(self) -> dict:
         """What a saved fine-tuned model needs besides the weights: the labels in head order and
         the head's kind (finetune.py --save_model)."""
@@ -221,22 +204,12 @@ class SequenceClassification(Family):
                                  f"labels {self.labels}")
 
     def encode(self, rows):
-        if self.input_format == "paper":
-            # One text; a pair on two lines, as the authors' labelled pairs ("Premise: ...\n
-            # Hypothesis: ..."), whose labels a JSONL file does not know.
-            texts = [r["text"] + "\n" + r["text_pair"] if self.pair else r["text"] for _, r in rows]
-            ids = [ending_with_eot(s, self.tok.eot_id, self.max_len)
-                   for s in self.tok.encode_batch(texts)]
-        else:
-            ids = self.tok.encode_batch([r["text"] for _, r in rows])
-            if self.pair:
-                # The vocabulary has no [SEP]: end-of-text is the one boundary the model saw in
-                # pretraining (between packed documents), so "a <eot> b" marks where b starts with
-                # an embedding that is already trained.
-                seconds = self.tok.encode_batch([r["text_pair"] for _, r in rows])
-                ids = [a + [self.tok.eot_id] + b for a, b in zip(ids, seconds)]
-        return Split([Labelled(s[:self.max_len], self.index[r["label"]])
-                      for s, (_, r) in zip(ids, rows)])
+        # a pair is one text on two lines, as the authors' labelled pairs ("Premise: ...\n
+        # Hypothesis: ..."), whose field names a JSONL file does not know
+        texts = [r["text"] + "\n" + r["text_pair"] if self.pair else r["text"] for _, r in rows]
+        return Split([Labelled(ending_with_eot(s, self.tok.eot_id, self.max_len),
+                               self.index[r["label"]])
+                      for s, (_, r) in zip(self.tok.encode_batch(texts), rows)])
 
     def head(self, n_embd):
         return SequenceClassifier(n_embd, len(self.labels))
@@ -303,12 +276,10 @@ class TokenClassification(Family):
     def encode(self, rows):
         if self.encodeval:
             return Split([self.encode_sentence(r["words"], r["tags"]) for _, r in rows])
-        items, paper = [], self.input_format == "paper"
-        for _, r in rows:
-            # paper: the words, then <eot> (a position without a label)
-            ids, starts = align_words(self.tok, r["words"], self.max_len - paper)
-            items.append(Tagged(ids + [self.tok.eot_id] * paper, starts,
-                                [self.index[t] for t in r["tags"]]))
+        items = []
+        for _, r in rows:  # the words, then <eot> (a position without a label)
+            ids, starts = align_words(self.tok, r["words"], self.max_len - 1)
+            items.append(Tagged(ids + [self.tok.eot_id], starts, [self.index[t] for t in r["tags"]]))
         return Split(items)
 
     def head(self, n_embd):
@@ -404,11 +375,9 @@ class Retrieval(Family):
         return Split(pairs, query_ids, document_ids, relevance)
 
     def tokens(self, texts: list[str], label: str) -> list[list[int]]:
-        """paper: "Query: {text}" or "Document: {text}", then <eot>; eot: the text alone."""
-        if self.input_format == "paper":
-            return [ending_with_eot(s, self.tok.eot_id, self.max_len)
-                    for s in self.tok.encode_batch([label + text for text in texts])]
-        return [s[:self.max_len] for s in self.tok.encode_batch(texts)]
+        """ "Query: {text}" or "Document: {text}", then <eot>."""
+        return [ending_with_eot(s, self.tok.eot_id, self.max_len)
+                for s in self.tok.encode_batch([label + text for text in texts])]
 
     head_type = "none"
 

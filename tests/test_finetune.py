@@ -123,7 +123,7 @@ def test_report_means_intervals_choice_and_stability():
     assert ft.report(all_diverged, "accuracy")["stability_sd_converged"] is None
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    def lr_factor(step, steps, warmup_steps):  # what finetune_cell multiplies the learning rate by
+    def lr_factor(step, steps, warmup_steps):  # what train_cell multiplies the learning rate by
         return lr_at(step, 1.0, steps, warmup_steps, steps - warmup_steps)
     factors = [lr_factor(s, 10, 1) for s in range(10)]
     assert factors[0] == 1.0 and factors[-1] == pytest.approx(1 / 9) and \
@@ -159,57 +159,46 @@ def test_pooling_ignores_padding():
     assert torch.equal(tasks.pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 2]]))
     assert torch.equal(tasks.pool(hidden, mask, "first"), hidden[:, 0])
 
-def encoded(family_name, records, input_format, max_len=64, **settings):
-    family, _ = make_family(family_name, records, max_len=max_len, input_format=input_format,
-                            **settings)
+def encoded(family_name, records, max_len=64, **settings):
+    family, _ = make_family(family_name, records, max_len=max_len, **settings)
     return family, family.encode(rows(records))
 
-def test_sc_inputs_in_both_formats():
+def test_sc_inputs():
     eot = TOK.eot_id
     single = [{"text": "a gem of a film", "label": 1}]
-    _, split = encoded("sc", single, "paper")
+    _, split = encoded("sc", single)
     assert split.items[0].ids == TOK.encode("a gem of a film") + [eot]  # the text, then <eot>
-    _, split = encoded("sc", single, "eot")
-    assert split.items[0].ids == TOK.encode("a gem of a film")  # nothing appended
     pair = [{"text": "A man sleeps.", "text_pair": "Nobody sleeps.", "label": 0}]
-    _, split = encoded("sc", pair, "paper")  # a JSONL pair: two lines, no dataset labels known
+    _, split = encoded("sc", pair)  # a JSONL pair: two lines, no dataset labels known
     assert split.items[0].ids == TOK.encode("A man sleeps.\nNobody sleeps.") + [eot]
-    _, split = encoded("sc", pair, "eot")
-    assert split.items[0].ids == TOK.encode("A man sleeps.") + [eot] + TOK.encode("Nobody sleeps.")
-    # cut to max_len: paper keeps its <eot> last
+    # cut to max_len: the <eot> stays last
     long = [{"text": " ".join(FILLER * 5), "label": 0}]
-    _, split = encoded("sc", long, "paper", max_len=16)
+    _, split = encoded("sc", long, max_len=16)
     assert len(split.items[0].ids) == 16 and split.items[0].ids[-1] == eot
     assert split.items[0].ids[:15] == TOK.encode(long[0]["text"])[:15]
-    _, split = encoded("sc", long, "eot", max_len=16)
-    assert split.items[0].ids == TOK.encode(long[0]["text"])[:16]
 
-def test_tc_inputs_in_both_formats():
+def test_tc_inputs():
     record = {"words": ["EU", "rejects", "German", "call"], "tags": ["I-ORG", "O", "I-MISC", "O"]}
-    _, paper = encoded("tc", [record], "paper")
-    _, plain = encoded("tc", [record], "eot")
-    # the same words and word starts; paper appends <eot>, a position without a label
-    assert paper.items[0].ids == plain.items[0].ids + [TOK.eot_id]
-    assert paper.items[0].starts == plain.items[0].starts and TOK.eot_id not in plain.items[0].ids
+    _, paper = encoded("tc", [record])
+    # each word encoded with its leading space, then <eot>, a position without a label
+    words = [TOK.encode(w) for w in ("EU", " rejects", " German", " call")]
+    assert paper.items[0].ids == sum(words, []) + [TOK.eot_id]
+    assert paper.items[0].starts == [0, 2, 4, 5]  # each word's first sub-token
     long = {"words": FILLER * 3, "tags": ["O"] * len(FILLER) * 3}
-    _, paper = encoded("tc", [long], "paper", max_len=12)
+    _, paper = encoded("tc", [long], max_len=12)
     assert len(paper.items[0].ids) <= 12 and paper.items[0].ids[-1] == TOK.eot_id
     kept = len(paper.items[0].starts)  # the words that fit before the <eot>
     assert 0 < kept < len(long["words"])
     assert TOK.decode(paper.items[0].ids[:-1]) == " ".join(long["words"][:kept])
 
-def test_ir_inputs_in_both_formats():
+def test_ir_inputs():
     records = [{"query": "what is x", "document": "x is a letter"}]
-    family, split = encoded("ir", records, "paper")
+    family, split = encoded("ir", records)
     split = family.encode(rows(records), ["another text"])
     assert split.queries == [TOK.encode("Query: what is x") + [TOK.eot_id]]
     assert split.documents == [TOK.encode("Document: x is a letter") + [TOK.eot_id],
                                TOK.encode("Document: another text") + [TOK.eot_id]]
-    _, split = encoded("ir", records, "eot")
-    assert split.queries == [TOK.encode("what is x")]
-    assert split.documents == [TOK.encode("x is a letter")]
-    _, split = encoded("ir", [{"query": "q", "document": " ".join(FILLER * 5)}], "paper",
-                       max_len=10)
+    _, split = encoded("ir", [{"query": "q", "document": " ".join(FILLER * 5)}], max_len=10)
     assert len(split.documents[0]) == 10 and split.documents[0][-1] == TOK.eot_id
 
 def qa_example(answer_at_end=True):
@@ -229,15 +218,12 @@ def oracle_logits(split):
         ends.append(torch.nn.functional.one_hot(torch.tensor(e), len(ids)).float() * 10)
     return starts, ends
 
-@pytest.mark.parametrize("input_format", ["paper", "eot"])
-def test_qa_stride_windows_map_answers_back_to_characters(input_format):
-    family, _ = make_family("qa", [qa_example(), qa_example(False)], max_len=56, doc_stride=24,
-                            input_format=input_format)
+def test_qa_stride_windows_map_answers_back_to_characters():
+    family, _ = make_family("qa", [qa_example(), qa_example(False)], max_len=56, doc_stride=24)
     split = family.encode(rows([qa_example(), qa_example(False)]))
     windows = [item for item in split.items if item[1][0] == "q1"]
     assert len(windows) > 5  # ~250 context tokens in windows of ~40
-    prompt = {"paper": TOK.encode("Question: What is the code?\nContext: "),
-              "eot": TOK.encode("What is the code?") + [TOK.eot_id]}[input_format]
+    prompt = TOK.encode("Question: What is the code?\nContext: ")
     for ids, _, lo, hi, offset, (s, e) in windows:
         # the prompt, the context piece right after it, the null answer on the final <eot>
         assert len(ids) <= 56 and ids[:offset + lo] == prompt and ids[-1] == TOK.eot_id
@@ -395,7 +381,7 @@ def train_and_score(name, train, test, lr=2e-3, steps=60, max_len=64, **settings
     family, cfg = make_family(name, train, max_len=max_len, batch_size=16, max_steps=steps,
                               warmup=0.1, **settings)
     splits = {"train": family.encode(rows(train)), "test": family.encode(rows(test))}
-    return ft.finetune_cell(family, tiny_body(), splits, cfg, lr, seed=0), family, splits
+    return ft.train_cell(family, tiny_body(), splits, cfg, lr, seed=0)[0], family, splits
 
 def test_sequence_classification_head_learns():
     rng = random.Random(0)
@@ -470,7 +456,7 @@ def test_retrieval_head_learns_an_association():
     body = tiny_body()
     with torch.no_grad():
         before = 100 * family.evaluate(body, None, splits["test"])["ndcg@10"]
-    result = ft.finetune_cell(family, body, splits, cfg, 2e-3, seed=0)
+    result = ft.train_cell(family, body, splits, cfg, 2e-3, seed=0)[0]
     # 16 queries, each with ~4 relevant documents among 64: the untrained body ranks them about
     # at random
     assert before < 40 and result["test"]["ndcg@10"] > before + 40
@@ -495,8 +481,8 @@ def test_sweep_writes_report_and_restarts_without_redoing_cells(tmp_path, monkey
     assert on_disk["per_lr"][0]["test_mean"] == pytest.approx(statistics.fmean(first))
 
     calls = []
-    real = ft.finetune_cell
-    monkeypatch.setattr(ft, "finetune_cell", lambda *a: calls.append(a[4:]) or real(*a))
+    real = ft.train_cell
+    monkeypatch.setattr(ft, "train_cell", lambda *a: calls.append(a[4:]) or real(*a))
     with open(tmp_path / "out" / "results.jsonl", "a") as f:
         f.write('{"key": "trunc')  # what a run killed mid-write leaves
     assert ft.main(argv)["per_lr"] == rep["per_lr"] and calls == []  # everything reused
@@ -608,9 +594,9 @@ def test_save_model_reloads_with_the_same_logits(tmp_path, monkeypatch):
     body, _, payload = checkpoints.load_model(saved["path"])
     assert payload["step"] == 0 and payload["tokenizer"] == TOK.meta()
     tuned = payload["finetuned"]
-    assert {k: tuned[k] for k in ("task", "family", "labels", "pooling", "input_format",
+    assert {k: tuned[k] for k in ("task", "family", "labels", "pooling",
                                   "head_type", "lr", "seed", "source")} == \
-        {"task": "sc", "family": "sc", "labels": [0, 1], "pooling": "mean", "input_format": "paper",
+        {"task": "sc", "family": "sc", "labels": [0, 1], "pooling": "mean",
          "head_type": "eurobert_sc_mean", "lr": best["lr"], "seed": best["seed"], "source": ckpt}
     assert tuned["val"] == best["val"] and tuned["test"] == best["test"]
     head = tasks.SequenceClassifier(body.config.n_embd, len(tuned["labels"]))

@@ -141,48 +141,46 @@ def sources(task):
 
 @pytest.mark.parametrize("name", list(HF_TASKS))
 def test_every_named_task_loads_and_its_records_pass_the_checks(name, fake_hub):
-    for input_format in ("paper", "eot"):
-        task = HF_TASKS[name].load(input_format)
-        assert task.family == HF_TASKS[name].family
-        family, _ = make_family(task.family, [r for _, r in task.train],
-                                input_format=input_format)
-        family.check(task.test)
-        family.check(task.val or [])
-        for split in ("val", "test"):
-            rows = getattr(task, split)
-            if rows:  # encodes, with the documents the split searches
-                family.encode(rows, task.documents[split]) if split in task.documents \
-                    else family.encode(rows)
+    task = HF_TASKS[name].load()
+    assert task.family == HF_TASKS[name].family
+    family, _ = make_family(task.family, [r for _, r in task.train])
+    family.check(task.test)
+    family.check(task.val or [])
+    for split in ("val", "test"):
+        rows = getattr(task, split)
+        if rows:  # encodes, with the documents the split searches
+            family.encode(rows, task.documents[split]) if split in task.documents \
+                else family.encode(rows)
 
 def test_sc_and_qa_validation_is_held_out_and_test_is_the_official_validation(fake_hub):
     for name, test in (("sst2", "validation"), ("qqp", "validation"),
                        ("mnli", "validation_matched")):
-        task = HF_TASKS[name].load("paper")
+        task = HF_TASKS[name].load()
         assert task.val is None  # finetune.py holds 5% of train out
         assert sources(task) == {"train": {f"nyu-mll/glue {name}/train"}, "val": set(),
                                  "test": {f"nyu-mll/glue {name}/{test}"}}
     for name, hub_name in (("squad", "rajpurkar/squad"), ("squad_v2", "rajpurkar/squad_v2"),
                            ("record", "hgissbkh/record")):
-        task = HF_TASKS[name].load("paper")
+        task = HF_TASKS[name].load()
         assert task.val is None and sources(task) == {
             "train": {f"{hub_name}/train"}, "val": set(), "test": {f"{hub_name}/validation"}}
 
 def test_tc_uses_the_datasets_own_three_splits(fake_hub):
     for name, hub_name in (("conll2003", "hgissbkh/conll2003-en"),
                            ("ontonotes", "hgissbkh/ontonotes5"), ("uner", "hgissbkh/uner_en")):
-        task = HF_TASKS[name].load("paper")
+        task = HF_TASKS[name].load()
         assert sources(task) == {split: {f"{hub_name}/{theirs}"} for split, theirs in
                                  (("train", "train"), ("val", "validation"), ("test", "test"))}
         # the records really come from each split (the fake marks their first sentence)
         assert task.test[0][1]["words"][-1] == "test" and task.val[0][1]["words"][-1] == \
             "validation"
-    conll = HF_TASKS["conll2003"].load("paper")
+    conll = HF_TASKS["conll2003"].load()
     # IOB1 as the authors' copy has it: I-ORG and I-MISC start entities, named by ClassLabel
     assert conll.train[1][1] == {"words": ["EU", "rejects", "German", "call"],
                                  "tags": ["I-ORG", "O", "I-MISC", "O"]}
 
 def test_msmarco_trains_on_pairs_and_evaluates_on_beir_dev_and_trec_dl(fake_hub):
-    task = HF_TASKS["msmarco"].load("paper")
+    task = HF_TASKS["msmarco"].load()
     assert sources(task) == {"train": {"hgissbkh/msmarco-pairs/train"},
                              "val": {"BeIR/msmarco/validation"}, "test": {"BeIR/msmarco/test"}}
     assert [r for _, r in task.train] == [{"query": f"query {i}", "document": f"passage {i}"}
@@ -197,11 +195,11 @@ def test_msmarco_trains_on_pairs_and_evaluates_on_beir_dev_and_trec_dl(fake_hub)
     assert ("BeIR/msmarco-qrels", None, "validation") in fake_hub
 
 def test_nq_halves_its_test_queries_with_a_seed_and_uses_title_and_text(fake_hub):
-    task = HF_TASKS["nq"].load("paper")
+    task = HF_TASKS["nq"].load()
     val = {r["query"] for _, r in task.val}
     test = {r["query"] for _, r in task.test}
     assert len(val) == len(test) == 4 and not val & test  # 8 queries, 50/50, disjoint
-    assert {r["query"] for _, r in HF_TASKS["nq"].load("paper").val} == val  # seeded
+    assert {r["query"] for _, r in HF_TASKS["nq"].load().val} == val  # seeded
     assert "T3. nq 3 is a thing" in task.documents["test"]  # "title. text"
     assert len(task.documents["test"]) == 8  # only judged documents
     judgments = [Judgment(f"q{i}", f"d{i}", 1) for i in range(7)]
@@ -210,7 +208,7 @@ def test_nq_halves_its_test_queries_with_a_seed_and_uses_title_and_text(fake_hub
     assert halves != task_data.halve_queries(judgments, seed=1)
 
 def test_mldr_uses_dev_and_test_and_only_positive_passages(fake_hub):
-    task = HF_TASKS["mldr"].load("paper")
+    task = HF_TASKS["mldr"].load()
     assert [r for _, r in task.val] == [{"query": "long query 0", "document": "long doc 0",
                                          "grade": 1}]
     assert len(task.test) == 2
@@ -220,8 +218,7 @@ def test_mldr_uses_dev_and_test_and_only_positive_passages(fake_hub):
 def test_corpus_file_adds_distractors_to_the_test_split_of_a_named_task(fake_hub, tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"text": "a distractor"}\n')
-    cfg = SimpleNamespace(task="msmarco", input_format="paper", train="", val="", test="",
-                          corpus=str(path))
+    cfg = SimpleNamespace(task="msmarco", train="", val="", test="", corpus=str(path))
     task = task_data.load_task(cfg)
     assert task.documents["test"][-1] == "a distractor"
     assert "a distractor" not in task.documents["val"]
@@ -229,18 +226,14 @@ def test_corpus_file_adds_distractors_to_the_test_split_of_a_named_task(fake_hub
 # --------------------------------------------------------------------------------------------------
 # Record conversions, one hub shape at a time
 
-def test_glue_records_in_both_formats():
+def test_glue_records_are_the_authors_labelled_texts():
     mnli = {"premise": "P.", "hypothesis": "H.", "label": 2, "idx": 5}
-    assert task_data.glue_record("mnli", mnli, "paper") == \
+    assert task_data.glue_record("mnli", mnli) == \
         {"text": "Premise: P.\nHypothesis: H.", "label": 2}
-    assert task_data.glue_record("mnli", mnli, "eot") == \
-        {"text": "P.", "text_pair": "H.", "label": 2}
     qqp = {"question1": "A?", "question2": "B?", "label": 0, "idx": 1}
-    assert task_data.glue_record("qqp", qqp, "paper")["text"] == "Question 1: A?\nQuestion 2: B?"
+    assert task_data.glue_record("qqp", qqp)["text"] == "Question 1: A?\nQuestion 2: B?"
     sst2 = {"sentence": "a gem .", "label": 1, "idx": 0}
-    for input_format in ("paper", "eot"):
-        assert task_data.glue_record("sst2", sst2, input_format) == \
-            {"text": "a gem .", "label": 1}
+    assert task_data.glue_record("sst2", sst2) == {"text": "a gem .", "label": 1}
 
 def test_ner_records():
     record = {"words": ["EU", "rejects", "German"], "ner": [4, 0, 8]}
