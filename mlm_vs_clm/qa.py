@@ -1,8 +1,6 @@
-"""Extractive question answering (SQuAD, SQuAD v2, ReCoRD): overlapping windows over long contexts,
-start/end logits, character offsets back to the answer text, the null answer on the final
-end-of-text, and ReCoRD's entity candidates. docs/finetuning.md."""
+"""Extractive question answering (SQuAD, SQuAD v2, ReCoRD): windows over long contexts, start/end
+logits mapped back to characters, and EncodEval's answer-token tagging. docs/finetuning.md."""
 
-import json
 import statistics
 from typing import NamedTuple
 
@@ -19,33 +17,21 @@ def token_range(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int
             max(i for i, (s, _) in enumerate(spans) if s < end))
 
 def window_starts(n_tokens: int, room: int, stride: int) -> list[int]:
-    """First token of each window of `room` tokens over a context of n_tokens, consecutive windows
-    sharing `stride` tokens, the last one reaching the end."""
+    """First token of each window of `room` tokens, consecutive windows sharing `stride`."""
     starts = [0]
     while starts[-1] + room < n_tokens:
         starts.append(starts[-1] + room - stride)
     return starts
 
-class Candidate(NamedTuple):
-    """qa: an answer the record allows (ReCoRD's entity mentions): its first and last context token
-    and its [start, end) characters in the context."""
-    first: int
-    last: int
-    start: int
-    end: int
-
 class QAExample(NamedTuple):
-    """qa: what scoring a question needs: its id, its context, the character span of each context
-    token, the gold answers, and the candidate answers (none: any span of the context)."""
+    """What scoring a question needs: the character span of each context token, the answers."""
     id: str
     context: str
     spans: list[tuple[int, int]]
     answers: list[str]
-    candidates: tuple = ()
 
 class QAWindow(NamedTuple):
-    """qa: one window over an example's context: its input ids, the context tokens lo..hi it holds
-    (context token i sits at position i + offset), and the target (start, end) positions."""
+    """One window: context tokens lo..hi, token i at position i + offset; target (start, end)."""
     ids: list[int]
     example: QAExample
     lo: int
@@ -60,9 +46,7 @@ class QuestionAnswering(Family):
 
     def setup(self, train):
         self.check(train)
-        # SQuAD v1 has no unanswerable question and its scorer expects an answer to each:
-        # a null answer is only ever predicted when the training data has unanswerable
-        # questions (SQuAD v2).
+        # a null answer is predicted only when training has unanswerable questions (SQuAD v2)
         self.allow_null = any(not r["answers"]["text"] for _, r in train)
         self.trivial_rule = "always no answer" if self.allow_null else None
         self.max_question = self.max_len // 4
@@ -94,23 +78,6 @@ class QuestionAnswering(Family):
                         context[start:start + len(text)] != text or start < 0:
                     raise ValueError(f"{where}: field 'answers' item {i}: text {text!r} is not at "
                                      f"character answer_start={start!r} of the context")
-            if "candidates" in r:
-                self.check_candidates(where, r["candidates"], len(context))
-
-    @staticmethod
-    def check_candidates(where: str, candidates, n_chars: int):
-        if not isinstance(candidates, list) or not candidates:
-            raise ValueError(f"{where}: field 'candidates' must be a non-empty list of "
-                             f"[start, end) character spans of the context (got "
-                             f"{json.dumps(candidates)[:80]}); leave the field out to allow any "
-                             f"span")
-        for i, span in enumerate(candidates):
-            ints = (isinstance(span, (list, tuple)) and len(span) == 2
-                    and all(isinstance(x, int) and not isinstance(x, bool) for x in span))
-            if not ints or not 0 <= span[0] < span[1] <= n_chars:
-                raise ValueError(f"{where}: field 'candidates' item {i} is "
-                                 f"{json.dumps(span)[:80]}, not a [start, end) character span of "
-                                 f"the context (integers, 0 <= start < end <= {n_chars})")
 
     def prompt(self, question: str) -> list[int]:
         """The tokens before the context, encoded as one text as the authors' tokenizer does."""
@@ -126,9 +93,7 @@ class QuestionAnswering(Family):
             spans = token_spans(self.tok, ctx, context)
             prompt = self.prompt(r["question"])
             room = self.max_len - len(prompt) - 1
-            example = QAExample(r["id"], context, spans, answers["text"],
-                                tuple(Candidate(*token_range(spans, a, b), a, b)
-                                      for a, b in r.get("candidates", ())))
+            example = QAExample(r["id"], context, spans, answers["text"])
             first = None
             # train on the first answer (SQuAD's training files have exactly one)
             if answers["text"]:
@@ -161,35 +126,24 @@ class QuestionAnswering(Family):
         return (F.cross_entropy(start, targets[:, 0]) + F.cross_entropy(end, targets[:, 1])) / 2
 
     def best_span(self, item, s, e) -> tuple[float, str] | None:
-        """The best answer in one window and its score: among the example's candidates that lie
-        whole in the window when it has candidates (ReCoRD: the answer is one of the passage's
-        entity mentions, whatever its length), else the best span start <= end of at most
-        max_answer_tokens context tokens."""
+        """(score, text) of the best answer in one window, of at most max_answer_tokens tokens."""
         example, lo, hi, offset = item.example, item.lo, item.hi, item.offset
-        if example.candidates:
-            inside = [c for c in example.candidates if lo <= c.first and c.last < hi]
-            scored = [(float(s[c.first + offset] + e[c.last + offset]), c) for c in inside]
-            if not scored:
-                return None
-            score, c = max(scored, key=lambda pair: pair[0])
-            return score, example.context[c.start:c.end]
         n = hi - lo
         if n == 0:
             return None
         pos = slice(lo + offset, hi + offset)
         scores = s[pos, None] + e[None, pos]  # (n, n): the span from context token lo+i to lo+j
-        # 0 <= j - i < max_answer_tokens
         allowed = (torch.ones(n, n, dtype=torch.bool).triu()
                    & ~torch.ones(n, n, dtype=torch.bool).triu(self.cfg.max_answer_tokens))
+        # 0 <= j - i < max_answer_tokens
         scores = scores.masked_fill(~allowed, float("-inf"))
         i, j = divmod(int(scores.argmax()), n)
         spans = example.spans
         return float(scores[i, j]), example.context[spans[lo + i][0]:spans[lo + j][1]].strip()
 
     def predict(self, split, start_logits: list, end_logits: list) -> dict:
-        """Answer text per example id from each window's start/end logits: the best answer over
-        all windows (best_span); "" when the null score (the lowest over the windows) beats it,
-        SQuAD v2's rule, or when no window holds an answer at all."""
+        """Answer text per example id: the best over its windows; "" when the null score (the
+        lowest over the windows) beats it, SQuAD v2's rule, or no window holds an answer."""
         best, null = {}, {}
         for item, s, e in zip(split.items, start_logits, end_logits):
             qid, last = item.example.id, len(item.ids) - 1
@@ -209,8 +163,7 @@ class QuestionAnswering(Family):
         return self.score(split, self.predict(split, starts, ends))
 
     def score(self, split, predictions: dict) -> dict:
-        """SQuAD's F1 and exact match, each the best over the question's gold answers (also
-        ReCoRD's official metric, whose several gold answers are the mentions of one entity)."""
+        """SQuAD's F1 and exact match, best over the gold answers (ReCoRD's official metric too)."""
         gold = {item.example.id: item.example.answers for item in split.items}
         pairs = [squad_scores(predictions[qid], answers) for qid, answers in gold.items()]
         return {"f1": statistics.fmean(f for _, f in pairs),
@@ -220,10 +173,8 @@ class QuestionAnswering(Family):
         return self.score(split, {item.example.id: "" for item in split.items})
 
 class EncodEvalQA(QuestionAnswering):
-    """--protocol=encodeval, the authors' QA (EncodEval's eval_tasks/QA.py): a two-label token
-    classification over one input, "Question: {question}\\nContext: " then the context, cut to
-    fit, and <eot>; the tokens of the first gold answer are 1, all others 0 (all 0 when there is
-    no answer, or truncation cut it); scored by metrics.position_f1, ReCoRD's candidates unused."""
+    """--protocol=encodeval, the authors' QA: two-label token tagging of one window, the first gold
+    answer's tokens 1 (none if truncation cut it), scored by metrics.position_f1."""
     head_type = "token_2"
 
     def head(self, n_embd):  # exports as EuroBertForTokenClassification
@@ -268,6 +219,6 @@ class EncodEvalQA(QuestionAnswering):
         return {"f1": statistics.fmean(position_f1(set(), item.gold) for item in split.items)}
 
 class AnswerTokens(NamedTuple):
-    """qa under --protocol=encodeval: the input ids and the positions of the answer's tokens."""
+    """EncodEvalQA's item: input ids and the positions of the answer's tokens."""
     ids: list[int]
     gold: set

@@ -1,6 +1,5 @@
-"""Where fine-tuning records come from: JSON-lines files, the paper's twelve datasets on the
-Hugging Face hub with the authors' splits (through the optional `datasets` package), or the offline
-demo tasks; then the validation split. Record schemas and sources: docs/finetuning.md."""
+"""Fine-tuning records from JSON-lines files, the paper's twelve hub datasets with the authors'
+splits (optional `datasets` package), or the offline demo tasks. docs/finetuning.md."""
 
 import hashlib
 import json
@@ -14,7 +13,6 @@ from mlm_vs_clm.docstrings import demo_task
 from mlm_vs_clm.qa import EncodEvalQA, QuestionAnswering
 from mlm_vs_clm.tasks import Retrieval, SequenceClassification, TokenClassification, field
 
-# The paper's four task families, each a head on the pretrained body with its loss and its metric
 FAMILIES = {"sc": SequenceClassification, "tc": TokenClassification, "qa": QuestionAnswering,
             "ir": Retrieval}
 
@@ -54,10 +52,8 @@ def glue_record(task: str, record: dict) -> dict:
     return {"text": f"{name_a}: {a}\n{name_b}: {b}", "label": record["label"]}
 
 def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None) -> dict | None:
-    """Words and tag names. Integer tags are named by the dataset's ClassLabel feature (tag_names).
-    The authors' CoNLL-2003 copy tags in IOB1, where I-X may start an entity: metrics.bio_entities
-    reads an I-X that continues no X as a start (conlleval's rule), so no conversion is needed. An
-    empty sentence has nothing to tag and is skipped (None)."""
+    """Words and tag names; None for an empty sentence. IOB1 tags (the authors' CoNLL-2003) need no
+    conversion: metrics.bio_entities reads an I-X that continues no X as a start, as conlleval."""
     tag_ids = list(record[tags])
     if not record[words]:
         return None
@@ -72,72 +68,18 @@ def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None)
                              f"(the dataset's names: {tag_names})")
     return {"words": list(record[words]), "tags": named}
 
-def squad_record(record: dict) -> dict:
+def squad_record(record: dict, index: int) -> dict:
+    """SQuAD's shape, which the authors' ReCoRD copy shares (without ids: the index is one)."""
     answers = record["answers"]
-    return {"id": record["id"], "question": record["question"], "context": record["context"],
-            "answers": {"text": list(answers["text"]),
-                        "answer_start": list(answers["answer_start"])}}
+    return {"id": str(record.get("id", index)), "question": record["question"],
+            "context": record["context"], "answers": {"text": list(answers["text"]),
+                                                      "answer_start": list(answers["answer_start"])}}
 
 def as_list_of_dicts(value) -> list[dict]:
     """A hub Sequence of structs comes as a dict of lists; JSON files give a list of dicts."""
     if isinstance(value, dict):
         return [dict(zip(value, items)) for items in zip(*value.values())]
     return list(value)
-
-def entity_mentions(passage: str, entity_spans) -> list[tuple[int, int]]:
-    """ReCoRD's entity mentions as [start, end) character spans, each checked against its text.
-    Copies differ on `end`: the original files and some hub copies make it inclusive, others
-    exclusive; the text decides."""
-    spans = []
-    for i, e in enumerate(as_list_of_dicts(entity_spans)):
-        text, start, end = e["text"], e["start"], e["end"]
-        if passage[start:end] == text:
-            spans.append((start, end))
-        elif passage[start:end + 1] == text:
-            spans.append((start, end + 1))
-        else:
-            raise ValueError(f"field 'entity_spans' item {i}: {text!r} is not at characters "
-                             f"{start}..{end} of the passage")
-    return sorted(set(spans))
-
-def record_id(record: dict, index: int) -> str:
-    idx = record.get("idx")
-    if isinstance(idx, dict):  # SuperGLUE: {"passage": int, "query": int}
-        return f"{idx['passage']}-{idx['query']}"
-    return str(record.get("id", index))
-
-def record_answers(context: str, answers: list[str], mentions: list) -> dict:
-    """Every occurrence of every gold answer: the entity mentions with its text, or (an answer
-    that is no mention) each place the text occurs in the passage."""
-    found = [(start, context[start:end]) for start, end in mentions
-             if context[start:end] in answers]
-    for answer in set(answers) - {text for _, text in found}:
-        at = context.find(answer)
-        if at < 0:
-            raise ValueError(f"field 'answers': {answer!r} is nowhere in the passage")
-        while at >= 0:
-            found.append((at, answer))
-            at = context.find(answer, at + 1)
-    found.sort()
-    return {"text": [text for _, text in found], "answer_start": [start for start, _ in found]}
-
-def record_record(record: dict, index: int) -> dict:
-    """ReCoRD in either shape: SQuAD's (question, context, answers {text, answer_start}), as in the
-    authors' copy, or SuperGLUE's (passage, query with its @placeholder, entities, entity_spans,
-    answers as a list of strings). Several gold answers per question; with entity_spans, every
-    mention is a candidate answer and every mention of a gold answer is a gold occurrence."""
-    context = record["context"] if "context" in record else record["passage"]
-    question = record["question"] if "question" in record else record["query"]
-    mentions = entity_mentions(context, record["entity_spans"]) \
-        if record.get("entity_spans") else []
-    answers = record["answers"]
-    if isinstance(answers, dict):  # SQuAD's shape
-        answers = {"text": list(answers["text"]), "answer_start": list(answers["answer_start"])}
-    else:
-        answers = record_answers(context, list(answers), mentions)
-    out = {"id": record_id(record, index), "question": question, "context": context,
-           "answers": answers}
-    return out | {"candidates": [list(span) for span in mentions]} if mentions else out
 
 # --------------------------------------------------------------------------------------------------
 # Retrieval: training pairs, and evaluation splits built from judgments (qrels)
@@ -148,17 +90,15 @@ class Judgment(NamedTuple):
     grade: int  # >= 1: relevant
 
 def pair_rows(records, where: str) -> list:
-    """MS MARCO training pairs {query, positive} -> relevant (query, document) rows; a pair given
-    twice is kept once (a repeated judgment is an error in a JSONL file)."""
+    """MS MARCO training pairs {query, positive} -> relevant rows, a repeated pair kept once."""
     pairs = {}
     for i, r in enumerate(records):
         pairs.setdefault((r["query"], r["positive"]), f"{where}, record {i + 1}")
     return [(at, {"query": q, "document": d}) for (q, d), at in pairs.items()]
 
 def judged_rows(judgments: list[Judgment], queries: dict, documents: dict, where: str) -> list:
-    """One row per judgment, texts looked up by id, score-0 judgments kept (graded qrels: a judged
-    document that is not relevant). Our records name queries and documents by their text, so two
-    ids with the same text are one query (or document); the higher grade of a repeated pair wins."""
+    """One row per judgment (grade 0 kept: judged, not relevant), texts looked up by id. Records
+    name texts, so two ids with one text are one query; a repeated pair keeps the higher grade."""
     rows = {}
     for i, j in enumerate(judgments):
         for kind, texts, key in (("query", queries, j.query), ("document", documents, j.document)):
@@ -172,9 +112,8 @@ def judged_rows(judgments: list[Judgment], queries: dict, documents: dict, where
 
 def judged_task(train: list, judgments: dict, queries: dict, documents: dict,
                 where: str) -> TaskData:
-    """An ir task trained on `train` and evaluated on the judgments of a validation and a test
-    split (split name -> [Judgment]). Both splits search the same corpus, as the authors': every
-    document judged in either split (score-0 ones too), not the dataset's whole corpus."""
+    """An ir task trained on `train`, evaluated on judgments {"validation", "test"}. Both splits
+    search, as the authors', every document judged in either, not the whole corpus."""
     val, test = (judged_rows(judgments[s], queries, documents, f"{where}/{s}")
                  for s in ("validation", "test"))
     corpus = list(dict.fromkeys(r["document"] for _, r in val + test))
@@ -185,8 +124,7 @@ def judged_task(train: list, judgments: dict, queries: dict, documents: dict,
 NQ_SPLIT_SEED = 0
 
 def halve_queries(judgments: list[Judgment], seed: int = NQ_SPLIT_SEED) -> dict:
-    """{"validation": [...], "test": [...]}: a random half of the queries (by sorted id, rounded
-    as the authors': round(n / 2)) and their judgments, and the rest."""
+    """{"validation": round(n / 2) random queries' judgments (as the authors), "test": the rest}."""
     ids = sorted({j.query for j in judgments})
     val = set(random.Random(seed).sample(ids, round(0.5 * len(ids))))
     return {"validation": [j for j in judgments if j.query in val],
@@ -196,9 +134,7 @@ def nq_document(record: dict) -> str:
     return f"{record['title']}. {record['text']}"  # the authors' "title. text"
 
 def mldr_judgments(records) -> tuple[list[Judgment], dict]:
-    """MLDR's {query_id, query, positive_passages: [{docid, ...}]} -> judgments and query texts.
-    Only the positive passages are judged, as the authors' corpus holds only those; negative
-    passages, where a copy has them, are left out too."""
+    """MLDR's records -> judgments and query texts; only positive passages, as the authors'."""
     judgments, queries = [], {}
     for r in records:
         queries[r["query_id"]] = r["query"]
@@ -236,8 +172,7 @@ def hub(name: str, config: str | None, split: str):
                          f"datasets cache serves it after that (HF_DATASETS_OFFLINE=1)") from None
 
 def converted(name: str, split: str, records, convert: Callable) -> list:
-    """(where, record) rows of convert(record, index) over a hub split; None results are left out.
-    A record the converter cannot read is named with its field."""
+    """(where, record) rows of convert(record, index) over a hub split, None results left out."""
     rows = []
     for i, r in enumerate(records):
         where = f"{name}/{split}, record {i + 1}"
@@ -253,8 +188,7 @@ def converted(name: str, split: str, records, convert: Callable) -> list:
     return rows
 
 def tag_names(ds, column: str, name: str) -> list[str] | None:
-    """The names of a column of integer tags (a sequence of ClassLabel, or TAG_NAMES), or None for
-    string tags."""
+    """The names of a column of integer tags (ClassLabel, or TAG_NAMES); None for string tags."""
     feature = ds.features[column]
     inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
     names = getattr(inner, "names", None) or TAG_NAMES.get(name)
@@ -363,11 +297,11 @@ HF_TASKS = {
     "uner": NamedTask("tc", "hgissbkh/uner_en train / validation / test",
                       ner_task("hgissbkh/uner_en", "tokens", "ner_tags"), one_epoch=True),
     "squad": NamedTask("qa", f"rajpurkar/squad {HELD_OUT} validation",
-                       qa_task("rajpurkar/squad", lambda r, i: squad_record(r))),
+                       qa_task("rajpurkar/squad", squad_record)),
     "squad_v2": NamedTask("qa", f"rajpurkar/squad_v2 {HELD_OUT} validation",
-                          qa_task("rajpurkar/squad_v2", lambda r, i: squad_record(r))),
+                          qa_task("rajpurkar/squad_v2", squad_record)),
     "record": NamedTask("qa", f"hgissbkh/record {HELD_OUT} validation",
-                        qa_task("hgissbkh/record", record_record)),
+                        qa_task("hgissbkh/record", squad_record)),
     "msmarco": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/msmarco judged by "
                                "BeIR/msmarco-qrels validation (dev) / test (TREC-DL-19)",
                          msmarco_task),
@@ -392,8 +326,8 @@ def demo_data(cfg, data_dir: str) -> TaskData:
     return TaskData(family, train, None, test, {})
 
 def load_task(cfg, data_dir: str = "") -> TaskData:
-    """The task's records; validation None when it is to be held out of train (hold_out). data_dir:
-    the checkpoint's pretraining data, where the demo tasks find their held-out docstrings."""
+    """The task's records. data_dir: the checkpoint's pretraining data, where the demo tasks find
+    their held-out docstrings."""
     if cfg.task in FAMILIES:
         task = jsonl_task(cfg)
     elif cfg.task in HF_TASKS:
@@ -413,9 +347,8 @@ def load_task(cfg, data_dir: str = "") -> TaskData:
                                                      + extra})
 
 def hold_out(rows: list, family: str, fraction: float) -> tuple[list, list]:
-    """(train, validation): the validation rows are those whose stable hash ranks in the lowest
-    `fraction` - the same for every seed and learning rate. Retrieval holds out whole queries;
-    identical records always stay together."""
+    """(train, validation): validation is the lowest `fraction` by a stable hash, the same for
+    every cell; whole queries for retrieval, identical records together."""
     def key(r):
         return r["query"] if family == "ir" else json.dumps(r, sort_keys=True)
     keys = sorted({key(r) for _, r in rows}, key=lambda k: hashlib.sha256(k.encode()).hexdigest())

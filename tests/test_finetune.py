@@ -237,36 +237,6 @@ def test_qa_stride_windows_map_answers_back_to_characters():
     assert family.predict(split, *oracle_logits(split)) == {"q1": "Blue Falcon", "q0": ""}
     assert family.score(split, {"q1": "blue falcon", "q0": ""}) == {"f1": 1.0, "exact": 1.0}
 
-def test_qa_candidates_restrict_the_answer_to_entity_mentions():
-    context = "Paris is big. The city of Lyon and the Loire Valley region are not @highlight news"
-    spans = {name: [context.find(name), context.find(name) + len(name)]
-             for name in ("Paris", "Lyon", "the Loire Valley region")}
-    record = {"id": "r1", "question": "@placeholder is the capital", "context": context,
-              "answers": {"text": ["Paris"], "answer_start": [0]},
-              "candidates": [spans["Lyon"], spans["the Loire Valley region"]]}
-    family, _ = make_family("qa", [record], max_answer_tokens=2)
-    split = family.encode(rows([record]))
-    example = split.items[0].example
-    assert [[c.start, c.end] for c in example.candidates] == record["candidates"]
-    # the oracle points at "Paris", which is no candidate: the best-scoring candidate wins instead
-    starts, ends = oracle_logits(split)
-    window = split.items[0]
-    region = example.candidates[1]
-    starts[0][region.first + window.offset] += 5
-    ends[0][region.last + window.offset] += 5  # 4 tokens: longer than max_answer_tokens, allowed
-    assert family.predict(split, starts, ends) == {"r1": "the Loire Valley region"}
-    # without candidates, any span
-    plain_record = {k: v for k, v in record.items() if k != "candidates"}
-    without, _ = make_family("qa", [plain_record], max_answer_tokens=2)
-    plain = without.encode(rows([plain_record]))
-    assert without.predict(plain, *oracle_logits(plain)) == {"r1": "Paris"}
-    for bad, message in (([], "must be a non-empty list"), ([[5, 2]], "item 0"),
-                         ([[0, 999]], "item 0"), ([[0, 1], "x"], "item 1"),
-                         ([[0.0, 1]], "item 0")):
-        with pytest.raises(ValueError) as e:
-            make_family("qa", [record | {"candidates": bad}])
-        assert str(e.value).startswith(f"train.jsonl, line 1: field 'candidates' {message}")
-
 def test_qa_scores_the_best_gold_answer_like_record():
     # ReCoRD: several gold answers (the mentions of one entity); F1 and EM are the best over them
     record = {"id": "r", "question": "Who? @placeholder",

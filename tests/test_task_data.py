@@ -260,45 +260,9 @@ def test_a_hub_record_without_a_field_is_named():
         task_data.converted("c", "train", [{"words": ["a"], "ner": [99]}],
                             lambda r, i: task_data.ner_record(r, "words", "ner", CONLL_NAMES))
 
-SUPERGLUE_PASSAGE = "Obama met Merkel in Berlin. @highlight\nBarack Obama flew home"
-
-def superglue_record(end_inclusive):
-    mentions = [(0, 5), (10, 16), (20, 26), (39, 51)]  # Obama, Merkel, Berlin, Barack Obama
-    spans = {"text": [SUPERGLUE_PASSAGE[a:b] for a, b in mentions],
-             "start": [a for a, _ in mentions],
-             "end": [b - end_inclusive for _, b in mentions]}  # a dict of lists, as datasets gives
-    return {"passage": SUPERGLUE_PASSAGE, "query": "@placeholder spoke with the chancellor",
-            "entities": ["Barack Obama", "Berlin", "Merkel", "Obama"], "entity_spans": spans,
-            "answers": ["Obama", "Barack Obama"], "idx": {"passage": 3, "query": 7}}
-
-@pytest.mark.parametrize("end_inclusive", [True, False])
-def test_record_superglue_shape_gives_every_answer_occurrence_and_candidates(end_inclusive):
-    out = task_data.record_record(superglue_record(end_inclusive), 0)
-    assert out["id"] == "3-7" and out["question"].startswith("@placeholder")
-    assert out["context"] == SUPERGLUE_PASSAGE
-    # every mention of a gold answer, in passage order: "Obama" at 0, "Barack Obama" at 39
-    assert out["answers"] == {"text": ["Obama", "Barack Obama"], "answer_start": [0, 39]}
-    assert out["candidates"] == [[0, 5], [10, 16], [20, 26], [39, 51]]
-    family, _ = make_family("qa", [out])  # passes the qa checks, candidates included
-    assert family.encode([("r", out)]).items[0].example.candidates
-
-def test_record_answers_outside_the_mentions_and_bad_spans():
-    record = superglue_record(False) | {"answers": ["Obama", "home"]}
-    out = task_data.record_record(record, 0)
-    # "home" is no mention: its occurrence in the text is a gold answer all the same; "Obama"
-    # inside the mention "Barack Obama" is not a mention of Obama
-    assert out["answers"] == {"text": ["Obama", "home"],
-                              "answer_start": [0, SUPERGLUE_PASSAGE.find("home")]}
-    with pytest.raises(ValueError, match="'Paris' is nowhere in the passage"):
-        task_data.record_record(superglue_record(False) | {"answers": ["Paris"]}, 0)
-    broken = superglue_record(False)
-    broken["entity_spans"] = {"text": ["Merkel"], "start": [0], "end": [6]}
-    with pytest.raises(ValueError, match="field 'entity_spans' item 0: 'Merkel' is not at"):
-        task_data.record_record(broken, 0)
-
 def test_record_squad_shape_as_the_authors_copy():
     record = FAKE_HUB["hgissbkh/record", None, "train"][0]
-    out = task_data.record_record(record, 12)
+    out = task_data.squad_record(record, 12)
     assert out == {"id": "12", "question": "@placeholder won", "context": record["context"],
                    "answers": {"text": ["Obama", "Barack Obama"], "answer_start": [0, 10]}}
 
