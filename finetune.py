@@ -347,9 +347,9 @@ def save_model(family: Family, body, splits: dict, cfg: FinetuneConfig, results:
     print(f"saving the model: training lr {best['lr']:.1e} seed {best['seed']} again")
     result, head = train_cell(family, body, splits, cfg, best["lr"], best["seed"])
     finetuned = {"task": cfg.task, "family": family.name, **family.export(),
-                 "pooling": cfg.pooling, "head": dict(head.state_dict()), "lr": best["lr"], "seed": best["seed"],
-                 "val": result["val"], "test": result["test"], "source": cfg.init_from,
-                 "causal": cfg.causal, "max_len": family.max_len}
+                 "pooling": cfg.pooling, "head": dict(head.state_dict()), "lr": best["lr"],
+                 "seed": best["seed"], "val": result["val"], "test": result["test"],
+                 "source": cfg.init_from, "causal": cfg.causal, "max_len": family.max_len}
     path = os.path.join(cfg.out_dir, "model.pt")
     save_checkpoint(checkpoint_payload(body, tokenizer=tok.meta(), finetuned=finetuned, step=0),
                     path)

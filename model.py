@@ -1,10 +1,8 @@
-"""The encoder/decoder transformer of "Should We Still Pretrain Encoders with Masked Language
-Modeling?": the EuroBERT / Llama architecture of every run of the paper. Whether it is a decoder
-(CLM) or an encoder (MLM, fine-tuning) is not a property of the weights but of one argument of the
-forward pass, `causal`: that is what makes the CLM -> MLM switch possible. The forward pass stops at
-the hidden states; an objective runs the LM head (`logits`) on the positions it predicts.
-Also here: the presets, the FLOPs count, AdamW and the learning-rate schedule. docs/pretraining.md.
-"""
+"""The transformer of "Should We Still Pretrain Encoders with Masked Language Modeling?" (EuroBERT's
+Llama architecture). Decoder (CLM) or encoder (MLM) is not a property of the weights but one forward
+argument, `causal`: that is what makes the CLM -> MLM switch possible. The forward pass stops at the
+hidden states; an objective runs the LM head (`logits`) on the positions it predicts. Also: the
+presets, the FLOPs count, AdamW and the learning-rate schedule. docs/pretraining.md."""
 
 import math
 from dataclasses import dataclass
@@ -17,8 +15,7 @@ ATTENTION = ("sdpa", "manual")  # how attention is computed: the library's kerne
 
 @dataclass
 class ModelConfig:
-    # tokens the tokenizer can produce; the embedding is padded up (see padded_vocab_size)
-    vocab_size: int = 8195
+    vocab_size: int = 8195  # tokens the tokenizer can produce; the embedding is padded up
     n_layer: int = 4  # transformer blocks
     n_embd: int = 256  # model width, d_model
     n_head: int = 4  # query heads; head dim = n_embd // n_head
@@ -29,8 +26,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # share the input embedding with the LM head (the paper does not)
     init_std: float = 0.02  # std of the normal init of every matrix
-    # "sdpa": F.scaled_dot_product_attention; "manual": explicit scores, mask and softmax
-    attention: str = "sdpa"
+    attention: str = "sdpa"  # sdpa: F.scaled_dot_product_attention; manual: written out
     rope_scaling: dict | None = None  # Llama 3.1's long-context RoPE, for its checkpoints only
 
     def __post_init__(self):
@@ -60,14 +56,12 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        # Matmuls whose dimensions are multiples of 64 hit the fast tensor-core tiles; the extra
-        # rows are never produced by the tokenizer, so they only ever receive gradient through the
-        # softmax denominator.
+        # multiples of 64 hit the fast tensor-core tiles; the extra rows are no token, so they only
+        # get gradient through the softmax denominator
         return math.ceil(self.vocab_size / 64) * 64
 
-# The paper's three sizes (its architecture table, exactly) and two small ones for CPUs. vocab_size
-# is left at the dataclass default: it always comes from the tokenizer
-# (`model_config(name, vocab_size=tok.n_vocab)`).
+# The paper's three sizes (its architecture table) and two small ones for CPUs; vocab_size always
+# comes from the tokenizer: model_config(name, vocab_size=tok.n_vocab)
 PRESETS = {
     "test": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_hidden=128,
                  block_size=64),  # unit tests
@@ -90,14 +84,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in float32: the mean of squares of bf16 activations loses too many bits.
+        # in float32: the mean of squares of bf16 activations loses too many bits
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
 def rope_tables(head_dim: int, length: int, theta: float, scaling: dict | None = None):
-    """cos and sin of every (position, frequency) pair, each (length, head_dim), the frequencies
-    repeated for both halves so that they line up with `rotate_half`."""
+    """cos and sin of every (position, frequency), each (length, head_dim): the frequencies repeated
+    for both halves, as apply_rope pairs x[i] with x[i + D/2]."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32)
                                / head_dim)  # (D/2,)
     if scaling is not None:
@@ -107,23 +101,19 @@ def rope_tables(head_dim: int, length: int, theta: float, scaling: dict | None =
     return angles.cos(), angles.sin()
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x[i], x[i + D/2]) by its position's angle: the half-split convention of
-    Llama and EuroBERT (GPT-NeoX), not the interleaved (x[2i], x[2i+1]) pairs of the RoPE paper.
-    Both are rotations; only the half-split one loads Llama-family weights unchanged. The dot
-    product of two rotated vectors depends on their positions only through the difference, which is
-    the point of RoPE."""
+    """Rotate each pair (x[i], x[i + D/2]) by its position's angle: Llama's half-split pairs, not
+    the RoPE paper's (x[2i], x[2i+1]), so Llama-family weights load unchanged. The dot product of
+    two rotated vectors depends on their positions only through the difference: RoPE's point."""
     cos, sin = cos.type_as(x), sin.type_as(x)  # under autocast x is bf16; keep it so
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
 
 def manual_attention(q, k, v, causal: bool, key_mask=None):
-    """What scaled_dot_product_attention computes, written out. q: (B, H, T, D); k, v: (B, H, T, D)
-    with KV heads already repeated; key_mask: (B, T) bool, True for keys that may be attended to
-    (not padding)."""
+    """What scaled_dot_product_attention computes, written out. q, k, v: (B, H, T, D), the KV heads
+    repeated; key_mask: (B, T) bool, True on keys that may be attended to (not padding)."""
     T = q.size(-2)
-    # (B, H, T, T): query i against key j
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, T): query i, key j
     allowed = torch.ones(T, T, dtype=torch.bool, device=q.device)
     if causal:
         # query i may only see keys j <= i: the whole difference between CLM and MLM
@@ -152,16 +142,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cfg.attention == "manual":
-            # Each group of H/KV query heads shares one key/value head: repeat the KV heads to
-            # match.
+            # each group of H/KV query heads shares one key/value head: repeat them to match
             k, v = (k.repeat_interleave(H // KV, dim=1),
                     v.repeat_interleave(H // KV, dim=1))  # (B, H, T, D)
             y = manual_attention(q, k, v, causal, key_mask)
         elif key_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=KV != H)
         else:
-            # Padding needs an explicit boolean mask, and SDPA takes either a mask or is_causal, not
-            # both.
+            # padding needs an explicit mask, and SDPA takes a mask or is_causal, not both
             allowed = key_mask.view(B, 1, 1, T)
             if causal:
                 allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -200,7 +188,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # Not parameters and not saved: they are a function of the config, rebuilt on load.
+        # not parameters and not saved: a function of the config, rebuilt on load
         cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -212,9 +200,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, causal: bool = True, attention_mask=None):
         """idx: (B, T) token ids; causal: decoder (True) or encoder (False) attention;
-        attention_mask: optional (B, T) bool, True on real tokens, False on padding that no query
-        may attend to. Returns the final hidden states (B, T, C), after the last RMSNorm: `logits()`
-        turns any subset of them into vocabulary scores."""
+        attention_mask: optional (B, T) bool, False on padding. Returns the final hidden states
+        (B, T, C), after the last RMSNorm: `logits()` scores any subset of them."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than "
@@ -231,8 +218,8 @@ class Transformer(nn.Module):
         return self.lm_head(hidden)
 
     def num_params(self) -> dict:
-        """Parameter counts. The paper's sizes ("210m" etc.) are body + one embedding matrix,
-        counted at the real vocabulary size (not the padded one)."""
+        """Parameter counts. The paper's sizes ("210m" etc.) are body + one embedding matrix at the
+        real vocabulary size."""
         cfg = self.config
         embedding = cfg.vocab_size * cfg.n_embd
         body = (sum(p.numel() for p in self.blocks.parameters())
@@ -242,12 +229,10 @@ class Transformer(nn.Module):
                 "total": body + embedding + head}
 
     def flops_per_token(self, seq_len: int, causal: bool, head_fraction: float = 1.0) -> float:
-        """Training FLOPs (forward + backward) per input token, for MFU. Convention: 6 FLOPs per
-        parameter per token for every matmul weight the token passes through (2 forward, 4 backward;
-        embedding lookups are free), plus attention's two T x T matmuls, 12 * n_layer * n_embd * T
-        per token, halved when causal since a kernel that skips masked blocks does half the work.
-        head_fraction is the share of positions that run the LM head: 1 for CLM, about mask_ratio
-        for MLM with sparse prediction. Counts the work the step really needs, nothing else."""
+        """Training FLOPs per input token, for MFU: 6 per matmul weight the token passes (2 forward,
+        4 backward), plus attention's two T x T matmuls, 12 * n_layer * n_embd * T, halved when
+        causal (a kernel skips masked blocks). head_fraction: the share of positions through the LM
+        head (CLM 1, MLM about mask_ratio)."""
         n = self.num_params()
         head = self.config.padded_vocab_size * self.config.n_embd
         attention = (12 * self.config.n_layer * self.config.n_embd * seq_len
@@ -255,10 +240,9 @@ class Transformer(nn.Module):
         return 6 * n["body"] + 6 * head * head_fraction + attention
 
 def lr_at(step: int, peak: float, max_steps: int, warmup_steps: int, decay_steps: int) -> float:
-    """Warmup-stable-decay, the paper's schedule: linear warmup from 0, constant, then linear decay
-    reaching 0 right after the last step. It spans the whole budget, so the objective switch does
-    not touch it. Fine-tuning's schedule (10% warmup, then linear decay to 0) is the same function
-    with decay_steps = max_steps - warmup_steps."""
+    """Warmup-stable-decay, the paper's schedule: linear warmup, constant, then linear decay to 0
+    right after the last step. It spans the whole budget, so the objective switch does not touch
+    it. Fine-tuning's (warmup, then decay) is decay_steps = max_steps - warmup_steps."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     decay_start = max_steps - decay_steps
@@ -268,17 +252,14 @@ def lr_at(step: int, peak: float, max_steps: int, warmup_steps: int, decay_steps
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                         eps: float = 1e-5):
-    """AdamW with the paper's settings. Weight decay pulls matrices (linear layers and embeddings)
-    towards zero, which regularises; the RMSNorm gains are 1-D scales around 1, and decaying them
-    towards 0 would only fight the normalisation, so they get none (nanoGPT's and the Llama recipe's
-    split, by dimension)."""
+    """AdamW with the paper's settings. Weight decay regularises the matrices; the RMSNorm gains
+    are 1-D scales around 1, which decay towards 0 would only fight: none (nanoGPT's split)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel does the whole update in a few launches instead of several per parameter,
-    # and can skip it on the device (train.py's non-finite check) without waiting for the host.
+    # fused: a few launches for the whole update, which it can skip on the device (train.py)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 # -------------------------------------------------------------------------------------------------
@@ -289,9 +270,9 @@ LLAMA3_ROPE_KEYS = {"factor", "low_freq_factor", "high_freq_factor",
 
 def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor,
                   original_max_position_embeddings, rope_type="llama3"):
-    """Wavelengths longer than the original context / low_freq_factor are stretched by `factor`
-    (positions beyond what pretraining saw stay in the seen range of angles), those shorter than
-    original / high_freq_factor (local order) are kept, and the band between is interpolated."""
+    """Wavelengths longer than original / low_freq_factor are stretched by `factor` (so that longer
+    contexts stay in the seen range of angles), those below original / high_freq_factor are kept,
+    the band between interpolated."""
     wavelen = 2 * math.pi / inv_freq
     smooth = ((original_max_position_embeddings / wavelen - low_freq_factor)
               / (high_freq_factor - low_freq_factor)).clamp(0, 1)  # 0: long waves, 1: short waves

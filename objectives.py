@@ -7,9 +7,8 @@ only; MLM hides a random `mask_ratio` of the tokens and predicts them from both 
 `tokens` is a (B, T) batch of packed token blocks, as data.py's loader yields them.
 """
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -22,9 +21,8 @@ class Vocab:
     """What the objectives need to know about the tokenizer."""
     size: int  # number of token ids the tokenizer produces (ids 0 .. size-1)
     mask_id: int  # <|mask|>
-    special_ids: tuple  # never masked, never a random replacement, never a CLM target if pad
-    # padding, ignored as a target (pretraining blocks are packed and have none)
-    pad_id: int | None = None
+    special_ids: tuple  # never masked, never a random replacement
+    pad_id: int | None = None  # never a target (packed pretraining blocks have none)
 
 def check_shape(tokens, min_length: int):
     """A batch the loss can read. The ids themselves were checked once, by data.BlockLoader on the
@@ -46,10 +44,9 @@ def switch_step(switch_to: str, switch_at: float, max_steps: int) -> int | None:
     return round(switch_at * max_steps) if switch_at < 1 else int(switch_at)
 
 def mask_draws(shape, mask_replace: str, generator=None, device=None) -> list:
-    """The uniform numbers MLM masking uses, one (B, T) tensor per decision: selection, and for
-    BERT's rule the replacement roll and the random token. They are drawn on the generator's device
-    (a seed gives the same masks on any device) and outside any compiled region: torch.compile
-    cannot trace a torch.Generator."""
+    """The uniform numbers MLM masking uses, one (B, T) tensor per decision (selection; for BERT's
+    rule also the replacement roll and the random token). Drawn on the generator's device, so a seed
+    gives the same masks anywhere, and outside compiled code, which cannot trace a Generator."""
     draw_device = generator.device if generator is not None else device
     return [torch.rand(shape, generator=generator, device=draw_device).to(device)
             for _ in range(1 if mask_replace == "mask" else 3)]
@@ -57,10 +54,9 @@ def mask_draws(shape, mask_replace: str, generator=None, device=None) -> list:
 def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str = "mask",
                 generator=None, draws=None):
     """The MLM corruption. Each non-special token is selected independently with probability
-    mask_ratio (the paper's default 0.4; BERT used 0.15). A selected token becomes <|mask|> ("mask",
-    the rule of the paper's code) or, BERT's rule ("bert"), <|mask|> 80% of the time, a random
-    ordinary token 10%, unchanged 10%. Returns (inputs, labels), both (B, T): labels hold the
-    original token where selected and IGNORE elsewhere, so the loss is over those alone."""
+    mask_ratio (the paper's 0.4; BERT's 0.15) and becomes <|mask|> ("mask", the paper's code) or,
+    BERT's rule ("bert"), <|mask|> 80%, a random ordinary token 10%, unchanged 10%. Returns
+    (inputs, labels), both (B, T); labels are IGNORE where not selected."""
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
     if mask_replace not in MASK_REPLACE:
@@ -81,8 +77,7 @@ def mask_tokens(tokens, vocab: Vocab, mask_ratio: float = 0.4, mask_replace: str
 _token_sets = {}
 
 def token_sets(vocab: Vocab, device) -> tuple:
-    """(special ids, ordinary ids) on the device, built once: building them per micro-batch would
-    copy from the host each time."""
+    """(special ids, ordinary ids) on the device, built once, not copied over per micro-batch."""
     key = (vocab, str(device))
     if key not in _token_sets:
         special = torch.tensor(vocab.special_ids)
@@ -131,11 +126,10 @@ def linear_cross_entropy(hidden, weight, labels):
     return LinearCrossEntropy.apply(hidden, weight, labels, with_grads), (labels != IGNORE).sum()
 
 def predicted_rows(hidden, labels, ratio: float):
-    """The masked positions of (B, T, C) hidden states, gathered into a fixed number of rows so that
-    shapes stay static (torch.compile) and nothing waits on the host: as many rows as masked tokens
-    can be, ratio * N plus 10 standard deviations, the rows past the masked ones labelled IGNORE.
-    Masking stays an independent draw per token; more masked tokens than rows (odds below 1e-20)
-    stop the run with a device-side assertion rather than drop any."""
+    """The masked positions of (B, T, C) hidden states in a fixed number of rows, so that shapes are
+    static (torch.compile) and nothing waits on the host: ratio * N plus 10 standard deviations, the
+    rows past the masked ones labelled IGNORE. More masked tokens than rows (odds below 1e-20) stop
+    the run with a device-side assertion rather than drop any."""
     labels = labels.flatten()  # (N,)
     n = labels.numel()
     rows = min(n, math.ceil(ratio * n + 10 * math.sqrt(n * ratio * (1 - ratio))))
@@ -149,12 +143,11 @@ def predicted_rows(hidden, labels, ratio: float):
 def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio: float = 0.4,
                      mask_replace: str = "mask", generator=None, draws=None,
                      sparse_head: bool = True):
-    """The one entry point of the training loop. Returns (mean loss over predicted tokens, number of
-    predicted tokens), the count as a tensor so that no host sync is forced: the loop multiplies the
-    two back into a sum to average exactly over micro-batches and ranks. Both objectives read the
-    same (B, T) shape (CLM's last position predicts nothing), so one compiled graph serves each.
-    MLM's randomness comes from `generator`, or ready-drawn (mask_draws) under torch.compile;
-    sparse_head=False runs its head on every position, to measure what that costs (bench.py)."""
+    """The training loop's one entry point: (mean loss over predicted tokens, their number), the
+    count a tensor so that no host sync is forced; the loop multiplies them back into a sum to
+    average exactly over micro-batches and ranks. MLM's randomness comes from `generator`, or
+    ready-drawn (mask_draws) under torch.compile; sparse_head=False runs the head on every position
+    (bench.py measures what that costs)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     check_shape(tokens, min_length=2 if objective == "clm" else 1)
@@ -174,9 +167,8 @@ def pretraining_loss(model, tokens, objective: str, vocab: Vocab, *, mask_ratio:
     return loss_sum / n.clamp(min=1), n
 
 class PretrainingLoss(torch.nn.Module):
-    """pretraining_loss as a module that holds the model, so that torch.compile traces the model
-    and its loss as one graph and DDP wraps them together. Its forward takes the MLM draws
-    (mask_draws) ready-made: a torch.Generator cannot be traced."""
+    """pretraining_loss as a module holding the model, so that torch.compile traces the model and
+    its loss as one graph and DDP wraps both. It takes the MLM draws ready-made (mask_draws)."""
 
     def __init__(self, model, vocab: Vocab, mask_ratio: float, mask_replace: str,
                  sparse_head: bool):

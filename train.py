@@ -128,16 +128,14 @@ class TrainConfig:
 # One optimizer step, and validation
 
 def reseed(generator: torch.Generator, *keys: int) -> torch.Generator:
-    """Masking randomness is a pure function of (seed, step, which micro-batch of the step): a
-    resumed run masks exactly as an uninterrupted one, with no generator state to save, and 2
-    processes of 1 micro-batch mask exactly as 1 process of 2."""
+    """Masking is a pure function of (seed, step, micro-batch): a resumed run masks as an unbroken
+    one with no generator state saved, and 2 processes of 1 micro-batch as 1 process of 2."""
     return generator.manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Generator):
-    """Forward and backward over the run's micro-batches, then one AdamW step at learning rate lr.
-    Returns (mean loss, grad norm) as tensors, still on the device: nothing here waits for the
-    host. The loss is averaged exactly over every predicted token of every micro-batch on every
-    process: MLM predicts a different number each time."""
+    """Forward and backward over the run's micro-batches, then one AdamW step. Returns (mean loss,
+    grad norm) still on the device: nothing here waits for the host. The mean is exact over every
+    predicted token of every micro-batch and process (MLM predicts a different number each time)."""
     cfg, proc, model = run.cfg, run.proc, run.loss
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -166,9 +164,8 @@ def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Genera
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
                                                cfg.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    # A non-finite loss or gradient never reaches the weights, and the host need not look: the
-    # fused AdamW skips the whole update on the device when found_inf is 1 (a finite loss can come
-    # with an infinite gradient: a huge learning rate overflows the backward pass first).
+    # a non-finite loss or gradient never reaches the weights, and the host need not look: fused
+    # AdamW skips the update on the device when found_inf is 1
     finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
     run.optimizer.found_inf = (~finite).float()
     run.optimizer.step()
@@ -177,10 +174,9 @@ def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Genera
 
 @torch.no_grad()
 def evaluate(run: runs.Run, generator) -> dict:
-    """Validation loss under BOTH objectives, whatever the current one, so the transfer at the
-    switch shows: the same first blocks of the validation split, masked the same way every time,
-    the loss over every predicted token of every process. Every process runs every forward (under
-    FSDP each one gathers weights from all), those past eval_batches with zero weight."""
+    """Validation loss under BOTH objectives, so the transfer at the switch shows: the same blocks,
+    masked the same way every time. Every process runs every forward (FSDP gathers weights from
+    all), those past eval_batches with weight zero."""
     cfg, proc, losses = run.cfg, run.proc, {}
     for objective in OBJECTIVES:
         loader = BlockLoader(run.token_files.dir, "val", cfg.block_size, cfg.batch_size, seed=0,

@@ -208,29 +208,27 @@ def label_maps(finetuned: dict, path: str) -> dict:
 
 def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling: str,
                                 retriever: bool, prompts: dict) -> None:
-    """sentence-transformers' classic module files (every version from 2.x to 6.x reads them):
-    the transformers model, then pooling over the real tokens, then, for a retriever, unit norm;
-    prompts: the prefixes a retriever was fine-tuned with ("query", "document")."""
-    modules = [{"idx": 0, "name": "0", "path": "",
-                "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling"}]
-    if retriever:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
-    files.write_json(os.path.join(out_dir, "modules.json"), modules)
-    files.write_json(os.path.join(out_dir, "sentence_bert_config.json"),
-               {"max_seq_length": max_len, "do_lower_case": False})
-    files.write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
-               {"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-    files.write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
-               {"word_embedding_dimension": n_embd, "include_prompt": True,
-                **{mode: mode == ST_POOLING[pooling] for mode in (
-                    "pooling_mode_cls_token", "pooling_mode_mean_tokens",
-                    "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
-                    "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")}})
+    """sentence-transformers' module files (2.x to 6.x read them): the model, pooling over the real
+    tokens, unit norm for a retriever; prompts: the prefixes it was fine-tuned with."""
+    modules = ["Transformer", "Pooling"] + ["Normalize"] * retriever
+    paths = ["", "1_Pooling", "2_Normalize"]
+    for path in paths[1:len(modules)]:
+        os.makedirs(os.path.join(out_dir, path), exist_ok=True)
+
+    def write(name, content):
+        files.write_json(os.path.join(out_dir, name), content)
+
+    write("modules.json", [{"idx": i, "name": str(i), "path": paths[i],
+                            "type": f"sentence_transformers.models.{m}"}
+                           for i, m in enumerate(modules)])
+    write("sentence_bert_config.json", {"max_seq_length": max_len, "do_lower_case": False})
+    write("config_sentence_transformers.json", {"prompts": prompts, "default_prompt_name": None,
+                                                "similarity_fn_name": "cosine"})
+    modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
+             "weightedmean_tokens", "lasttoken")
+    write(os.path.join("1_Pooling", "config.json"),
+          {"word_embedding_dimension": n_embd, "include_prompt": True,
+           **{f"pooling_mode_{m}": f"pooling_mode_{m}" == ST_POOLING[pooling] for m in modes}})
 
 def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, int | None]:
     """(pooling, max_len) of a fine-tuned model, refusing what transformers cannot load as it was

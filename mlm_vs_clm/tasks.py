@@ -58,8 +58,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.size(0), device=hidden.device), mask.sum(1) - 1]
 
 def ending_with_eot(ids: list[int], eot: int, max_len: int) -> list[int]:
-    """The text's tokens, cut to leave room, then end-of-text: the authors' inputs, except that their
-    tokenizer cuts after appending and so loses the end-of-text of a long input."""
+    """The text's tokens, cut to leave room, then end-of-text: the authors' inputs, except that
+    their tokenizer cuts after appending and so loses the end-of-text of a long input."""
     return ids[:max_len - 1] + [eot]
 
 # --------------------------------------------------------------------------------------------------
@@ -73,10 +73,8 @@ def init_head(head: nn.Module) -> nn.Module:
     return head
 
 class SequenceClassifier(nn.Module):
-    """transformers' EuroBertForSequenceClassification head with classifier_pooling "mean" (our
-    --pooling=mean) or "bos" (first): the pooled vector -> dense (C -> C) -> GELU -> classifier
-    (C -> labels), both with biases; nn.GELU() is the exact (erf) GELU there too. --pooling=last has
-    no counterpart in transformers (its "late" pooling averages per-token logits instead)."""
+    """transformers' EuroBertForSequenceClassification head (classifier_pooling "mean" or "bos"):
+    the pooled vector -> dense (C -> C) -> exact GELU -> classifier (C -> labels)."""
 
     def __init__(self, n_embd: int, n_labels: int):
         super().__init__()
@@ -89,9 +87,7 @@ class SequenceClassifier(nn.Module):
         return self.classifier(self.activation(self.dense(pooled)))
 
 class TokenClassifier(nn.Module):
-    """transformers' EuroBertForTokenClassification head: one linear layer with bias on each
-    token's hidden state. (The authors' own token classifier adds dropout 0.1 before it; this
-    project fine-tunes without dropout, as it pretrains.)"""
+    """transformers' EuroBertForTokenClassification head: one linear layer on each token."""
 
     def __init__(self, n_embd: int, n_tags: int):
         super().__init__()
@@ -145,16 +141,14 @@ class Family:
     one_epoch = False  # train for one epoch whatever max_steps (EncodEval's CoNLL and UNER)
 
     def __init__(self, cfg, tok, train: list, device, autocast, max_len: int,
-                 labels: list | None = None):
-        """labels: the dataset's own label set (its ClassLabel names), where it has one."""
+                 labels: list | None = None):  # labels: the dataset's ClassLabel names, if any
         self.cfg, self.tok, self.device, self.autocast, self.max_len = \
             cfg, tok, device, autocast, max_len
         self.encodeval, self.given_labels = getattr(cfg, "protocol", "") == "encodeval", labels
         self.setup(train)
 
     def forward(self, body, seqs: list[list[int]]):
-        """Right-padded batch through the body:
-        (hidden (B, T, C), mask (B, T) True on real tokens)."""
+        """Right-padded batch through the body: hidden (B, T, C), mask (B, T) True on tokens."""
         lengths = torch.tensor([len(s) for s in seqs])
         idx = torch.full((len(seqs), int(lengths.max())), self.tok.pad_id,
                          dtype=torch.long)  # (B, T)
@@ -163,13 +157,10 @@ class Family:
         mask = (torch.arange(idx.size(1)) < lengths[:, None]).to(self.device)  # (B, T)
         with self.autocast():
             hidden = body(idx.to(self.device), causal=self.cfg.causal, attention_mask=mask)
-        # The small heads run outside autocast in the weights' dtype: float32 (--weights=fp32), or
-        # bfloat16 when the whole model is (--weights=bf16, the authors'). Losses take float32.
+        # the small heads run outside autocast, in the weights' dtype (--weights)
         return hidden.to(next(body.parameters()).dtype), mask
 
-    def export(self) -> dict:
-        """What a saved fine-tuned model needs besides the weights: the labels in head order and
-        the head's kind (finetune.py --save_model)."""
+    def export(self) -> dict:  # what a saved model needs besides its weights (--save_model)
         return {"labels": [], "head_type": self.head_type}
 
     def chunks(self, items: list):
@@ -180,8 +171,7 @@ class SequenceClassification(Family):
     metric = "accuracy"
 
     def setup(self, train):
-        # the first training record decides: pairs or not
-        self.pair, self.labels = "text_pair" in train[0][1], None
+        self.pair, self.labels = "text_pair" in train[0][1], None  # the first record decides
         self.check(train)
         self.labels = sorted({r["label"] for _, r in train},
                              key=lambda label: (isinstance(label, str), label))
@@ -247,7 +237,7 @@ class TokenClassification(Family):
     def setup(self, train):
         self.tags = None
         self.check(train)
-        # encodeval: the dataset's tag ids (its ClassLabel order, O first), as the authors' heads
+        # encodeval: the dataset's tag ids (its ClassLabel order), as the authors' heads
         self.tags = list(self.given_labels) if self.encodeval and self.given_labels else \
             ["O"] + sorted({t for _, r in train for t in r["tags"]} - {"O"})
         self.index = {t: i for i, t in enumerate(self.tags)}
@@ -279,7 +269,8 @@ class TokenClassification(Family):
         items = []
         for _, r in rows:  # the words, then <eot> (a position without a label)
             ids, starts = align_words(self.tok, r["words"], self.max_len - 1)
-            items.append(Tagged(ids + [self.tok.eot_id], starts, [self.index[t] for t in r["tags"]]))
+            tags = [self.index[t] for t in r["tags"]]
+            items.append(Tagged(ids + [self.tok.eot_id], starts, tags))
         return Split(items)
 
     def head(self, n_embd):
@@ -289,8 +280,8 @@ class TokenClassification(Family):
         return {"labels": list(self.tags), "head_type": self.head_type}
 
     def encode_sentence(self, words: list[str], tags: list[str]) -> Tagged:
-        """EncodEval's (eval_tasks/TC.py): the words joined by spaces, then <eot>, tokenized as one
-        text; every sub-token carries its word's tag. starts: each token's word, -1 for <eot>."""
+        """EncodEval's: the words joined by spaces as one text, then <eot>; every sub-token carries
+        its word's tag. starts: each token's word, -1 for <eot>."""
         text = " ".join(words)
         ids = self.tok.encode(text)
         word_end, word = list(itertools.accumulate(len(w) + 1 for w in words)), []
@@ -310,8 +301,7 @@ class TokenClassification(Family):
         rows = [b for b, item in enumerate(batch) for _ in item.starts]
         cols = [s for item in batch for s in item.starts]
         targets = [t for item in batch for t in item.tags[:len(item.starts)]]
-        # (N words, n_tags): a word's label sits on its first sub-token
-        logits = head(hidden[rows, cols]).float()
+        logits = head(hidden[rows, cols]).float()  # (N words, n_tags): on each first sub-token
         return F.cross_entropy(logits, torch.tensor(targets, device=self.device))
 
     def evaluate(self, body, head, split):
@@ -331,8 +321,7 @@ class TokenClassification(Family):
                         [max(sorted(set(votes[w])), key=votes[w].count) for w in words]))
                     continue
                 gold.append([self.tags[t] for t in item.tags])
-                # words cut off by max_len get "O":
-                # their entities count as missed, never dropped from the score
+                # words cut off by max_len get "O": their entities count as missed, not dropped
                 predicted.append([self.tags[best[b][s]] for s in item.starts]
                                  + ["O"] * (len(item.tags) - len(item.starts)))
         return {"f1": statistics.fmean(scores)} if self.encodeval else entity_f1(gold, predicted)
@@ -386,19 +375,15 @@ class Retrieval(Family):
 
     def embed(self, body, seqs):
         hidden, mask = self.forward(body, seqs)
-        # (B, C), unit norm
-        return F.normalize(pool(hidden, mask, self.cfg.pooling).float(), dim=-1)
+        return F.normalize(pool(hidden, mask, self.cfg.pooling).float(), dim=-1)  # (B, C)
 
     def loss(self, body, head, batch):
-        # one pass for queries and documents: (2B, C)
         vectors = self.embed(body, [item.query_ids for item in batch]
-                             + [item.document_ids for item in batch])
+                             + [item.document_ids for item in batch])  # (2B, C): one pass
         q, d = vectors[:len(batch)], vectors[len(batch):]
-        # (B, B): row i's positive on the diagonal, the rest negatives...
-        scores = q @ d.T / self.cfg.temperature
-        # ...except other columns whose document is relevant to row i's query too (the same
-        # document again, or another positive of the same query): pushing those away would teach
-        # the wrong thing (encodeval: the authors' MultipleNegativesRankingLoss keeps them)
+        scores = q @ d.T / self.cfg.temperature  # (B, B): positives on the diagonal
+        # a column whose document is relevant to row i's query too is no negative (encodeval: the
+        # authors' MultipleNegativesRankingLoss keeps it one)
         not_negative = torch.tensor([[i != j and row.relevance.get(column.document, 0) > 0
                                       and not self.encodeval for j, column in enumerate(batch)]
                                      for i, row in enumerate(batch)], device=self.device)  # (B, B)
