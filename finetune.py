@@ -30,7 +30,7 @@ from mlm_vs_clm.metrics import mean_ci
 from mlm_vs_clm.parallel import device_and_autocast, device_problem
 from mlm_vs_clm.settings import above, at_least, command, configure, one_of
 from mlm_vs_clm.task_data import FAMILIES, HF_TASKS, family_class, hold_out, load_task
-from mlm_vs_clm.tasks import Family
+from mlm_vs_clm.tasks import INPUT_FORMATS, Family
 from model import configure_optimizer, lr_at
 
 @dataclass
@@ -55,6 +55,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
     # the model
     causal: bool = False  # fine-tune with causal attention (ablation: the paper is bidirectional)
+    input_format: str = "paper"  # paper (labelled text + <eot>, the authors') or eot (a <eot> b)
     pooling: str = "mean"  # sc/ir: mean of real tokens, first (EuroBERT's "bos"), last real token
     max_len: int = 0  # tokens per input: 0 = 2028 for the paper's tasks (EncodEval's), else 512
     protocol: str = "auto"  # auto: encodeval for the paper's tasks, else standard (docs)
@@ -77,6 +78,8 @@ class FinetuneConfig:
         return [
             (self.init_from != "", "--init_from (a pretraining checkpoint) is required"),
             *one_of(self, "protocol", ("auto", "encodeval", "standard")),
+            (self.protocol != "encodeval" or self.input_format == "paper",
+             "--protocol=encodeval writes inputs the authors' way: --input_format=paper"),
             (self.max_len == 0 or self.max_len >= 8, "--max_len must be 0 (auto) or >= 8"),
             (not self.init_from or source_problem("init_from", self.init_from) is None,
              source_problem("init_from", self.init_from)),
@@ -100,6 +103,8 @@ class FinetuneConfig:
             (self.grad_clip >= 0,
              "--grad_clip must be >= 0 (0 = off; a negative bound would make clipping ascend)"),
             (self.pooling in ("mean", "first", "last"), "--pooling must be mean, first or last"),
+            (self.input_format in INPUT_FORMATS,
+             f"--input_format must be {' or '.join(INPUT_FORMATS)}"),
             (self.weights in ("fp32", "bf16"), "--weights must be fp32 or bf16"),
             (self.empty_queries in ("skip", "zero"), "--empty_queries must be skip or zero"),
             *above(self, 0, "temperature"),
@@ -311,7 +316,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     print(f"{cfg.task} ({task.family}): {counts['train']:,} train / {counts['val']:,} validation "
           f"({held}) / {counts['test']:,} test records -> {len(splits['train'].items):,} training "
           f"items; body {cfg.init_from} on {device} in {next(body.parameters()).dtype}, "
-          f"max_len {max_len}, protocol {cfg.protocol}")
+          f"max_len {max_len}, input format {cfg.input_format}, protocol {cfg.protocol}")
     # a cell is reused only when all that decides its result is the same: settings, weights, data
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY | {"init_from"}}
     fingerprint = json.dumps([settings, checkpoint_id, task.train, task.val, task.test,
@@ -347,9 +352,10 @@ def save_model(family: Family, body, splits: dict, cfg: FinetuneConfig, results:
     print(f"saving the model: training lr {best['lr']:.1e} seed {best['seed']} again")
     result, head = train_cell(family, body, splits, cfg, best["lr"], best["seed"])
     finetuned = {"task": cfg.task, "family": family.name, **family.export(),
-                 "pooling": cfg.pooling, "head": dict(head.state_dict()), "lr": best["lr"],
-                 "seed": best["seed"], "val": result["val"], "test": result["test"],
-                 "source": cfg.init_from, "causal": cfg.causal, "max_len": family.max_len}
+                 "pooling": cfg.pooling, "input_format": cfg.input_format,
+                 "head": dict(head.state_dict()), "lr": best["lr"], "seed": best["seed"],
+                 "val": result["val"], "test": result["test"], "source": cfg.init_from,
+                 "causal": cfg.causal, "max_len": family.max_len}
     path = os.path.join(cfg.out_dir, "model.pt")
     save_checkpoint(checkpoint_payload(body, tokenizer=tok.meta(), finetuned=finetuned, step=0),
                     path)

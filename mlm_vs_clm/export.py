@@ -48,10 +48,11 @@ class Exported(NamedTuple):
     kind: str  # encoder, decoder, sc, tc, qa, ir
     architecture: str  # the transformers class written in config.json
     why: str  # what chose the kind
+    input_format: str | None  # a fine-tuned model's (tasks.py): paper or eot
 
     def usage(self) -> str:
         """What was written and what to load it with."""
-        d = repr(self.out_dir)
+        d, paper = repr(self.out_dir), self.input_format == "paper"
         auto = {"sc": "AutoModelForSequenceClassification", "tc": "AutoModelForTokenClassification",
                 "qa": "AutoModelForQuestionAnswering"}.get(self.kind)
         how = {
@@ -64,17 +65,20 @@ class Exported(NamedTuple):
                         f"pipeline('text-generation', model={d})"],
             "sc": [f"pipeline('text-classification', model={d}), or {auto}",
                    "the tokenizer appends <eot>; a sentence pair is one text, a + '\\n' + b, as "
-                   "in fine-tuning"],
+                   "in fine-tuning" if paper else
+                   "a sentence pair: {'text': a, 'text_pair': b}, encoded 'a <eot> b'"],
             "tc": [f"pipeline('token-classification', model={d}), or {auto}"],
             "qa": [f"{auto}.from_pretrained({d}): start and end logits",
                    "the fine-tuning input: tokenizer(f'Question: {question}\\nContext: ', "
-                   "context), which appends <eot>",
+                   "context), which appends <eot>" if paper else
+                   "the fine-tuning input: tokenizer(question, context), 'question <eot> context "
+                   "<eot>'",
                    "the null answer is the final <eot>, not position 0 as transformers' "
                    "question-answering pipeline assumes"],
             "ir": [f"sentence_transformers.SentenceTransformer({d}): the retriever (its pooling, "
-                   "then unit norm; cosine or dot product)",
-                   "encode_query(...) and encode_document(...) add 'Query: ' and 'Document: ' "
-                   "as in fine-tuning, and the tokenizer appends <eot>"],
+                   "then unit norm; cosine or dot product)"]
+            + (["encode_query(...) and encode_document(...) add 'Query: ' and 'Document: ' "
+                "as in fine-tuning, and the tokenizer appends <eot>"] if paper else []),
         }[self.kind]
         return "\n".join([f"{self.out_dir}: {self.kind} ({self.why}), written as "
                           f"{self.architecture}; load it with no custom code:"]
@@ -99,9 +103,12 @@ def swap_in(tmp: str, out_dir: str) -> None:
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
 
-# (single, pair) templates of a fine-tuned model's tokenizer: its inputs end with <eot> (tasks.py);
-# qa's pair is ("Question: ...\nContext: ", context)
-FINETUNED_TEMPLATES = ("$A <eot>", "$A $B <eot>")
+def templates(kind: str, input_format: str | None) -> tuple[str, str]:
+    """(single, pair) post-processor templates: tokenizer(text) and tokenizer(a, b) build the
+    inputs the model was fine-tuned on."""
+    if input_format == "paper":  # the authors': one labelled text, then <eot>
+        return "$A <eot>", "$A $B <eot>"  # qa: the pair ("Question: ...\nContext: ", context)
+    return "$A", "$A <eot> $B <eot>" if kind == "qa" else "$A <eot> $B"
 
 def choose_kind(ckpt: dict, path: str, kind: str) -> tuple[str, str]:
     """(kind, why) from --kind and what the checkpoint says about itself."""
@@ -180,11 +187,18 @@ def head_weights(finetuned: dict, family: str, n_embd: int, path: str) -> dict:
     if not isinstance(head, dict):
         raise ValueError(f"{path}: 'finetuned' has no head weights: not a model finetune.py saved")
     n_labels = len(finetuned.get("labels") or [])
-    names = {}  # tasks.SequenceClassifier and TokenClassifier have transformers' names already
-    if family == "sc":
+    if family == "sc":  # tasks.SequenceClassifier has transformers' names already
+        names = {}
         shapes = {"dense.weight": (n_embd, n_embd), "dense.bias": (n_embd,),
                   "classifier.weight": (n_labels, n_embd), "classifier.bias": (n_labels,)}
+        if set(head) == {"weight", "bias"}:
+            raise ValueError(f"{path}: its sequence classification head is a single linear layer "
+                             "(an older finetune.py), which no transformers class has: fine-tune "
+                             "again for EuroBERT's dense-GELU-classifier head, or export the body "
+                             "alone with --kind=encoder")
     elif family == "tc":
+        plain = set(head) == {"weight", "bias"}
+        names = {(p if plain else f"classifier.{p}"): f"classifier.{p}" for p in ("weight", "bias")}
         shapes = {"classifier.weight": (n_labels, n_embd), "classifier.bias": (n_labels,)}
     else:  # qa: start and end logits from one linear layer
         names = {p: f"qa_outputs.{p}" for p in ("weight", "bias")}
@@ -230,14 +244,14 @@ def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling
           {"word_embedding_dimension": n_embd, "include_prompt": True,
            **{f"pooling_mode_{m}": f"pooling_mode_{m}" == ST_POOLING[pooling] for m in modes}})
 
-def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, int | None]:
-    """(pooling, max_len) of a fine-tuned model, refusing what transformers cannot load as it was
-    fine-tuned."""
+def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, str, int | None]:
+    """(pooling, input format, max_len) of a fine-tuned model, refusing what transformers cannot
+    load as it was fine-tuned."""
     if finetuned.get("causal") and kind != "qa":
         raise ValueError(f"{path} was fine-tuned with causal attention, and EuroBERT's {kind} "
                          "class is bidirectional only: fine-tune with --causal=false, or export "
                          "the body alone with --kind=decoder")
-    pooling = finetuned.get("pooling", "mean")
+    pooling, input_format = finetuned.get("pooling", "mean"), finetuned.get("input_format", "eot")
     if kind in ("sc", "ir") and pooling not in ST_POOLING:
         raise ValueError(f"{path}: unknown pooling {pooling!r} (mean, first or last)")
     if kind == "sc" and pooling == "last":
@@ -245,12 +259,11 @@ def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, int | N
                          "EuroBertForSequenceClassification cannot (it pools 'bos', the first "
                          "token, or 'mean'): fine-tune with --pooling=mean or --pooling=first, "
                          "or export the body alone with --kind=encoder")
-    if finetuned.get("input_format", "paper") != "paper":
-        raise ValueError(f"{path} was fine-tuned on inputs of format "
-                         f"{finetuned['input_format']!r}, which this version no longer writes: "
-                         "fine-tune it again")
+    if input_format not in ("paper", "eot"):
+        raise ValueError(f"{path}: unknown input format {input_format!r} (paper or eot): not a "
+                         "model finetune.py saved")
     max_len = finetuned.get("max_len")
-    return pooling, max_len if isinstance(max_len, int) and max_len > 0 else None
+    return pooling, input_format, max_len if isinstance(max_len, int) and max_len > 0 else None
 
 def weights_and_config(model, tok, kind: str, finetuned: dict | None, pooling: str, path: str):
     """(transformers class, config.json, weights) of each kind."""
@@ -280,8 +293,8 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
     model, tok, ckpt = load_model(ckpt_path)
     kind, why = choose_kind(ckpt, ckpt_path, kind)
     finetuned = ckpt.get("finetuned") if kind in FAMILIES else None
-    pooling, max_len = check_finetuned(finetuned, kind, ckpt_path) \
-        if finetuned is not None else ("mean", None)
+    pooling, input_format, max_len = check_finetuned(finetuned, kind, ckpt_path) \
+        if finetuned is not None else ("mean", None, None)
     architecture, config, state = weights_and_config(model, tok, kind, finetuned, pooling,
                                                      ckpt_path)
     max_len = min(max_len or model.config.block_size, model.config.block_size)
@@ -301,18 +314,19 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
             "eos_token": names[tok.eot_id], "mask_token": names[tok.mask_id],
             "pad_token": names[tok.pad_id], "model_input_names": ["input_ids", "attention_mask"]})
         files.write_json(os.path.join(tmp, "config.json"), config)
-        files.write_json(os.path.join(tmp, "tokenizer.json"), tokenizer_json(
-            tok, FINETUNED_TEMPLATES if finetuned is not None else ("$A", "$A <eot> $B")))
+        files.write_json(os.path.join(tmp, "tokenizer.json"),
+                         tokenizer_json(tok, templates(kind, input_format)))
         if kind in ("encoder", "ir"):
-            prompts = {"query": "Query: ", "document": "Document: "} if kind == "ir" else {}
+            prompts = {"query": "Query: ", "document": "Document: "} \
+                if input_format == "paper" else {}
             sentence_transformers_files(tmp, model.config.n_embd, max_len, pooling, kind == "ir",
                                         prompts)
         if finetuned is not None:  # what it was trained on and how well it did, for its users
-            keep = ("task", "family", "labels", "pooling", "max_len", "causal", "lr", "seed",
-                    "val", "test", "source")
+            keep = ("task", "family", "labels", "pooling", "input_format", "max_len", "causal",
+                    "lr", "seed", "val", "test", "source")
             files.write_json(os.path.join(tmp, "finetuned.json"),
                              {k: finetuned[k] for k in keep if k in finetuned})
-        done = Exported(out_dir, kind, architecture, why)
+        done = Exported(out_dir, kind, architecture, why, input_format)
         card = model_card(done, model, tok, ckpt)
         files.write_text_atomically(os.path.join(tmp, "README.md"), card)
     except BaseException:
@@ -358,7 +372,7 @@ def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
 def post_processor(tok: Tokenizer, single: str = "$A", pair: str = "$A <eot> $B") -> dict:
     """What tokenizer(text) and tokenizer(a, b) add around the texts: templates of "$A", "$B" and
     "<eot>". The default adds nothing to a single text, as in pretraining (no BOS, no CLS), and
-    joins a pair with end-of-text, the one boundary pretraining knows."""
+    joins a pair with end-of-text, the one boundary pretraining knows (--input_format=eot)."""
     eot = tok.encoding.decode_single_token_bytes(tok.eot_id).decode()
 
     def pieces(template):

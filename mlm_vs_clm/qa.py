@@ -1,6 +1,7 @@
 """Extractive question answering (SQuAD, SQuAD v2, ReCoRD): windows over long contexts, start/end
-logits mapped back to characters, and EncodEval's answer-token tagging. docs/finetuning.md."""
+logits back to characters, ReCoRD's candidates, EncodEval's answer tagging. docs/finetuning.md."""
 
+import json
 import statistics
 from typing import NamedTuple
 
@@ -9,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlm_vs_clm.metrics import position_f1, squad_scores
-from mlm_vs_clm.tasks import Family, Split, TokenClassifier, field, init_head, token_spans
+from mlm_vs_clm.tasks import Family, Split, field, init_head, token_spans
 
 def token_range(spans: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
     """The first and the last token whose characters overlap [start, end) of the text."""
@@ -23,12 +24,21 @@ def window_starts(n_tokens: int, room: int, stride: int) -> list[int]:
         starts.append(starts[-1] + room - stride)
     return starts
 
+class Candidate(NamedTuple):
+    """An answer the record allows (ReCoRD's entity mentions): first and last context token,
+    [start, end) characters."""
+    first: int
+    last: int
+    start: int
+    end: int
+
 class QAExample(NamedTuple):
-    """What scoring a question needs: the character span of each context token, the answers."""
+    """What scoring a question needs; no candidates: any span of the context."""
     id: str
     context: str
     spans: list[tuple[int, int]]
     answers: list[str]
+    candidates: tuple = ()
 
 class QAWindow(NamedTuple):
     """One window: context tokens lo..hi, token i at position i + offset; target (start, end)."""
@@ -78,10 +88,30 @@ class QuestionAnswering(Family):
                         context[start:start + len(text)] != text or start < 0:
                     raise ValueError(f"{where}: field 'answers' item {i}: text {text!r} is not at "
                                      f"character answer_start={start!r} of the context")
+            if "candidates" in r:
+                self.check_candidates(where, r["candidates"], len(context))
+
+    @staticmethod
+    def check_candidates(where: str, candidates, n_chars: int):
+        if not isinstance(candidates, list) or not candidates:
+            raise ValueError(f"{where}: field 'candidates' must be a non-empty list of "
+                             f"[start, end) character spans of the context (got "
+                             f"{json.dumps(candidates)[:80]}); leave the field out to allow any "
+                             f"span")
+        for i, span in enumerate(candidates):
+            ints = (isinstance(span, (list, tuple)) and len(span) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in span))
+            if not ints or not 0 <= span[0] < span[1] <= n_chars:
+                raise ValueError(f"{where}: field 'candidates' item {i} is "
+                                 f"{json.dumps(span)[:80]}, not a [start, end) character span of "
+                                 f"the context (integers, 0 <= start < end <= {n_chars})")
 
     def prompt(self, question: str) -> list[int]:
-        """The tokens before the context, encoded as one text as the authors' tokenizer does."""
-        return self.tok.encode(f"Question: {question}\nContext: ")[:self.max_question]
+        """The tokens before the context: "Question: {question}\nContext: " (paper, encoded as one
+        text as the authors' tokenizer does) or "question <eot>"."""
+        if self.input_format == "paper":
+            return self.tok.encode(f"Question: {question}\nContext: ")[:self.max_question]
+        return self.tok.encode(question)[:self.max_question] + [self.tok.eot_id]
 
     def encode(self, rows):
         """Each example becomes windows "prompt, context piece, <eot>". The null answer is the final
@@ -93,7 +123,9 @@ class QuestionAnswering(Family):
             spans = token_spans(self.tok, ctx, context)
             prompt = self.prompt(r["question"])
             room = self.max_len - len(prompt) - 1
-            example = QAExample(r["id"], context, spans, answers["text"])
+            example = QAExample(r["id"], context, spans, answers["text"],
+                                tuple(Candidate(*token_range(spans, a, b), a, b)
+                                      for a, b in r.get("candidates", ())))
             first = None
             # train on the first answer (SQuAD's training files have exactly one)
             if answers["text"]:
@@ -126,8 +158,16 @@ class QuestionAnswering(Family):
         return (F.cross_entropy(start, targets[:, 0]) + F.cross_entropy(end, targets[:, 1])) / 2
 
     def best_span(self, item, s, e) -> tuple[float, str] | None:
-        """(score, text) of the best answer in one window, of at most max_answer_tokens tokens."""
+        """(score, text) of the best answer in one window: among the candidates inside it when the
+        example has some (ReCoRD's mentions, any length), else of at most max_answer_tokens."""
         example, lo, hi, offset = item.example, item.lo, item.hi, item.offset
+        if example.candidates:
+            inside = [c for c in example.candidates if lo <= c.first and c.last < hi]
+            scored = [(float(s[c.first + offset] + e[c.last + offset]), c) for c in inside]
+            if not scored:
+                return None
+            score, c = max(scored, key=lambda pair: pair[0])
+            return score, example.context[c.start:c.end]
         n = hi - lo
         if n == 0:
             return None
@@ -176,9 +216,6 @@ class EncodEvalQA(QuestionAnswering):
     """--protocol=encodeval, the authors' QA: two-label token tagging of one window, the first gold
     answer's tokens 1 (none if truncation cut it), scored by metrics.position_f1."""
     head_type = "token_2"
-
-    def head(self, n_embd):  # exports as EuroBertForTokenClassification
-        return TokenClassifier(n_embd, 2)
 
     def export(self):
         return {"labels": ["outside", "answer"], "head_type": self.head_type}

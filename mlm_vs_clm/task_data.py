@@ -43,13 +43,16 @@ GLUE_TEXTS = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"),
               "qqp": ("question1", "question2")}
 GLUE_NAMES = {"mnli": ("Premise", "Hypothesis"), "qqp": ("Question 1", "Question 2")}
 
-def glue_record(task: str, record: dict) -> dict:
-    """sst2: the sentence; mnli, qqp: "Premise: {p}\\nHypothesis: {h}", "Question 1: {a}\\n..."."""
+def glue_record(task: str, record: dict, input_format: str) -> dict:
+    """sst2: the sentence. mnli, qqp: "Premise: {p}\\nHypothesis: {h}", "Question 1: {a}\\n..."
+    (paper format), or text and text_pair (eot format)."""
     texts = [record[column] for column in GLUE_TEXTS[task]]
     if len(texts) == 1:
         return {"text": texts[0], "label": record["label"]}
-    (a, b), (name_a, name_b) = texts, GLUE_NAMES[task]
-    return {"text": f"{name_a}: {a}\n{name_b}: {b}", "label": record["label"]}
+    if input_format == "paper":
+        (a, b), (name_a, name_b) = texts, GLUE_NAMES[task]
+        return {"text": f"{name_a}: {a}\n{name_b}: {b}", "label": record["label"]}
+    return {"text": texts[0], "text_pair": texts[1], "label": record["label"]}
 
 def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None) -> dict | None:
     """Words and tag names; None for an empty sentence. IOB1 tags (the authors' CoNLL-2003) need no
@@ -68,18 +71,68 @@ def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None)
                              f"(the dataset's names: {tag_names})")
     return {"words": list(record[words]), "tags": named}
 
-def squad_record(record: dict, index: int) -> dict:
-    """SQuAD's shape, which the authors' ReCoRD copy shares (without ids: the index is one)."""
+def squad_record(record: dict) -> dict:
     answers = record["answers"]
-    return {"id": str(record.get("id", index)), "question": record["question"],
-            "context": record["context"], "answers": {"text": list(answers["text"]),
-                                                      "answer_start": list(answers["answer_start"])}}
+    return {"id": record["id"], "question": record["question"], "context": record["context"],
+            "answers": {"text": list(answers["text"]),
+                        "answer_start": list(answers["answer_start"])}}
 
 def as_list_of_dicts(value) -> list[dict]:
     """A hub Sequence of structs comes as a dict of lists; JSON files give a list of dicts."""
     if isinstance(value, dict):
         return [dict(zip(value, items)) for items in zip(*value.values())]
     return list(value)
+
+def entity_mentions(passage: str, entity_spans) -> list[tuple[int, int]]:
+    """ReCoRD's entity mentions as [start, end) character spans. Copies differ on whether `end` is
+    inclusive; the text decides."""
+    spans = []
+    for i, e in enumerate(as_list_of_dicts(entity_spans)):
+        text, start, end = e["text"], e["start"], e["end"]
+        if passage[start:end] == text:
+            spans.append((start, end))
+        elif passage[start:end + 1] == text:
+            spans.append((start, end + 1))
+        else:
+            raise ValueError(f"field 'entity_spans' item {i}: {text!r} is not at characters "
+                             f"{start}..{end} of the passage")
+    return sorted(set(spans))
+
+def record_id(record: dict, index: int) -> str:
+    idx = record.get("idx")
+    if isinstance(idx, dict):  # SuperGLUE: {"passage": int, "query": int}
+        return f"{idx['passage']}-{idx['query']}"
+    return str(record.get("id", index))
+
+def record_answers(context: str, answers: list[str], mentions: list) -> dict:
+    """Every occurrence of every gold answer: its mentions, or where its text occurs."""
+    found = [(start, context[start:end]) for start, end in mentions
+             if context[start:end] in answers]
+    for answer in set(answers) - {text for _, text in found}:
+        at = context.find(answer)
+        if at < 0:
+            raise ValueError(f"field 'answers': {answer!r} is nowhere in the passage")
+        while at >= 0:
+            found.append((at, answer))
+            at = context.find(answer, at + 1)
+    found.sort()
+    return {"text": [text for _, text in found], "answer_start": [start for start, _ in found]}
+
+def record_record(record: dict, index: int) -> dict:
+    """ReCoRD in SQuAD's shape (the authors' copy) or SuperGLUE's (passage, query, entity_spans,
+    answers as strings); with entity_spans, every mention is a candidate answer."""
+    context = record["context"] if "context" in record else record["passage"]
+    question = record["question"] if "question" in record else record["query"]
+    mentions = entity_mentions(context, record["entity_spans"]) \
+        if record.get("entity_spans") else []
+    answers = record["answers"]
+    if isinstance(answers, dict):  # SQuAD's shape
+        answers = {"text": list(answers["text"]), "answer_start": list(answers["answer_start"])}
+    else:
+        answers = record_answers(context, list(answers), mentions)
+    out = {"id": record_id(record, index), "question": question, "context": context,
+           "answers": answers}
+    return out | {"candidates": [list(span) for span in mentions]} if mentions else out
 
 # --------------------------------------------------------------------------------------------------
 # Retrieval: training pairs, and evaluation splits built from judgments (qrels)
@@ -198,15 +251,15 @@ def tag_names(ds, column: str, name: str) -> list[str] | None:
     return names
 
 def glue_task(task: str, test_split: str) -> Callable:
-    def load():
+    def load(input_format):
         def rows(split):
             return converted(f"nyu-mll/glue {task}", split, hub("nyu-mll/glue", task, split),
-                             lambda r, i: glue_record(task, r))
+                             lambda r, i: glue_record(task, r, input_format))
         return TaskData("sc", rows("train"), None, rows(test_split), {})
     return load
 
 def ner_task(name: str, words: str, tags: str) -> Callable:
-    def load():
+    def load(input_format):
         splits = {s: hub(name, None, s) for s in ("train", "validation", "test")}
         names = tag_names(splits["train"], tags, name)
         rows = {s: converted(name, s, ds, lambda r, i: ner_record(r, words, tags, names))
@@ -215,7 +268,7 @@ def ner_task(name: str, words: str, tags: str) -> Callable:
     return load
 
 def qa_task(name: str, convert: Callable) -> Callable:
-    def load():
+    def load(input_format):
         train, test = (converted(name, s, hub(name, None, s), convert)
                        for s in ("train", "validation"))
         return TaskData("qa", train, None, test, {})
@@ -243,17 +296,17 @@ def beir_task(name: str, judgments: dict, document: Callable) -> TaskData:
     documents = texts_by_id(hub(name, "corpus", "corpus"), document_ids, "_id", document)
     return judged_task(msmarco_pairs(), judgments, queries, documents, name)
 
-def msmarco_task() -> TaskData:
+def msmarco_task(input_format) -> TaskData:
     # validation: MS MARCO dev (6,980 queries); test: TREC-DL 2019 (43 queries, graded 0-3)
     judgments = {s: beir_judgments("BeIR/msmarco-qrels", s) for s in ("validation", "test")}
     # BEIR's MS MARCO titles are empty; the authors use the text alone
     return beir_task("BeIR/msmarco", judgments, lambda r: r["text"])
 
-def nq_task() -> TaskData:
+def nq_task(input_format) -> TaskData:
     return beir_task("BeIR/nq", halve_queries(beir_judgments("BeIR/nq-qrels", "test")),
                      nq_document)
 
-def mldr_task() -> TaskData:
+def mldr_task(input_format) -> TaskData:
     name = "hgissbkh/mldr-en"
     judgments, queries = {}, {}
     for ours, theirs in (("validation", "dev"), ("test", "test")):
@@ -267,7 +320,7 @@ def mldr_task() -> TaskData:
 class NamedTask(NamedTuple):
     family: str
     source: str  # where its splits come from, for messages and docs/finetuning.md
-    load: Callable  # () -> TaskData
+    load: Callable  # input_format -> TaskData
     one_epoch: bool = False  # encodeval: one epoch (CoNLL, UNER), else max_steps (EncodEval)
 
 # OntoNotes' integer tags have no ClassLabel on the hub: tner/ontonotes5's label2id, in id order
@@ -297,11 +350,11 @@ HF_TASKS = {
     "uner": NamedTask("tc", "hgissbkh/uner_en train / validation / test",
                       ner_task("hgissbkh/uner_en", "tokens", "ner_tags"), one_epoch=True),
     "squad": NamedTask("qa", f"rajpurkar/squad {HELD_OUT} validation",
-                       qa_task("rajpurkar/squad", squad_record)),
+                       qa_task("rajpurkar/squad", lambda r, i: squad_record(r))),
     "squad_v2": NamedTask("qa", f"rajpurkar/squad_v2 {HELD_OUT} validation",
-                          qa_task("rajpurkar/squad_v2", squad_record)),
+                          qa_task("rajpurkar/squad_v2", lambda r, i: squad_record(r))),
     "record": NamedTask("qa", f"hgissbkh/record {HELD_OUT} validation",
-                        qa_task("hgissbkh/record", squad_record)),
+                        qa_task("hgissbkh/record", record_record)),
     "msmarco": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/msmarco judged by "
                                "BeIR/msmarco-qrels validation (dev) / test (TREC-DL-19)",
                          msmarco_task),
@@ -331,7 +384,7 @@ def load_task(cfg, data_dir: str = "") -> TaskData:
     if cfg.task in FAMILIES:
         task = jsonl_task(cfg)
     elif cfg.task in HF_TASKS:
-        task = HF_TASKS[cfg.task].load()
+        task = HF_TASKS[cfg.task].load(cfg.input_format)
     else:
         task = demo_data(cfg, data_dir)
     for name, path, rows in (("training", cfg.train, task.train), ("validation", cfg.val, task.val),

@@ -1,5 +1,5 @@
 """The task families sc, tc and ir (qa.py has the fourth): each checks its records, encodes them
-as the authors do, and has a head, a loss and a metric. docs/finetuning.md."""
+in one of two input formats (paper, eot), and has a head, a loss, a metric. docs/finetuning.md."""
 
 import bisect
 import itertools
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mlm_vs_clm.metrics import (accuracy, entity_f1, ndcg_mrr, rank_documents, sentence_macro_f1,
                                 top_k_ndcg)
 
+INPUT_FORMATS = ("paper", "eot")
 # transformers' _init_weights: what from_pretrained gives a head the checkpoint lacks (EuroBERT's
 # initializer_range), so a new head starts as the authors' did
 HEAD_INIT_STD = 0.02
@@ -58,8 +59,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.size(0), device=hidden.device), mask.sum(1) - 1]
 
 def ending_with_eot(ids: list[int], eot: int, max_len: int) -> list[int]:
-    """The text's tokens, cut to leave room, then end-of-text: the authors' inputs, except that
-    their tokenizer cuts after appending and so loses the end-of-text of a long input."""
+    """The paper format's input: the text's tokens, cut to leave room, then end-of-text (the
+    authors' tokenizer cuts after appending, and so loses the end-of-text of a long input)."""
     return ids[:max_len - 1] + [eot]
 
 # --------------------------------------------------------------------------------------------------
@@ -160,6 +161,10 @@ class Family:
         # the small heads run outside autocast, in the weights' dtype (--weights)
         return hidden.to(next(body.parameters()).dtype), mask
 
+    @property
+    def input_format(self) -> str:
+        return self.cfg.input_format
+
     def export(self) -> dict:  # what a saved model needs besides its weights (--save_model)
         return {"labels": [], "head_type": self.head_type}
 
@@ -194,12 +199,20 @@ class SequenceClassification(Family):
                                  f"labels {self.labels}")
 
     def encode(self, rows):
-        # a pair is one text on two lines, as the authors' labelled pairs ("Premise: ...\n
-        # Hypothesis: ..."), whose field names a JSONL file does not know
-        texts = [r["text"] + "\n" + r["text_pair"] if self.pair else r["text"] for _, r in rows]
-        return Split([Labelled(ending_with_eot(s, self.tok.eot_id, self.max_len),
-                               self.index[r["label"]])
-                      for s, (_, r) in zip(self.tok.encode_batch(texts), rows)])
+        if self.input_format == "paper":
+            # a pair is one text on two lines, as the authors' labelled pairs ("Premise: ...")
+            texts = [r["text"] + "\n" + r["text_pair"] if self.pair else r["text"] for _, r in rows]
+            ids = [ending_with_eot(s, self.tok.eot_id, self.max_len)
+                   for s in self.tok.encode_batch(texts)]
+        else:
+            ids = self.tok.encode_batch([r["text"] for _, r in rows])
+            if self.pair:
+                # no [SEP] in the vocabulary: end-of-text, the one boundary pretraining
+                # knows (between packed documents), marks where b starts
+                seconds = self.tok.encode_batch([r["text_pair"] for _, r in rows])
+                ids = [a + [self.tok.eot_id] + b for a, b in zip(ids, seconds)]
+        return Split([Labelled(s[:self.max_len], self.index[r["label"]])
+                      for s, (_, r) in zip(ids, rows)])
 
     def head(self, n_embd):
         return SequenceClassifier(n_embd, len(self.labels))
@@ -266,11 +279,12 @@ class TokenClassification(Family):
     def encode(self, rows):
         if self.encodeval:
             return Split([self.encode_sentence(r["words"], r["tags"]) for _, r in rows])
-        items = []
-        for _, r in rows:  # the words, then <eot> (a position without a label)
-            ids, starts = align_words(self.tok, r["words"], self.max_len - 1)
-            tags = [self.index[t] for t in r["tags"]]
-            items.append(Tagged(ids + [self.tok.eot_id], starts, tags))
+        items, paper = [], self.input_format == "paper"
+        for _, r in rows:
+            # paper: the words, then <eot> (a position without a label)
+            ids, starts = align_words(self.tok, r["words"], self.max_len - paper)
+            items.append(Tagged(ids + [self.tok.eot_id] * paper, starts,
+                                [self.index[t] for t in r["tags"]]))
         return Split(items)
 
     def head(self, n_embd):
@@ -364,9 +378,11 @@ class Retrieval(Family):
         return Split(pairs, query_ids, document_ids, relevance)
 
     def tokens(self, texts: list[str], label: str) -> list[list[int]]:
-        """ "Query: {text}" or "Document: {text}", then <eot>."""
-        return [ending_with_eot(s, self.tok.eot_id, self.max_len)
-                for s in self.tok.encode_batch([label + text for text in texts])]
+        """paper: "Query: {text}" or "Document: {text}", then <eot>; eot: the text alone."""
+        if self.input_format == "paper":
+            return [ending_with_eot(s, self.tok.eot_id, self.max_len)
+                    for s in self.tok.encode_batch([label + text for text in texts])]
+        return [s[:self.max_len] for s in self.tok.encode_batch(texts)]
 
     head_type = "none"
 

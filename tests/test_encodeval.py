@@ -134,6 +134,8 @@ def test_encodeval_length_steps_and_protocol_rules(tmp_path, monkeypatch):
     assert seen == dict(max_len=64, protocol="standard", epoch=False, steps=2)  # one epoch
     ft.main(base + ["--max_steps=5", "--protocol=encodeval", f"--out_dir={tmp_path / 'b'}"])
     assert seen["protocol"] == "encodeval" and seen["steps"] == 5  # epochs over
+    assert "--input_format=paper" in str(pytest.raises(SystemExit, ft.main, base + [
+        "--protocol=encodeval", "--input_format=eot"]).value)
     cfg = ft.FinetuneConfig(task="conll2003")
     assert cfg.max_len == 0 and ft.ENCODEVAL_MAX_LEN == round(0.99 * 2048)
     assert task_data.HF_TASKS["conll2003"].one_epoch and task_data.HF_TASKS["uner"].one_epoch

@@ -109,7 +109,7 @@ def test_finetuning_stops_before_a_non_finite_update(tmp_path):
     splits = {"train": family.encode(rows([{"text": f"text {i}", "label": i % 2}
                                            for i in range(64)])),
               "test": family.encode(rows([{"text": "text 1", "label": 1}]))}
-    result = ft.finetune_cell(family, body, splits, cfg, 1e-3, seed=0)
+    result = ft.train_cell(family, body, splits, cfg, 1e-3, seed=0)[0]
     assert result["diverged_at"] == 2 and math.isfinite(result["test"]["accuracy"])
     assert all(torch.isfinite(p).all() and p.grad is None for p in body.parameters())
 
@@ -573,8 +573,8 @@ def test_finetuning_reruns_when_hf_weights_change_in_place(tmp_path, monkeypatch
     argv = [f"--init_from=hf:{tmp_path / 'hf'}", "--task=sc", f"--train={train_file}",
             f"--test={test_file}", "--lrs=1e-3", "--seeds=1", "--batch_size=8", "--max_steps=1",
             "--progress=False", f"--out_dir={tmp_path / 'ft'}"]
-    calls, real = [], ft.finetune_cell
-    monkeypatch.setattr(ft, "finetune_cell", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], ft.train_cell
+    monkeypatch.setattr(ft, "train_cell", lambda *a: calls.append(1) or real(*a))
     ft.main(argv)
     weights = tmp_path / "hf" / "model.safetensors"
     stat, data = os.stat(weights), bytearray(weights.read_bytes())

@@ -159,46 +159,57 @@ def test_pooling_ignores_padding():
     assert torch.equal(tasks.pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 2]]))
     assert torch.equal(tasks.pool(hidden, mask, "first"), hidden[:, 0])
 
-def encoded(family_name, records, max_len=64, **settings):
-    family, _ = make_family(family_name, records, max_len=max_len, **settings)
+def encoded(family_name, records, input_format, max_len=64, **settings):
+    family, _ = make_family(family_name, records, max_len=max_len, input_format=input_format,
+                            **settings)
     return family, family.encode(rows(records))
 
-def test_sc_inputs():
+def test_sc_inputs_in_both_formats():
     eot = TOK.eot_id
     single = [{"text": "a gem of a film", "label": 1}]
-    _, split = encoded("sc", single)
+    _, split = encoded("sc", single, "paper")
     assert split.items[0].ids == TOK.encode("a gem of a film") + [eot]  # the text, then <eot>
+    _, split = encoded("sc", single, "eot")
+    assert split.items[0].ids == TOK.encode("a gem of a film")  # nothing appended
     pair = [{"text": "A man sleeps.", "text_pair": "Nobody sleeps.", "label": 0}]
-    _, split = encoded("sc", pair)  # a JSONL pair: two lines, no dataset labels known
+    _, split = encoded("sc", pair, "paper")  # a JSONL pair: two lines, no dataset labels known
     assert split.items[0].ids == TOK.encode("A man sleeps.\nNobody sleeps.") + [eot]
-    # cut to max_len: the <eot> stays last
+    _, split = encoded("sc", pair, "eot")
+    assert split.items[0].ids == TOK.encode("A man sleeps.") + [eot] + TOK.encode("Nobody sleeps.")
+    # cut to max_len: paper keeps its <eot> last
     long = [{"text": " ".join(FILLER * 5), "label": 0}]
-    _, split = encoded("sc", long, max_len=16)
+    _, split = encoded("sc", long, "paper", max_len=16)
     assert len(split.items[0].ids) == 16 and split.items[0].ids[-1] == eot
     assert split.items[0].ids[:15] == TOK.encode(long[0]["text"])[:15]
+    _, split = encoded("sc", long, "eot", max_len=16)
+    assert split.items[0].ids == TOK.encode(long[0]["text"])[:16]
 
-def test_tc_inputs():
+def test_tc_inputs_in_both_formats():
     record = {"words": ["EU", "rejects", "German", "call"], "tags": ["I-ORG", "O", "I-MISC", "O"]}
-    _, paper = encoded("tc", [record])
-    # each word encoded with its leading space, then <eot>, a position without a label
-    words = [TOK.encode(w) for w in ("EU", " rejects", " German", " call")]
-    assert paper.items[0].ids == sum(words, []) + [TOK.eot_id]
-    assert paper.items[0].starts == [0, 2, 4, 5]  # each word's first sub-token
+    _, paper = encoded("tc", [record], "paper")
+    _, plain = encoded("tc", [record], "eot")
+    # the same words and word starts; paper appends <eot>, a position without a label
+    assert paper.items[0].ids == plain.items[0].ids + [TOK.eot_id]
+    assert paper.items[0].starts == plain.items[0].starts and TOK.eot_id not in plain.items[0].ids
     long = {"words": FILLER * 3, "tags": ["O"] * len(FILLER) * 3}
-    _, paper = encoded("tc", [long], max_len=12)
+    _, paper = encoded("tc", [long], "paper", max_len=12)
     assert len(paper.items[0].ids) <= 12 and paper.items[0].ids[-1] == TOK.eot_id
     kept = len(paper.items[0].starts)  # the words that fit before the <eot>
     assert 0 < kept < len(long["words"])
     assert TOK.decode(paper.items[0].ids[:-1]) == " ".join(long["words"][:kept])
 
-def test_ir_inputs():
+def test_ir_inputs_in_both_formats():
     records = [{"query": "what is x", "document": "x is a letter"}]
-    family, split = encoded("ir", records)
+    family, split = encoded("ir", records, "paper")
     split = family.encode(rows(records), ["another text"])
     assert split.queries == [TOK.encode("Query: what is x") + [TOK.eot_id]]
     assert split.documents == [TOK.encode("Document: x is a letter") + [TOK.eot_id],
                                TOK.encode("Document: another text") + [TOK.eot_id]]
-    _, split = encoded("ir", [{"query": "q", "document": " ".join(FILLER * 5)}], max_len=10)
+    _, split = encoded("ir", records, "eot")
+    assert split.queries == [TOK.encode("what is x")]
+    assert split.documents == [TOK.encode("x is a letter")]
+    _, split = encoded("ir", [{"query": "q", "document": " ".join(FILLER * 5)}], "paper",
+                       max_len=10)
     assert len(split.documents[0]) == 10 and split.documents[0][-1] == TOK.eot_id
 
 def qa_example(answer_at_end=True):
@@ -218,12 +229,15 @@ def oracle_logits(split):
         ends.append(torch.nn.functional.one_hot(torch.tensor(e), len(ids)).float() * 10)
     return starts, ends
 
-def test_qa_stride_windows_map_answers_back_to_characters():
-    family, _ = make_family("qa", [qa_example(), qa_example(False)], max_len=56, doc_stride=24)
+@pytest.mark.parametrize("input_format", ["paper", "eot"])
+def test_qa_stride_windows_map_answers_back_to_characters(input_format):
+    family, _ = make_family("qa", [qa_example(), qa_example(False)], max_len=56, doc_stride=24,
+                            input_format=input_format)
     split = family.encode(rows([qa_example(), qa_example(False)]))
     windows = [item for item in split.items if item[1][0] == "q1"]
     assert len(windows) > 5  # ~250 context tokens in windows of ~40
-    prompt = TOK.encode("Question: What is the code?\nContext: ")
+    prompt = {"paper": TOK.encode("Question: What is the code?\nContext: "),
+              "eot": TOK.encode("What is the code?") + [TOK.eot_id]}[input_format]
     for ids, _, lo, hi, offset, (s, e) in windows:
         # the prompt, the context piece right after it, the null answer on the final <eot>
         assert len(ids) <= 56 and ids[:offset + lo] == prompt and ids[-1] == TOK.eot_id
@@ -236,6 +250,36 @@ def test_qa_stride_windows_map_answers_back_to_characters():
     # "" for q0
     assert family.predict(split, *oracle_logits(split)) == {"q1": "Blue Falcon", "q0": ""}
     assert family.score(split, {"q1": "blue falcon", "q0": ""}) == {"f1": 1.0, "exact": 1.0}
+
+def test_qa_candidates_restrict_the_answer_to_entity_mentions():
+    context = "Paris is big. The city of Lyon and the Loire Valley region are not @highlight news"
+    spans = {name: [context.find(name), context.find(name) + len(name)]
+             for name in ("Paris", "Lyon", "the Loire Valley region")}
+    record = {"id": "r1", "question": "@placeholder is the capital", "context": context,
+              "answers": {"text": ["Paris"], "answer_start": [0]},
+              "candidates": [spans["Lyon"], spans["the Loire Valley region"]]}
+    family, _ = make_family("qa", [record], max_answer_tokens=2)
+    split = family.encode(rows([record]))
+    example = split.items[0].example
+    assert [[c.start, c.end] for c in example.candidates] == record["candidates"]
+    # the oracle points at "Paris", which is no candidate: the best-scoring candidate wins instead
+    starts, ends = oracle_logits(split)
+    window = split.items[0]
+    region = example.candidates[1]
+    starts[0][region.first + window.offset] += 5
+    ends[0][region.last + window.offset] += 5  # 4 tokens: longer than max_answer_tokens, allowed
+    assert family.predict(split, starts, ends) == {"r1": "the Loire Valley region"}
+    # without candidates, any span
+    plain_record = {k: v for k, v in record.items() if k != "candidates"}
+    without, _ = make_family("qa", [plain_record], max_answer_tokens=2)
+    plain = without.encode(rows([plain_record]))
+    assert without.predict(plain, *oracle_logits(plain)) == {"r1": "Paris"}
+    for bad, message in (([], "must be a non-empty list"), ([[5, 2]], "item 0"),
+                         ([[0, 999]], "item 0"), ([[0, 1], "x"], "item 1"),
+                         ([[0.0, 1]], "item 0")):
+        with pytest.raises(ValueError) as e:
+            make_family("qa", [record | {"candidates": bad}])
+        assert str(e.value).startswith(f"train.jsonl, line 1: field 'candidates' {message}")
 
 def test_qa_scores_the_best_gold_answer_like_record():
     # ReCoRD: several gold answers (the mentions of one entity); F1 and EM are the best over them
@@ -564,9 +608,9 @@ def test_save_model_reloads_with_the_same_logits(tmp_path, monkeypatch):
     body, _, payload = checkpoints.load_model(saved["path"])
     assert payload["step"] == 0 and payload["tokenizer"] == TOK.meta()
     tuned = payload["finetuned"]
-    assert {k: tuned[k] for k in ("task", "family", "labels", "pooling",
+    assert {k: tuned[k] for k in ("task", "family", "labels", "pooling", "input_format",
                                   "head_type", "lr", "seed", "source")} == \
-        {"task": "sc", "family": "sc", "labels": [0, 1], "pooling": "mean",
+        {"task": "sc", "family": "sc", "labels": [0, 1], "pooling": "mean", "input_format": "paper",
          "head_type": "eurobert_sc_mean", "lr": best["lr"], "seed": best["seed"], "source": ckpt}
     assert tuned["val"] == best["val"] and tuned["test"] == best["test"]
     head = tasks.SequenceClassifier(body.config.n_embd, len(tuned["labels"]))

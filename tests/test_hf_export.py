@@ -21,7 +21,7 @@ import sample
 from mlm_vs_clm.checkpoints import checkpoint_payload
 from tests.helpers import TOK, make_checkpoint, sc_files
 from model import Transformer, model_config
-from mlm_vs_clm.tasks import TokenClassifier, pool
+from mlm_vs_clm.tasks import pool
 from mlm_vs_clm.tokenizer import get_tokenizer
 
 # Every test but the bad-input ones compares with transformers (or sentence-transformers); one runs
@@ -198,32 +198,32 @@ class EuroBertHead(torch.nn.Module):
     def forward(self, x):
         return self.classifier(torch.nn.functional.gelu(self.dense(x)))
 
-def finetuned(path, family, head, labels=None, pooling="mean", **extra):
+def finetuned(path, family, head, labels=None, pooling="mean", input_format="eot", **extra):
     torch.manual_seed(1)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.5)
     info = dict(task=f"my_{family}", family=family, labels=labels, pooling=pooling,
-                head=head.state_dict(), head_type="test", lr=1e-4,
+                input_format=input_format, head=head.state_dict(), head_type="test", lr=1e-4,
                 seed=0, val={"score": 50.0}, test={"score": 40.0}, source="ckpt.pt",
                 causal=False, max_len=48) | extra
     model, ckpt = tiny_checkpoint(path, finetuned=info)
     return model, ckpt, head.eval()
 
-def fine_tuning_input(text):
-    """tasks.py's single-text input: the text, then <eot>."""
-    return TOK.encode(text) + [TOK.eot_id]
+def fine_tuning_input(text, input_format):
+    """tasks.py's single-text input: the text, and <eot> in the authors' format."""
+    return TOK.encode(text) + [TOK.eot_id] * (input_format == "paper")
 
 @needs_hf
-@pytest.mark.parametrize("pooling", ["mean", "first"])
-def test_sequence_classification_export(tmp_path, pooling):
+@pytest.mark.parametrize("pooling,input_format", [("mean", "paper"), ("first", "eot")])
+def test_sequence_classification_export(tmp_path, pooling, input_format):
     model, ckpt, head = finetuned(tmp_path / "model.pt", "sc", EuroBertHead(64, 3),
-                                  ["neg", "neutral", 7], pooling)
+                                  ["neg", "neutral", 7], pooling, input_format)
     out = export.export(ckpt, str(tmp_path / "hf")).out_dir
     classify = transformers.pipeline("text-classification", model=out, device="cpu")
     assert type(classify.model).__name__ == "EuroBertForSequenceClassification"
     for text in SENTENCES:
-        ids = fine_tuning_input(text)
+        ids = fine_tuning_input(text, input_format)
         assert classify.tokenizer(text)["input_ids"] == ids
         with torch.no_grad():
             ours = head(pool(model(torch.tensor([ids]), causal=False),
@@ -232,6 +232,9 @@ def test_sequence_classification_export(tmp_path, pooling):
         assert classify(text)[0]["label"] == ["neg", "neutral", "7"][int(ours.argmax())]
         torch.testing.assert_close(torch.tensor([theirs[k] for k in ("neg", "neutral", "7")]),
                                    ours, atol=1e-6, rtol=1e-5)
+    if input_format == "eot":  # a pair as this format encodes it: "a <eot> b"
+        assert classify.tokenizer("a b", "c d")["input_ids"] == \
+            TOK.encode("a b") + [TOK.eot_id] + TOK.encode("c d")
     meta = json.loads((tmp_path / "hf" / "finetuned.json").read_text())
     assert meta["task"] == "my_sc" and meta["labels"] == ["neg", "neutral", 7]
     assert classify.tokenizer.model_max_length == 48  # the fine-tuning's max_len
@@ -239,7 +242,8 @@ def test_sequence_classification_export(tmp_path, pooling):
 @needs_hf
 def test_token_classification_export(tmp_path):
     tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-    model, ckpt, head = finetuned(tmp_path / "model.pt", "tc", TokenClassifier(64, 5), tags)
+    model, ckpt, head = finetuned(tmp_path / "model.pt", "tc", torch.nn.Linear(64, 5), tags,
+                                  input_format="paper")
     out = export.export(ckpt, str(tmp_path / "hf")).out_dir
     tagger = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
     assert type(tagger).__name__ == "EuroBertForTokenClassification"
@@ -247,25 +251,29 @@ def test_token_classification_export(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     inputs = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     mask = inputs["attention_mask"].bool()
-    assert inputs["input_ids"][0][mask[0]].tolist() == fine_tuning_input(SENTENCES[0])
+    assert inputs["input_ids"][0][mask[0]].tolist() == fine_tuning_input(SENTENCES[0], "paper")
     with torch.no_grad():
         ours = head(model(inputs["input_ids"], causal=False, attention_mask=mask))
         theirs = tagger(**inputs).logits
     torch.testing.assert_close(theirs[mask], ours[mask], atol=1e-5, rtol=1e-5)
 
 @needs_hf
-@pytest.mark.parametrize("causal", [False, True])
-def test_question_answering_export(tmp_path, causal):
+@pytest.mark.parametrize("input_format,causal", [("paper", False), ("eot", False), ("eot", True)])
+def test_question_answering_export(tmp_path, input_format, causal):
     model, ckpt, head = finetuned(tmp_path / "model.pt", "qa", torch.nn.Linear(64, 2),
-                                  causal=causal)
+                                  input_format=input_format, causal=causal)
     out = export.export(ckpt, str(tmp_path / "hf")).out_dir
     reader = transformers.AutoModelForQuestionAnswering.from_pretrained(out).eval()
     assert type(reader).__name__ == "LlamaForQuestionAnswering"
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     question, context = "What does it return?", "It returns a new list of the items."
     # tasks.py's window: its prompt, the context, <eot> (the null answer)
-    prompt = f"Question: {question}\nContext: "
-    ids = TOK.encode(prompt) + TOK.encode(context) + [TOK.eot_id]
+    if input_format == "paper":
+        prompt = f"Question: {question}\nContext: "
+        ids = TOK.encode(prompt) + TOK.encode(context) + [TOK.eot_id]
+    else:
+        prompt = question
+        ids = TOK.encode(question) + [TOK.eot_id] + TOK.encode(context) + [TOK.eot_id]
     inputs = tokenizer(prompt, context, return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == ids
     with torch.no_grad():  # a model fine-tuned causal (an ablation) stays causal
@@ -275,16 +283,20 @@ def test_question_answering_export(tmp_path, causal):
     torch.testing.assert_close(theirs.end_logits, ours[..., 1], atol=1e-5, rtol=1e-5)
 
 @needs_hf
-@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
-def test_retrieval_export_is_a_sentence_transformer(tmp_path, pooling):
+@pytest.mark.parametrize("pooling,input_format",
+                         [("mean", "paper"), ("first", "eot"), ("last", "paper")])
+def test_retrieval_export_is_a_sentence_transformer(tmp_path, pooling, input_format):
     st = pytest.importorskip("sentence_transformers")
-    model, ckpt, _ = finetuned(tmp_path / "model.pt", "ir", torch.nn.Identity(), None, pooling)
+    model, ckpt, _ = finetuned(tmp_path / "model.pt", "ir", torch.nn.Identity(), None, pooling,
+                               input_format)
     out = export.export(ckpt, str(tmp_path / "hf")).out_dir
     retriever = st.SentenceTransformer(out, device="cpu")
     for prompt, texts in (("query", SENTENCES[:2]), ("document", SENTENCES)):
         got = retriever.encode(texts, prompt_name=prompt, convert_to_tensor=True)
-        # tasks.Retrieval: "Query: "/"Document: ", then <eot>
-        seqs = [fine_tuning_input(f"{prompt.title()}: {t}") for t in texts]
+        # tasks.Retrieval: "Query: "/"Document: " then <eot> in the authors' format
+        label = f"{prompt.title()}: " if input_format == "paper" else ""
+        seqs = [fine_tuning_input(label + t, input_format) for t in texts] \
+            if input_format == "paper" else [TOK.encode(t) for t in texts]
         ids = torch.full((len(seqs), max(map(len, seqs))), TOK.pad_id)
         for i, seq in enumerate(seqs):
             ids[i, :len(seq)] = torch.tensor(seq)
@@ -306,16 +318,13 @@ def test_export_bad_inputs(tmp_path):
     fails(plain, r"--kind='both': choose one of auto, encoder, decoder", kind="both")
     _, last = finetuned(tmp_path / "last.pt", "sc", EuroBertHead(64, 2), [0, 1], "last")[:2]
     fails(last, r"pools the last token.*--pooling=mean")
-    _, old = finetuned(tmp_path / "old.pt", "sc", EuroBertHead(64, 2), [0, 1],
-                       input_format="eot")[:2]  # a format an earlier version wrote
-    fails(old, r"format 'eot', which this version no longer writes")
-    _, causal = finetuned(tmp_path / "causal.pt", "tc", TokenClassifier(64, 2), ["O", "B-X"],
+    _, old = finetuned(tmp_path / "old.pt", "sc", torch.nn.Linear(64, 2), [0, 1])[:2]
+    fails(old, r"single linear layer.*--kind=encoder")
+    _, causal = finetuned(tmp_path / "causal.pt", "tc", torch.nn.Linear(64, 2), ["O", "B-X"],
                           causal=True)[:2]
     fails(causal, r"causal attention.*bidirectional only")
-    _, wrong = finetuned(tmp_path / "wrong.pt", "tc", TokenClassifier(64, 3), ["O", "B-X"])[:2]
+    _, wrong = finetuned(tmp_path / "wrong.pt", "tc", torch.nn.Linear(64, 3), ["O", "B-X"])[:2]
     fails(wrong, r"tc head has weights .* expected")
-    _, linear = finetuned(tmp_path / "linear.pt", "sc", torch.nn.Linear(64, 2), [0, 1])[:2]
-    fails(linear, r"sc head has weights .* expected")
     _, family = finetuned(tmp_path / "family.pt", "ner", torch.nn.Linear(64, 3))[:2]
     fails(family, r"family 'ner'")
     # the head can always be left out
@@ -360,7 +369,7 @@ def test_a_model_finetune_py_saved_exports(tmp_path):
     head = EuroBertHead(64, 2).eval()
     head.load_state_dict(saved["finetuned"]["head"])
     for text in ("the film was good", "a bad plot and a very bad scene"):
-        ids = fine_tuning_input(text)
+        ids = fine_tuning_input(text, saved["finetuned"]["input_format"])
         with torch.no_grad():
             ours = head(body(torch.tensor([ids]), causal=False).mean(1)[0]).softmax(-1)
         theirs = {r["label"]: r["score"] for r in classify(text, top_k=None)}

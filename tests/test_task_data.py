@@ -141,46 +141,48 @@ def sources(task):
 
 @pytest.mark.parametrize("name", list(HF_TASKS))
 def test_every_named_task_loads_and_its_records_pass_the_checks(name, fake_hub):
-    task = HF_TASKS[name].load()
-    assert task.family == HF_TASKS[name].family
-    family, _ = make_family(task.family, [r for _, r in task.train])
-    family.check(task.test)
-    family.check(task.val or [])
-    for split in ("val", "test"):
-        rows = getattr(task, split)
-        if rows:  # encodes, with the documents the split searches
-            family.encode(rows, task.documents[split]) if split in task.documents \
-                else family.encode(rows)
+    for input_format in ("paper", "eot"):
+        task = HF_TASKS[name].load(input_format)
+        assert task.family == HF_TASKS[name].family
+        family, _ = make_family(task.family, [r for _, r in task.train],
+                                input_format=input_format)
+        family.check(task.test)
+        family.check(task.val or [])
+        for split in ("val", "test"):
+            rows = getattr(task, split)
+            if rows:  # encodes, with the documents the split searches
+                family.encode(rows, task.documents[split]) if split in task.documents \
+                    else family.encode(rows)
 
 def test_sc_and_qa_validation_is_held_out_and_test_is_the_official_validation(fake_hub):
     for name, test in (("sst2", "validation"), ("qqp", "validation"),
                        ("mnli", "validation_matched")):
-        task = HF_TASKS[name].load()
+        task = HF_TASKS[name].load("paper")
         assert task.val is None  # finetune.py holds 5% of train out
         assert sources(task) == {"train": {f"nyu-mll/glue {name}/train"}, "val": set(),
                                  "test": {f"nyu-mll/glue {name}/{test}"}}
     for name, hub_name in (("squad", "rajpurkar/squad"), ("squad_v2", "rajpurkar/squad_v2"),
                            ("record", "hgissbkh/record")):
-        task = HF_TASKS[name].load()
+        task = HF_TASKS[name].load("paper")
         assert task.val is None and sources(task) == {
             "train": {f"{hub_name}/train"}, "val": set(), "test": {f"{hub_name}/validation"}}
 
 def test_tc_uses_the_datasets_own_three_splits(fake_hub):
     for name, hub_name in (("conll2003", "hgissbkh/conll2003-en"),
                            ("ontonotes", "hgissbkh/ontonotes5"), ("uner", "hgissbkh/uner_en")):
-        task = HF_TASKS[name].load()
+        task = HF_TASKS[name].load("paper")
         assert sources(task) == {split: {f"{hub_name}/{theirs}"} for split, theirs in
                                  (("train", "train"), ("val", "validation"), ("test", "test"))}
         # the records really come from each split (the fake marks their first sentence)
         assert task.test[0][1]["words"][-1] == "test" and task.val[0][1]["words"][-1] == \
             "validation"
-    conll = HF_TASKS["conll2003"].load()
+    conll = HF_TASKS["conll2003"].load("paper")
     # IOB1 as the authors' copy has it: I-ORG and I-MISC start entities, named by ClassLabel
     assert conll.train[1][1] == {"words": ["EU", "rejects", "German", "call"],
                                  "tags": ["I-ORG", "O", "I-MISC", "O"]}
 
 def test_msmarco_trains_on_pairs_and_evaluates_on_beir_dev_and_trec_dl(fake_hub):
-    task = HF_TASKS["msmarco"].load()
+    task = HF_TASKS["msmarco"].load("paper")
     assert sources(task) == {"train": {"hgissbkh/msmarco-pairs/train"},
                              "val": {"BeIR/msmarco/validation"}, "test": {"BeIR/msmarco/test"}}
     assert [r for _, r in task.train] == [{"query": f"query {i}", "document": f"passage {i}"}
@@ -195,11 +197,11 @@ def test_msmarco_trains_on_pairs_and_evaluates_on_beir_dev_and_trec_dl(fake_hub)
     assert ("BeIR/msmarco-qrels", None, "validation") in fake_hub
 
 def test_nq_halves_its_test_queries_with_a_seed_and_uses_title_and_text(fake_hub):
-    task = HF_TASKS["nq"].load()
+    task = HF_TASKS["nq"].load("paper")
     val = {r["query"] for _, r in task.val}
     test = {r["query"] for _, r in task.test}
     assert len(val) == len(test) == 4 and not val & test  # 8 queries, 50/50, disjoint
-    assert {r["query"] for _, r in HF_TASKS["nq"].load().val} == val  # seeded
+    assert {r["query"] for _, r in HF_TASKS["nq"].load("paper").val} == val  # seeded
     assert "T3. nq 3 is a thing" in task.documents["test"]  # "title. text"
     assert len(task.documents["test"]) == 8  # only judged documents
     judgments = [Judgment(f"q{i}", f"d{i}", 1) for i in range(7)]
@@ -208,7 +210,7 @@ def test_nq_halves_its_test_queries_with_a_seed_and_uses_title_and_text(fake_hub
     assert halves != task_data.halve_queries(judgments, seed=1)
 
 def test_mldr_uses_dev_and_test_and_only_positive_passages(fake_hub):
-    task = HF_TASKS["mldr"].load()
+    task = HF_TASKS["mldr"].load("paper")
     assert [r for _, r in task.val] == [{"query": "long query 0", "document": "long doc 0",
                                          "grade": 1}]
     assert len(task.test) == 2
@@ -218,7 +220,8 @@ def test_mldr_uses_dev_and_test_and_only_positive_passages(fake_hub):
 def test_corpus_file_adds_distractors_to_the_test_split_of_a_named_task(fake_hub, tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"text": "a distractor"}\n')
-    cfg = SimpleNamespace(task="msmarco", train="", val="", test="", corpus=str(path))
+    cfg = SimpleNamespace(task="msmarco", input_format="paper", train="", val="", test="",
+                          corpus=str(path))
     task = task_data.load_task(cfg)
     assert task.documents["test"][-1] == "a distractor"
     assert "a distractor" not in task.documents["val"]
@@ -226,14 +229,18 @@ def test_corpus_file_adds_distractors_to_the_test_split_of_a_named_task(fake_hub
 # --------------------------------------------------------------------------------------------------
 # Record conversions, one hub shape at a time
 
-def test_glue_records_are_the_authors_labelled_texts():
+def test_glue_records_in_both_formats():
     mnli = {"premise": "P.", "hypothesis": "H.", "label": 2, "idx": 5}
-    assert task_data.glue_record("mnli", mnli) == \
+    assert task_data.glue_record("mnli", mnli, "paper") == \
         {"text": "Premise: P.\nHypothesis: H.", "label": 2}
+    assert task_data.glue_record("mnli", mnli, "eot") == \
+        {"text": "P.", "text_pair": "H.", "label": 2}
     qqp = {"question1": "A?", "question2": "B?", "label": 0, "idx": 1}
-    assert task_data.glue_record("qqp", qqp)["text"] == "Question 1: A?\nQuestion 2: B?"
+    assert task_data.glue_record("qqp", qqp, "paper")["text"] == "Question 1: A?\nQuestion 2: B?"
     sst2 = {"sentence": "a gem .", "label": 1, "idx": 0}
-    assert task_data.glue_record("sst2", sst2) == {"text": "a gem .", "label": 1}
+    for input_format in ("paper", "eot"):
+        assert task_data.glue_record("sst2", sst2, input_format) == \
+            {"text": "a gem .", "label": 1}
 
 def test_ner_records():
     record = {"words": ["EU", "rejects", "German"], "ner": [4, 0, 8]}
@@ -260,9 +267,45 @@ def test_a_hub_record_without_a_field_is_named():
         task_data.converted("c", "train", [{"words": ["a"], "ner": [99]}],
                             lambda r, i: task_data.ner_record(r, "words", "ner", CONLL_NAMES))
 
+SUPERGLUE_PASSAGE = "Obama met Merkel in Berlin. @highlight\nBarack Obama flew home"
+
+def superglue_record(end_inclusive):
+    mentions = [(0, 5), (10, 16), (20, 26), (39, 51)]  # Obama, Merkel, Berlin, Barack Obama
+    spans = {"text": [SUPERGLUE_PASSAGE[a:b] for a, b in mentions],
+             "start": [a for a, _ in mentions],
+             "end": [b - end_inclusive for _, b in mentions]}  # a dict of lists, as datasets gives
+    return {"passage": SUPERGLUE_PASSAGE, "query": "@placeholder spoke with the chancellor",
+            "entities": ["Barack Obama", "Berlin", "Merkel", "Obama"], "entity_spans": spans,
+            "answers": ["Obama", "Barack Obama"], "idx": {"passage": 3, "query": 7}}
+
+@pytest.mark.parametrize("end_inclusive", [True, False])
+def test_record_superglue_shape_gives_every_answer_occurrence_and_candidates(end_inclusive):
+    out = task_data.record_record(superglue_record(end_inclusive), 0)
+    assert out["id"] == "3-7" and out["question"].startswith("@placeholder")
+    assert out["context"] == SUPERGLUE_PASSAGE
+    # every mention of a gold answer, in passage order: "Obama" at 0, "Barack Obama" at 39
+    assert out["answers"] == {"text": ["Obama", "Barack Obama"], "answer_start": [0, 39]}
+    assert out["candidates"] == [[0, 5], [10, 16], [20, 26], [39, 51]]
+    family, _ = make_family("qa", [out])  # passes the qa checks, candidates included
+    assert family.encode([("r", out)]).items[0].example.candidates
+
+def test_record_answers_outside_the_mentions_and_bad_spans():
+    record = superglue_record(False) | {"answers": ["Obama", "home"]}
+    out = task_data.record_record(record, 0)
+    # "home" is no mention: its occurrence in the text is a gold answer all the same; "Obama"
+    # inside the mention "Barack Obama" is not a mention of Obama
+    assert out["answers"] == {"text": ["Obama", "home"],
+                              "answer_start": [0, SUPERGLUE_PASSAGE.find("home")]}
+    with pytest.raises(ValueError, match="'Paris' is nowhere in the passage"):
+        task_data.record_record(superglue_record(False) | {"answers": ["Paris"]}, 0)
+    broken = superglue_record(False)
+    broken["entity_spans"] = {"text": ["Merkel"], "start": [0], "end": [6]}
+    with pytest.raises(ValueError, match="field 'entity_spans' item 0: 'Merkel' is not at"):
+        task_data.record_record(broken, 0)
+
 def test_record_squad_shape_as_the_authors_copy():
     record = FAKE_HUB["hgissbkh/record", None, "train"][0]
-    out = task_data.squad_record(record, 12)
+    out = task_data.record_record(record, 12)
     assert out == {"id": "12", "question": "@placeholder won", "context": record["context"],
                    "answers": {"text": ["Obama", "Barack Obama"], "answer_start": [0, 10]}}
 
