@@ -1,7 +1,6 @@
 """Speed and memory of the training step, measured on train.py's own loop (docs/speed.md).
 
     python bench.py                                  # the real step here: tiny, CLM then MLM
-    python bench.py --model=210m --block_size=2048 --batch_size=8 --tokenizer=cl100k
     python bench.py --compare=transformers           # against transformers' Llama and EuroBERT
     python bench.py --memory=true --gpu_gb=80        # the memory model of the paper's presets
     python bench.py --suite=gpu --out=bench_gpu.md   # the GPU suite, under 8 minutes
@@ -60,9 +59,7 @@ class BenchConfig:
 # The real step: train.py on synthetic token files
 
 def real_run(cfg: BenchConfig, model: str, block_size: int, batch_size: int) -> dict:
-    """One train.py run (gradient accumulation, the loader, the switch, validation, checkpoints)
-    timed from its log: tokens/s of each phase after its first interval, compile time, graphs,
-    graph breaks and, on CUDA, host syncs per step (torch.cuda.set_sync_debug_mode)."""
+    """One whole train.py run on synthetic tokens, timed from its log and torch's counters."""
     tok = get_tokenizer(cfg.tokenizer)
     rng = np.random.default_rng(0)
     n = (cfg.steps * cfg.grad_accum + 4) * batch_size * block_size
@@ -110,9 +107,7 @@ def real_run(cfg: BenchConfig, model: str, block_size: int, batch_size: int) -> 
 
 def head_share(cfg: BenchConfig, model_name: str, block_size: int, batch_size: int,
                device, autocast) -> dict:
-    """The LM head and its loss alone (objectives.linear_cross_entropy, forward and backward) on a
-    micro-batch's rows, against the whole forward and backward: its share of the time and, on
-    CUDA, of the peak memory."""
+    """The LM head and its loss alone: their share of a whole step's time and (CUDA) peak memory."""
     vocab = get_tokenizer(cfg.tokenizer).vocab()
     model = Transformer(model_config(model_name, vocab_size=vocab.size,
                                      block_size=block_size)).to(device)
@@ -154,8 +149,7 @@ def head_share(cfg: BenchConfig, model_name: str, block_size: int, batch_size: i
     return shares
 
 def sdpa_kernel(device) -> dict:
-    """Which attention kernel SDPA runs at the 1b shape (head dim 96, 18 query heads over 6 KV
-    heads), read from the profiler: flash, efficient (memory-efficient), cudnn, or math."""
+    """Which SDPA kernel runs at the 1b shape (head dim 96, 18 query heads over 6 KV heads)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, 18, 512 if device.type == "cpu" else 2048, 96, device=device, dtype=dtype)
     kv = torch.randn(1, 6, q.size(2), 96, device=device, dtype=dtype)
@@ -173,10 +167,8 @@ def sdpa_kernel(device) -> dict:
 # Against transformers, one thread, the same shapes
 
 def compare_transformers(cfg: BenchConfig, rounds: int = 9) -> dict:
-    """Thread CPU time of one training step (forward, loss, backward, fused AdamW) of ours and of
-    transformers' LlamaForCausalLM (CLM) and EuroBertForMaskedLM (MLM, every position through the
-    head, as it computes the loss), the rows interleaved; and the matrix products' share of our
-    CLM step's CPU time (the linear layers and the SDPA kernels)."""
+    """Thread CPU time of one training step of ours, of transformers' Llama (CLM) and of EuroBERT
+    (MLM: its head runs on every position), interleaved; and matmuls' share of our CLM step."""
     try:
         import transformers
     except ImportError:
@@ -230,9 +222,8 @@ def compare_transformers(cfg: BenchConfig, rounds: int = 9) -> dict:
 # The memory model
 
 def saved_bytes(preset: str, n_layer: int, tokens: int) -> int:
-    """Bytes a forward pass saves for backward under bf16 autocast, measured on the CPU with
-    saved-tensor hooks: one sequence of `tokens`, the preset cut to n_layer blocks. The forward
-    stops before the LM head, so a small vocabulary saves the same."""
+    """Bytes one sequence's forward through n_layer blocks of the preset saves for backward under
+    bf16 autocast. It stops before the LM head, so a small vocabulary saves the same."""
     model = Transformer(model_config(preset, vocab_size=256, n_layer=n_layer, block_size=tokens))
     total = [0]
 
@@ -254,9 +245,8 @@ def activation_bytes(preset: str) -> dict:
 
 def memory_model(preset: str, vocab_size: int, block_size: int, gpus: int, saved: dict):
     """micro-batch -> estimated peak GB of one GPU training `preset`: fp32 weights, gradients and
-    AdamW moments (16 bytes a parameter; FSDP shards them over the GPUs but holds the gathered
-    bf16 root unit and two blocks), the activations saved for backward (bf16 autocast), and one
-    chunk of the LM head's logits with its gradients (objectives.LinearCrossEntropy)."""
+    AdamW moments (16 bytes a parameter; FSDP shards them but holds the gathered bf16 root and two
+    blocks), the activations saved for backward, and one LM head chunk's logits and gradients."""
     cfg = model_config(preset, vocab_size=vocab_size, block_size=block_size)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -276,8 +266,7 @@ def memory_model(preset: str, vocab_size: int, block_size: int, gpus: int, saved
     return estimate
 
 def memory_table(cfg: BenchConfig) -> list[dict]:
-    """Each preset at its config file's context and micro-batch (or this command's): the estimate,
-    and the largest micro-batch that fits --gpu_gb with 10% to spare, under DDP and FSDP."""
+    """Each preset at its config file's shape: the estimate, and the largest micro-batch to fit."""
     vocab_size = get_tokenizer(cfg.tokenizer).n_vocab
     rows = []
     for preset in cfg.memory_presets.split(","):
@@ -299,11 +288,8 @@ GPU_SUITE = (("210m", 2048, 16), ("610m", 2048, 8), ("1b", 2048, 4))
 GPU_SUITE_BUDGET_S = 420  # rows not started by then are skipped: the suite ends within 8 minutes
 
 def report_lines(rows: list[dict]) -> list[str]:
-    lines = []
-    for row in rows:
-        lines.append("  ".join(f"{k} {v:,.3g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in row.items() if v is not None))
-    return lines
+    return ["  ".join(f"{k} {v:,.3g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in row.items() if v is not None) for row in rows]
 
 @command
 def main(argv: list[str]):
@@ -329,9 +315,8 @@ def main(argv: list[str]):
         rows.append({"sdpa at the 1b shape": sdpa_kernel(device)})
         rows += memory_table(cfg)
     else:
-        rows.append({**real_run(cfg, cfg.model, cfg.block_size, cfg.batch_size),
-                     **head_share(cfg, cfg.model, cfg.block_size, cfg.batch_size, device,
-                                  autocast)})
+        shape = (cfg.model, cfg.block_size, cfg.batch_size)
+        rows.append({**real_run(cfg, *shape), **head_share(cfg, *shape, device, autocast)})
         rows.append({"sdpa at the 1b shape": sdpa_kernel(device)})
         if cfg.compare:
             rows.append(compare_transformers(cfg))

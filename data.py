@@ -1,13 +1,6 @@
-"""The paper's data: documents tokenized, each followed by one end-of-text token, concatenated and
-cut into fixed blocks (2,048 tokens in the paper; documents may straddle blocks). Every model reads
-the same blocks in the same order, whatever its objective, batch size or number of GPUs.
-
-    python data.py --source=docstrings --tokenizer=cl100k_8k   # the offline default corpus
-    python data.py --source=fineweb-edu --max_tokens=1e9       # the paper's (pip install datasets)
-    python data.py --source='my_texts/*.jsonl' --out_dir=data/mine
-
-Sources and file formats: docs/data.md.
-"""
+"""The paper's data: documents, each followed by an end-of-text token, concatenated and cut into
+fixed blocks that every model reads in the same order. `python data.py --source=...` prepares them;
+sources, usage and file formats: docs/data.md."""
 
 import glob
 import hashlib
@@ -50,7 +43,7 @@ SPLITS = ("train", "val")
 # Other sources: local .txt/.jsonl files and FineWeb-Edu
 
 def _local_texts(source: str, text_field: str):
-    """Lazily yields the documents of the files matched by source (path, directory or glob)."""
+    """The documents of the files source (a path, directory or glob) matches, read lazily."""
     if os.path.isdir(source):
         paths = [p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
                  if p.endswith((".txt", ".jsonl"))]
@@ -103,9 +96,8 @@ def _fineweb_texts(config: str, text_field: str):
 
 def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens: int | None,
                        batch_docs: int = 1024) -> dict:
-    """Tokenizes (split, text) pairs into out_dir/{split}.bin.tmp; returns meta.json's dtype,
-    counts and tokens_sha256 (the files' identity). Whole documents only: stops before the first
-    one that would take the total past max_tokens."""
+    """Tokenizes (split, text) pairs into out_dir/{split}.bin.tmp; returns token_meta. Whole
+    documents only: stops before the first one that would take the total past max_tokens."""
     dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
     n_tokens, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     digest = hashlib.sha256()
@@ -136,15 +128,12 @@ def token_meta(dtype, n_tokens: dict, n_docs: dict, digest) -> dict:
             "tokens_sha256": digest.hexdigest()}
 
 def _commit(out_dir: str, meta: dict):
-    """Moves the finished out_dir/{split}.bin.tmp files into place and writes meta.json last. The
-    old meta.json goes first, so a crash in between leaves no meta.json rather than one describing
-    bins it does not match."""
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    heldout = os.path.join(out_dir, HELDOUT_FILE)
-    if os.path.exists(heldout):
-        os.remove(heldout)  # like meta.json, it describes the old data
+    """Moves the finished .tmp files into place, meta.json last. The old meta.json goes first, so a
+    crash in between leaves no meta.json rather than one describing bins it does not match."""
+    meta_path, heldout = os.path.join(out_dir, "meta.json"), os.path.join(out_dir, HELDOUT_FILE)
+    for old in (meta_path, heldout):  # both describe the old data
+        if os.path.exists(old):
+            os.remove(old)
     names = ([f"{split}.bin" for split in SPLITS]
              + ([HELDOUT_FILE] if os.path.exists(heldout + ".tmp") else []))
     for name in names:
@@ -154,8 +143,7 @@ def _commit(out_dir: str, meta: dict):
     os.replace(meta_path + ".tmp", meta_path)
 
 def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) -> dict:
-    """Token arrays already in hand ({"train": array, "val": array}) -> the files prepare writes.
-    For synthetic data (bench.py, tests)."""
+    """{"train": array, "val": array} of tokens -> the files prepare writes: synthetic data."""
     dtype = np.uint16 if tokenizer_meta["n_vocab"] <= 2**16 else np.uint32
     os.makedirs(out_dir, exist_ok=True)
     digest = hashlib.sha256()
@@ -172,18 +160,10 @@ def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) 
 def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
             max_tokens: int | None = None, val_fraction: float = 0.05, text_field: str = "text",
             seed: int = 0, reuse: bool = False) -> dict:
-    """Tokenizes a corpus into out_dir/{train,val}.bin and out_dir/meta.json; returns the meta. For
-    the docstrings also writes out_dir/heldout.jsonl, the documents kept out of both splits for
-    fine-tuning.
-
-    source: "docstrings" (split by split_of, so val_fraction and seed do not apply),
-    "fineweb-edu" or "fineweb-edu:<config>" (streamed, max_tokens required), or a path,
-    directory or glob of .txt/.jsonl files. For the last two a document goes to val when
-    a hash of (seed, its text) falls below val_fraction, so duplicates share a split.
-
-    One process at a time prepares a directory (the others wait); reuse=True returns the meta of a
-    directory that is already prepared instead of preparing it again (what train.py does).
-    """
+    """Tokenizes a corpus into out_dir/{train,val}.bin and meta.json (the docstrings also into
+    heldout.jsonl, kept for fine-tuning); returns the meta. Outside the docstrings a document goes
+    to val by a hash of (seed, its text), so duplicates share a split. One process at a time
+    prepares a directory; reuse=True returns the meta of one already prepared."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):
@@ -225,28 +205,23 @@ def _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, s
             raise ValueError(f"the {split} split of {source!r} is empty "
                              f"({written['n_documents']} documents): add documents, raise "
                              "max_tokens or change val_fraction")
-    # the docstring corpus is what the installed Python, numpy and torch hold: say which
-    versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "torch": torch.__version__} if source == "docstrings" else {}
-    meta = {**tok.meta(), **written, "source": source, "format_version": FORMAT_VERSION,
-            **({"versions": versions} if versions else {})}
+    meta = {**tok.meta(), **written, "source": source, "format_version": FORMAT_VERSION}
+    if source == "docstrings":  # the corpus is what the installed Python, numpy and torch hold
+        meta["versions"] = {"python": platform.python_version(), "numpy": np.__version__,
+                            "torch": torch.__version__}
     _commit(out_dir, meta)
     return meta
 
 def default_data_dir(source: str, tokenizer: str) -> str:
-    """Where prepared data goes unless told otherwise: data/<source>_<tokenizer>, the source made a
-    file name."""
     return os.path.join("data", re.sub(r"\W+", "_", f"{source}_{tokenizer}").strip("_"))
 
 def data_dir_of(config: dict) -> str:
-    """Where a run's token files are, from its TrainConfig as a dict (a checkpoint's train_config):
-    its data_dir, or the default directory of its data and tokenizer."""
+    """Where the token files of a run are, from its train_config dict."""
     return config.get("data_dir") or default_data_dir(config.get("data", ""),
                                                       config.get("tokenizer", ""))
 
 def load_meta(data_dir: str) -> dict:
-    """Reads data_dir/meta.json, checks its fields, and checks that the token files it describes are
-    complete."""
+    """data_dir/meta.json, once its fields and the token files it describes are checked."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path} not found: prepare the data first, e.g. "
@@ -261,8 +236,7 @@ def load_meta(data_dir: str) -> dict:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise ValueError(f"{meta_path} has format_version {version}, this code reads "
                          f"{FORMAT_VERSION}: prepare the data again")
-    problem = _meta_problem(meta)
-    if problem:
+    if problem := _meta_problem(meta):
         raise ValueError(f"{meta_path}: {problem}: prepare the data again")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
@@ -277,7 +251,6 @@ def load_meta(data_dir: str) -> dict:
     return meta
 
 def _meta_problem(meta: dict) -> str | None:
-    """What is wrong with the fields of a meta.json, or None."""
     def count(value):
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
     if not count(meta.get("n_vocab")) or meta["n_vocab"] < 1:
@@ -301,14 +274,11 @@ def _meta_problem(meta: dict) -> str | None:
 # BlockLoader: fixed blocks in an order that only (seed, epoch) decides
 
 class BlockLoader:
-    """Yields (batch_size, block_size) int64 batches of non-overlapping blocks of one split.
-
-    Epoch e visits the blocks in np.random.default_rng([seed, e]).permutation(n_blocks).
-    `position` counts blocks consumed by all ranks together; each step takes the next
-    world_size * batch_size blocks of that global order and this rank keeps its slice.
-    So the data order is the same for every batch size and world size (the paper's
-    control): one process with batch 8 == two ranks with batch 4 == two steps of batch 4.
-    """
+    """(batch_size, block_size) int64 batches of non-overlapping blocks of one split. Epoch e visits
+    the blocks in np.random.default_rng([seed, e]).permutation(n_blocks); `position` counts blocks
+    all ranks consumed, and each step this rank takes its slice of the next world_size * batch_size.
+    So the order is the same for every batch and world size (the paper's control): one process with
+    batch 8 == two ranks with batch 4 == two steps of batch 4."""
 
     def __init__(self, data_dir, split, block_size, batch_size, *, seed=0, rank=0, world_size=1,
                  device="cpu"):
@@ -352,8 +322,7 @@ class BlockLoader:
         epochs, offsets = np.divmod(np.arange(first, first + self.batch_size), self.n_blocks)
         blocks = np.array([self._order(e)[o] for e, o in zip(epochs.tolist(), offsets.tolist())])
         self.position += self.world_size * self.batch_size
-        # A fresh memmap per batch (as nanoGPT does): a long-lived one keeps every page it
-        # ever touched mapped, and the process RSS grows towards the whole file.
+        # a fresh memmap per batch, as nanoGPT: a long-lived one keeps every page it touched mapped
         data = np.memmap(self.path, dtype=self.dtype, mode="r")
         T = self.block_size
         x = np.stack([data[b * T:(b + 1) * T] for b in blocks]).astype(np.int64)  # (B, T)

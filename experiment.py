@@ -1,12 +1,6 @@
-"""The paper's experiment at small scale in one command, and the table and figures of any
-experiment: several pretraining runs, each fine-tuned on several tasks, reported as the paper does.
-
-    python experiment.py                            # the CPU experiment (about half an hour)
-    python experiment.py --jobs=4 --out_dir=out/exp4
-    python experiment.py --summarize=out/exp        # the table and figures of out/exp only
-
-What runs, how it resumes, and the results: docs/experiment.md.
-"""
+"""The paper's experiment at small scale in one command (about half an hour on 2 cores): several
+pretraining runs, each fine-tuned on several tasks, reported as the paper does (--summarize=DIR
+reports any experiment). What runs, how it resumes, and the results: docs/experiment.md."""
 
 import glob
 import importlib.util
@@ -63,11 +57,9 @@ class ExperimentConfig:
 QUICK = dict(steps=60, warmup_steps=6, decay_steps=12, cpt_steps=30, eval_interval=10,
              tasks="sc,ir", lrs="3e-3,1e-2", ft_steps=20, keep="30", keep_tasks="sc")
 
-
 def read_run(ckpt_path: str) -> dict:
-    """A train.py run: its settings (from the checkpoint, mmapped), its validation losses, and the
-    report.json of each sweep below its out_dir, matched to ckpt.pt or a ckpt_<step>.pt by the
-    checkpoint's identity, not its path: an experiment can be moved or copied."""
+    """A train.py run: its settings, validation losses, and the report.json of each sweep below it,
+    matched to its checkpoints by identity, not path: an experiment can be moved or copied."""
     run_dir, ckpt = os.path.dirname(ckpt_path), read_checkpoint(ckpt_path)
     if "train_config" not in ckpt:
         raise ValueError(f"{ckpt_path} has no train_config: not written by train.py")
@@ -118,10 +110,9 @@ def describe_runs(runs: list[dict]) -> list[dict]:
     return sorted(runs, key=lambda run: (depth(run), -run["clm_share"], run["name"]))
 
 def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
-    """The tasks, and markdown tables: the test score at the learning rate chosen on validation
-    (mean ± 95% CI over seeds) per run and task, as the paper reports; the stability (sd across the
-    learning-rate grid, points) with the final validation losses; and, when checkpoints along a
-    run were fine-tuned, their scores against the tokens seen (the data-efficiency view)."""
+    """The tasks, and markdown tables: the paper's test scores (mean ± 95% CI over seeds, at the lr
+    chosen on validation), the stability (sd across the lr grid) with the final validation losses,
+    and, when checkpoints along a run were fine-tuned, their scores against the tokens seen."""
     family = {t: r["reports"][t]["family"] for r in runs for t in r["reports"]}
     tasks = sorted(family, key=lambda t: (list(FAMILIES).index(family[t]), t))
     metric = {t: next(r["reports"][t]["metric"] for r in runs if t in r["reports"]) for t in tasks}
@@ -160,12 +151,10 @@ def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
 
 def tokens_per_step(run: dict) -> int:
     cfg = run["config"]
-    return (run["global_batch"] or cfg["total_batch_size"] or cfg["batch_size"]) \
-        * cfg["block_size"]
+    return (run["global_batch"] or cfg["total_batch_size"] or cfg["batch_size"]) * cfg["block_size"]
 
 def training_flops(run: dict, step: int) -> float:
-    """The FLOPs of a run's first `step` steps, counted as MFU counts them (model.py's
-    flops_per_token: 6 per weight a token meets, attention, MLM's head on its masked share)."""
+    """The FLOPs of a run's first `step` steps, as MFU counts them (model.py's flops_per_token)."""
     with torch.device("meta"):
         model = Transformer(ModelConfig(**run["model_config"]))
     cfg = SimpleNamespace(**run["config"])
@@ -174,10 +163,9 @@ def training_flops(run: dict, step: int) -> float:
         for o, n in phases(run, step))
 
 def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
-    """The validation losses over pretraining (a continued-pretraining run after its source's
-    steps; dotted where the objective changes), the test score against the learning rate per task,
-    and against the pretraining step and FLOPs (the paper's Fig. 10) of checkpoints along a run:
-    the seed mean as a line, each seed as a dot (the dots say more than a wide t interval)."""
+    """The validation losses over pretraining (dotted where the objective changes), and per task the
+    test score against the lr and against the pretraining step and FLOPs (the paper's Fig. 10): the
+    seed mean as a line, each seed as a dot (the dots say more than a wide t interval)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
@@ -210,8 +198,7 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
-    def panels(name, points, xlabel, xscale="linear"):
-        """A row of per-task panels of (x, report, cells) points for each run."""
+    def panels(name, points, xlabel, xscale="linear"):  # per task: each run's (x, report, cells)
         shown = [t for t in tasks if any(points(run, t) for run in runs)]
         if not shown:
             return
@@ -299,7 +286,6 @@ def run_command(args: list[str], log_path: str) -> None:
         raise ValueError(f"{' '.join(args[:1])} failed (exit {code}); see {log_path}: {last}")
 
 def train_args(name: str, cfg: ExperimentConfig) -> list[str]:
-    """The train.py settings of one run of the experiment."""
     settings, source = RUNS[name]
     steps = cfg.cpt_steps if source else cfg.steps
     args = [f"--max_steps={steps}", f"--eval_interval={cfg.eval_interval}",
@@ -313,8 +299,8 @@ def train_args(name: str, cfg: ExperimentConfig) -> list[str]:
     return args
 
 def check_same(ckpt_path: str, args: list[str]) -> None:
-    """A run already in the experiment's directory must have the settings asked for now: one of
-    other settings is neither reused nor trained over."""
+    """A run already in the directory must have the settings asked for now: a run of other settings
+    is neither reused nor trained over."""
     saved = read_checkpoint(ckpt_path).get("train_config", {})
     for arg in args:
         key, _, value = arg[2:].partition("=")
@@ -339,16 +325,14 @@ def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
             print(f"{name}: kept (finished, the same settings)", flush=True)
             return
         args = ["--init_from=resume"]
-    print(f"{name}: {'resuming' if args == ['--init_from=resume'] else 'pretraining'}",
-          flush=True)
+    print(f"{name}: {'resuming' if args == ['--init_from=resume'] else 'pretraining'}", flush=True)
     t0 = time.perf_counter()
     run_command(["train.py", *args, f"--out_dir={run_dir}", "--progress=False"],
                 os.path.join(cfg.out_dir, f"{name}.log"))
     print(f"{name}: pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
 
 def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) -> None:
-    """A learning-rate x seed sweep of one run (or of its checkpoint at `step`) on one demo task;
-    cells already done are reused."""
+    """One run's (or its ckpt_<step>.pt's) lr x seed sweep on a demo task; done cells are reused."""
     ckpt = "ckpt.pt" if step is None else f"ckpt_{step}.pt"
     out = os.path.join(cfg.out_dir, name, f"demo_{task}" if step is None else
                        f"step{step}_demo_{task}")
@@ -361,8 +345,7 @@ def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    # Every run reads the same blocks in the same order (seed 0); the first to start prepares the
-    # data, the others wait for it.
+    # every run reads the same blocks in the same order; the first prepares them, the others wait
     with ThreadPoolExecutor(cfg.jobs) as pool:
         runs = {}
         for name, (_, source) in RUNS.items():  # a source comes before the runs that continue it

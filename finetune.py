@@ -102,14 +102,11 @@ class FinetuneConfig:
              "--warmup must be in [0, 1), --val_fraction in (0, 1)"),
             (self.grad_clip >= 0,
              "--grad_clip must be >= 0 (0 = off; a negative bound would make clipping ascend)"),
-            (self.pooling in ("mean", "first", "last"), "--pooling must be mean, first or last"),
-            (self.input_format in INPUT_FORMATS,
-             f"--input_format must be {' or '.join(INPUT_FORMATS)}"),
-            (self.weights in ("fp32", "bf16"), "--weights must be fp32 or bf16"),
-            (self.empty_queries in ("skip", "zero"), "--empty_queries must be skip or zero"),
-            *above(self, 0, "temperature"),
-            (self.dtype in ("auto", "bfloat16", "float32"),
-             "--dtype must be auto, bfloat16 or float32"),
+            *one_of(self, "pooling", ("mean", "first", "last")),
+            *one_of(self, "input_format", INPUT_FORMATS),
+            *one_of(self, "weights", ("fp32", "bf16")),
+            *one_of(self, "empty_queries", ("skip", "zero")), *above(self, 0, "temperature"),
+            *one_of(self, "dtype", ("auto", "bfloat16", "float32")),
             (lrs_problem(self.lrs) is None, lrs_problem(self.lrs)),
         ]
 
@@ -118,9 +115,6 @@ ENCODEVAL_MAX_LEN = 2028
 
 # Settings that do not change a cell's result: a sweep run with other values reuses its cells
 NOT_IN_KEY = {"lrs", "seeds", "out_dir", "device", "progress", "save_model", "compile"}
-
-def learning_rates(cfg: FinetuneConfig) -> list[float]:
-    return [float(x) for x in cfg.lrs.split(",")]
 
 def lrs_problem(text: str) -> str | None:
     try:
@@ -185,17 +179,13 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
 # --------------------------------------------------------------------------------------------------
 # The sweep and its report
 
-def read_results(path: str, key: str) -> dict:
-    """(lr, seed) -> result of the cells already in path with this key. The torn last line of a
-    sweep killed mid-write is cut from the file; that cell is simply done again."""
-    return {(r["lr"], r["seed"]): r for r in files.read_json_lines(path, repair=True)
-            if r.get("key") == key}
-
 def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> list[dict]:
     """Every (lr, seed) cell: from out_dir/results.jsonl, else fine-tuned now."""
     path = os.path.join(cfg.out_dir, "results.jsonl")
-    done = read_results(path, key)
-    cells = [(lr, seed) for lr in learning_rates(cfg) for seed in range(cfg.seeds)]
+    # the torn last line of a sweep killed mid-write is cut: that cell is simply done again
+    done = {(r["lr"], r["seed"]): r for r in files.read_json_lines(path, repair=True)
+            if r.get("key") == key}
+    cells = [(float(lr), seed) for lr in cfg.lrs.split(",") for seed in range(cfg.seeds)]
     todo = [cell for cell in cells if cell not in done]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells already in {path}; "
           f"fine-tuning {len(todo)}")

@@ -1,13 +1,6 @@
-"""Both faces of the same weights (nanoGPT's sample.py, for this project): as an encoder the model
-fills in masked tokens, as a decoder it continues a prompt; several checkpoints side by side, with
-the loss each gets on one text under both objectives (the same masks for every model).
-
-    python sample.py --init_from=out/demo/ckpt.pt          # fill-mask, continuation, losses
-    python sample.py --init_from=out/exp/clm/ckpt.pt,out/exp/mlm/ckpt.pt --top_k=3
-    python sample.py --init_from=hf:out/demo/hf            # an exported (or any hf:) directory
-
-Every option and an example comparison: docs/sample.md.
-"""
+"""Both faces of the same weights (nanoGPT's sample.py): as an encoder the model fills in masked
+tokens, as a decoder it continues a prompt; several checkpoints side by side, with their losses
+under both objectives. Usage, every setting and an example comparison: docs/sample.md."""
 
 import os
 import re
@@ -87,8 +80,7 @@ def describe(ckpt: dict) -> str:
     return ", ".join(about) or "a checkpoint"
 
 def load(spec: str, device: str) -> Loaded:
-    """A checkpoint (a fine-tuned one: its body) or hf:DIR, with the tokenizer it was trained
-    with."""
+    """A checkpoint (of a fine-tuned one, its body) or hf:DIR, with its tokenizer."""
     model, tok, ckpt = load_model(spec)
     about = describe(ckpt) if ckpt else "Hugging Face directory"
     n = model.num_params()["paper"] / 1e6
@@ -96,8 +88,7 @@ def load(spec: str, device: str) -> Loaded:
                   f"{about}, {n:.2f}M parameters")
 
 def same_vocabulary(a, b) -> bool:
-    """Do the same ids mean the same tokens (an exported tokenizer.json and its original may differ
-    in name and in how the pattern is spelled, not in that)?"""
+    """Do the same ids mean the same tokens? An export may spell its name and pattern otherwise."""
     return (a.special_ids == b.special_ids and a.n_vocab == b.n_vocab
             and a.encoding._special_tokens == b.encoding._special_tokens
             and a.encoding._mergeable_ranks == b.encoding._mergeable_ranks)
@@ -108,9 +99,8 @@ def check_length(ids: list, block_size: int, what: str) -> None:
                          f"{block_size} (block_size): shorten it")
 
 def masked_text(tok, text: str, mask_ratio: float, seed: int):
-    """(input ids, the true token at each masked position or IGNORE), both (T,): the tokenizer's
-    mask token marks the positions, or --mask_ratio masks at random exactly as MLM pretraining
-    does (objectives.mask_tokens, seeded)."""
+    """(input ids, the true token at each masked position or IGNORE), both (T,): <|mask|> marks the
+    positions, or --mask_ratio masks at random exactly as MLM pretraining does (seeded)."""
     mask = tok.token_name(tok.mask_id)
     if mask_ratio > 0:
         if mask in text:
@@ -137,8 +127,7 @@ def masked_text(tok, text: str, mask_ratio: float, seed: int):
 @torch.no_grad()
 def fill_mask(model, tok, inputs, top_k: int) -> list[list[tuple[int, float]]]:
     """At each mask, in order: the top_k (token id, probability), with bidirectional attention. The
-    softmax is over the tokenizer's ids (the padding rows past them are no tokens), as
-    transformers' fill-mask pipeline computes it over an exported model's vocabulary."""
+    softmax skips the padding rows past the tokenizer's ids, as transformers' fill-mask does."""
     check_length(inputs.tolist(), model.config.block_size, "--text")
     device = model.lm_head.weight.device
     hidden = model(inputs[None].to(device), causal=False)[0]  # (T, C)
@@ -149,8 +138,7 @@ def fill_mask(model, tok, inputs, top_k: int) -> list[list[tuple[int, float]]]:
 
 @torch.no_grad()
 def continuation(model, tok, prompt_ids: list, cfg: SampleConfig) -> tuple[list, str]:
-    """New token ids after the prompt with causal attention, and why it stopped. Greedy at
-    temperature 0, else sampled (seeded; among the sample_top_k likeliest). Never <|mask|> or
+    """New token ids after the prompt with causal attention, and why it stopped. Never <|mask|> or
     <|pad|>, which no causal model is trained to predict; never past the context."""
     block = model.config.block_size
     if len(prompt_ids) >= block:
@@ -183,9 +171,8 @@ def continuation(model, tok, prompt_ids: list, cfg: SampleConfig) -> tuple[list,
 
 @torch.no_grad()
 def losses(model, tok, ids: list, mask_ratio: float, seed: int) -> tuple[float, float, int]:
-    """(CLM loss, MLM loss, tokens MLM predicted) on one text, computed as in pretraining
-    (objectives.pretraining_loss); the MLM masks come from a generator seeded with `seed`, so every
-    model is scored on the same masked positions."""
+    """(CLM loss, MLM loss, tokens MLM predicted) on one text, as in pretraining; the MLM masks are
+    seeded, so every model is scored on the same masked positions."""
     check_length(ids, model.config.block_size, "the loss text")
     if len(ids) < 2:
         raise ValueError("the loss text needs at least 2 tokens (CLM predicts the next one)")

@@ -1,8 +1,6 @@
-"""One checkpoint format for every run (single process, DDP, FSDP, fine-tuned), which resume,
-continued pretraining, fine-tuning, sampling and export all read: written atomically and never
-with a NaN, read with weights_only=True, the model config inside. And the one loader of "a
-checkpoint or hf:DIR". docs/pretraining.md#checkpoints-and-failures-what-is-guaranteed.
-"""
+"""One checkpoint format for every run and every reader: written atomically and never with a NaN,
+read with weights_only=True, the model config inside; and the one loader of a checkpoint or hf:DIR.
+docs/pretraining.md#checkpoints-and-failures-what-is-guaranteed."""
 
 import glob
 import hashlib
@@ -19,21 +17,18 @@ from mlm_vs_clm.hf import check_fit, load_hf
 from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer, tokenizer_of
 from model import ModelConfig, Transformer
 
-# Every checkpoint train.py writes is a dict with this tag, the model config as a plain dict (so
-# the model rebuilds exactly from the file alone) and the weights; train.py adds the optimizer
-# state, the step, the data position, the tokenizer and its settings, to resume.
+# Every checkpoint is a dict with this tag, the model config as a plain dict (the model rebuilds
+# from the file alone) and the weights; train.py adds what a resume needs (optimizer, step, ...).
 CHECKPOINT_FORMAT = "mlm-vs-clm/1"
 
 def checkpoint_payload(model: Transformer, state_dict: dict | None = None, **extra) -> dict:
-    """state_dict: the full weights where model.state_dict() holds only this process's shards
-    (FSDP)."""
+    """state_dict: the full weights where model.state_dict() holds only this rank's (FSDP)."""
     return {"format": CHECKPOINT_FORMAT, "model_config": asdict(model.config),
             "model": model.state_dict() if state_dict is None else state_dict, **extra}
 
 def read_checkpoint(path: str, device="cpu") -> dict:
-    """The dict in one of our checkpoint files, memory-mapped (its tensors are read when used),
-    checked to be ours. Only tensors and plain containers are unpickled (weights_only=True): a
-    checkpoint someone hands you cannot run code on your machine."""
+    """The dict in one of our checkpoint files, memory-mapped, checked to be ours. weights_only=True
+    unpickles tensors and plain containers only: a checkpoint someone hands you cannot run code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     # torch.save writes a zip archive, whose directory is at its very end
@@ -42,8 +37,7 @@ def read_checkpoint(path: str, device="cpu") -> dict:
                          "end): a truncated copy, or not a checkpoint at all; give a ckpt.pt that "
                          "train.py wrote")
     try:
-        # mmap: under FSDP every process loads the full checkpoint; mapped, they share one copy in
-        # the page cache
+        # mmap: under FSDP every process loads it all; mapped, they share one copy in the page cache
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise ValueError(f"{path} holds Python objects other than tensors and plain containers; "
@@ -104,8 +98,7 @@ def load_model(spec: str, device="cpu", head: bool = True) -> Loaded:
     return Loaded(model.to(device), tok, ckpt)
 
 def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
-    """The model a checkpoint dict describes (read_checkpoint), with its weights, after checking
-    that config and weights agree, before anything is allocated; path is for messages."""
+    """The model of a checkpoint dict, config and weights checked to agree before any allocation."""
     config, weights = ckpt.get("model_config"), ckpt.get("model")
     if not isinstance(config, dict) or not isinstance(weights, dict):
         raise ValueError(f"{path} has no model_config or no model weights: not a checkpoint "
@@ -129,8 +122,7 @@ def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
     return model
 
 def first_non_finite(tree, name: str = "") -> str | None:
-    """The name of the first floating-point tensor in
-    nested dicts and lists that holds a NaN or an inf."""
+    """The name of the first float tensor in nested dicts and lists that holds a NaN or an inf."""
     if isinstance(tree, torch.Tensor):
         return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
     if isinstance(tree, dict):
@@ -147,17 +139,15 @@ def first_non_finite(tree, name: str = "") -> str | None:
 
 def save_checkpoint(payload: dict, path: str) -> None:
     """Writes a checkpoint that will load: finite, and with a model config that builds."""
-    bad = first_non_finite(payload)
-    if bad is not None:
+    if (bad := first_non_finite(payload)) is not None:
         raise FloatingPointError(f"{bad} holds non-finite values at step {payload['step']}, "
                                  f"so it was not saved")
     ModelConfig(**payload["model_config"])  # raises, naming what is wrong, before anything is saved
     files.write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 def kept_steps(spec: str, max_steps: int) -> set[int]:
-    """The steps whose weights are kept as ckpt_<step>.pt besides the resumable ckpt.pt: the
-    paper's intermediate checkpoints (610m-clm-42k-1000 is step 1,000 of a 42k CLM run), which
-    its data-efficiency figure fine-tunes."""
+    """The steps kept as ckpt_<step>.pt besides the resumable ckpt.pt: the paper's intermediate
+    checkpoints (610m-clm-42k-1000: step 1,000 of a 42k CLM run), for its data-efficiency figure."""
     text, spec = spec, spec.replace(" ", "")
     try:
         if spec.startswith("every:"):
@@ -169,6 +159,5 @@ def kept_steps(spec: str, max_steps: int) -> set[int]:
         raise ValueError(f"keep_checkpoints={text!r} must be steps, "
                          "\"1000,5000\", or \"every:N\"") from None
     if any(not 0 < step <= max_steps for step in steps):
-        raise ValueError(f"keep_checkpoints={text!r} must name steps in "
-                         f"[1, max_steps={max_steps}]")
+        raise ValueError(f"keep_checkpoints={text!r} must name steps in [1, max_steps={max_steps}]")
     return steps

@@ -135,37 +135,32 @@ def choose_kind(ckpt: dict, path: str, kind: str) -> tuple[str, str]:
                      "'objective' entry): choose with --kind=encoder (EuroBertForMaskedLM) or "
                      "--kind=decoder (LlamaForCausalLM)")
 
-def llama_config(cfg, tok) -> dict:
+def shared_config(cfg, tok) -> dict:
+    """The fields Llama's and EuroBERT's configs share. No BOS: pretraining blocks have none."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden,
-        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "initializer_range": cfg.init_std, "torch_dtype": "float32", "bos_token_id": None,
-        "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id, "mask_token_id": tok.mask_id,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std,
+        "bos_token_id": None, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id,
+        "mask_token_id": tok.mask_id,
     }
+
+def llama_config(cfg, tok) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shared_config(cfg, tok),
+            "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+            "torch_dtype": "float32"}
 
 def eurobert_config(cfg, tok, architecture: str, classifier_pooling: str = "mean") -> dict:
     """Every field of transformers' EuroBertConfig, written out: its defaults are EuroBERT-210m's
     (RoPE theta 10,000 where EuroBERT trained with 250,000, Llama 3's token ids), not ours."""
     rope = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
-    return {
-        "architectures": [architecture], "model_type": "eurobert", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden,
-        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size, "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps, "rope_parameters": {**rope, "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-        "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1, "use_cache": False,
-        # no BOS: pretraining blocks have none, and a single text gets no special token added
-        "bos_token_id": None, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id,
-        "mask_token_id": tok.mask_id, "classifier_pooling": classifier_pooling,
-        "dtype": "float32",
-    }
+    return {"architectures": [architecture], "model_type": "eurobert", **shared_config(cfg, tok),
+            "rope_parameters": {**rope, "rope_theta": cfg.rope_theta}, "attention_dropout": 0.0,
+            "pretraining_tp": 1, "use_cache": False, "classifier_pooling": classifier_pooling,
+            "dtype": "float32"}
 
 def body_weights(model, prefix: str = "model.", lm_head: bool = True) -> dict:
     """Our weights under transformers' names (the Llama names, which EuroBERT shares), the padding

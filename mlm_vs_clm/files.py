@@ -1,6 +1,5 @@
-"""Files that survive a crash: atomic writes, strict JSON lines that tolerate a torn last line,
-and one process at a time in a directory (a kernel lock, never left stuck). docs/pretraining.md
-lists what is guaranteed."""
+"""Files that survive a crash: atomic writes, strict JSON lines that tolerate a torn last line, and
+a kernel lock for one process at a time in a directory. docs/pretraining.md lists the guarantees."""
 
 import json
 import math
@@ -9,6 +8,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 try:
     import fcntl
@@ -17,16 +17,13 @@ except ImportError:  # Windows
     import msvcrt
 
 def write_atomically(path: str, write) -> None:
-    """write(tmp_path) writes the new content; it replaces `path` once complete and on disk. A
+    """write(tmp_path) writes the new content, which replaces `path` once complete and on disk: a
     crash or a full disk leaves the previous version whole and no temporary file behind."""
     tmp = path + ".tmp"
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename must not reach the disk before the data it points to
-        finally:
-            os.close(fd)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data it points to
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.lexists(tmp):
@@ -40,10 +37,7 @@ def write_atomically(path: str, write) -> None:
         raise
 
 def write_text_atomically(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomically(path, write)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 def write_json(path: str, content) -> None:
     # default=str: metadata of an odd type is written as text, not refused
@@ -73,13 +67,11 @@ def read_json(path: str, what: str = "a JSON file"):
                          "unedited?") from None
 
 def read_json_lines(path: str, repair: bool = False) -> list[dict]:
-    """The records of a JSON-lines file. A last line that is not whole is what a crash mid-write
-    leaves: it is dropped with a warning, and with repair=True cut from the file, so that the next
-    append starts on a line of its own. Any other bad line stops with its file and line number."""
+    """The records of a JSON-lines file. A torn last line, what a crash mid-write leaves, is dropped
+    with a warning and with repair=True cut from the file, so the next append starts a new line."""
     if not os.path.exists(path):
         return []
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
+    lines = Path(path).read_bytes().split(b"\n")
     last = lines.pop()  # b"" when the file ends with a newline
     records = [parse_json_line(path, n, line)
                for n, line in enumerate(lines, start=1) if line.strip()]
@@ -94,8 +86,7 @@ def read_json_lines(path: str, repair: bool = False) -> list[dict]:
     return records
 
 def jsonl_records(path: str):
-    """Yields (line number, record) of a JSON-lines file that is data to read (a corpus, a task),
-    each bad line named with its file and number."""
+    """Yields (line number, record) of a JSON-lines data file (a corpus, a task)."""
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
         for n, line in enumerate(f, start=1):
             if line.strip():
@@ -119,10 +110,8 @@ class Busy(OSError):
 
 @contextmanager
 def exclusive(directory: str, what: str, wait: bool = False):
-    """Hold an exclusive lock on a directory for the body of the with block: raise Busy at once if
-    another process holds it, or with wait=True wait for it, saying so. The lock is the kernel's,
-    on the directory itself (flock), so nothing is left behind and a killed process frees it;
-    Windows, which cannot lock a directory, locks a .lock file in it."""
+    """Holds an exclusive lock on a directory for the with block: Busy if another process has it,
+    or with wait=True a wait. A flock on the directory leaves nothing behind, even if killed."""
     os.makedirs(directory, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY) if fcntl else \
         os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT)

@@ -1,7 +1,6 @@
 """Hugging Face checkpoints in, without transformers (safetensors and JSON only): Llama 2/3/3.1,
 SmolLM-style small Llamas, EuroBERT (our own exports too) and Mistral without a sliding window,
-mapped onto model.py's names. The way out is export.py. docs/huggingface.md.
-"""
+mapped onto model.py's names. The way out is export.py. docs/huggingface.md."""
 
 import os
 import re
@@ -13,9 +12,8 @@ from safetensors.torch import load_file
 from mlm_vs_clm import files
 from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer
 
-# mistral: only without a sliding window, i.e. a Llama
-# sl_model: the paper's released MLMvsCLM checkpoints (its SLModelConfig is a LlamaConfig, its
-# SLModel a bidirectional Llama body, saved without an LM head): docs/huggingface.md
+# mistral: without a sliding window, a Llama; sl_model: the paper's released checkpoints (a
+# LlamaConfig, and a bidirectional Llama body saved without an LM head): docs/huggingface.md
 SUPPORTED_MODEL_TYPES = ("llama", "eurobert", "mistral", "sl_model")
 TOP_NAMES = {"embed_tokens.weight": "embed.weight", "norm.weight": "norm.weight",
              "lm_head.weight": "lm_head.weight"}
@@ -29,14 +27,12 @@ LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight",
 def our_name(hf_name: str) -> str | None:
     # *ForCausalLM / *ForMaskedLM prefix the body; a bare *Model does not
     name = hf_name.removeprefix("model.")
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if m:
+    if m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
         return f"blocks.{m[1]}.{LAYER_NAMES[m[2]]}" if m[2] in LAYER_NAMES else None
     return TOP_NAMES.get(name)
 
 def hf_name(name: str) -> str:
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-    if m:
+    if m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
         return f"model.layers.{m[1]}." + {v: k for k, v in LAYER_NAMES.items()}[m[2]]
     return name if name == "lm_head.weight" \
         else "model." + {v: k for k, v in TOP_NAMES.items()}[name]
@@ -55,8 +51,7 @@ def model_config_from_hf(hf: dict, config_path: str, vocab_size: int) -> ModelCo
     if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
         problems.append(f"sliding_window={hf['sliding_window']} "
                         "(model.py attends to the whole sequence)")
-    # transformers >= 5 writes rope_parameters (theta inside); older versions
-    # rope_theta + rope_scaling.
+    # transformers >= 5 writes rope_parameters (theta inside); older ones rope_theta, rope_scaling
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
@@ -119,7 +114,7 @@ def headers(shards: list[str]) -> dict:
 
 def check_fit(cfg: ModelConfig, shapes: dict, where: str) -> None:
     """Raises unless weights of these shapes (our names) are a model of cfg, before anything is
-    allocated: the number of blocks first, then every shape on the meta device."""
+    allocated: the number of blocks, then every shape on the meta device."""
     blocks = {int(n.split(".")[1]) for n in shapes if n.startswith("blocks.")}
     if cfg.n_layer != len(blocks):
         raise ValueError(f"{where}: its config has {cfg.n_layer} blocks and its weights "
@@ -138,11 +133,9 @@ POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "int
                  "vocab_size")
 
 def load_hf(path: str, tok, head: bool = True) -> Transformer:
-    """A Transformer holding the checkpoint in directory `path`, sized for `tok` (its own tokenizer,
-    get_tokenizer('hf:' + path), which may add <|mask|> and <|pad|> after the checkpoint's
-    vocabulary). Shapes and dtypes are checked against config.json from the files' headers before
-    any weight is read; non-float or non-finite weights are refused. head=False (fine-tuning)
-    takes a body saved without its LM head, whose head is then zeros."""
+    """A Transformer of the checkpoint in directory `path`, sized for its tokenizer `tok` (which may
+    add <|mask|> and <|pad|>), checked from the file headers before any weight is read. head=False
+    (fine-tuning) also takes a body saved without its LM head."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: hf:PATH must be a Hugging Face "
@@ -153,8 +146,7 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
         raise ValueError(f"{config_path}: a JSON {type(hf).__name__}, not a config object")
     for key in POSITIVE_INTS + ("num_key_value_heads", "max_position_embeddings", "head_dim"):
         value = hf.get(key, 1 if key not in POSITIVE_INTS else None)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
+        if value is not None and (type(value) is not int or value < 1):  # bool is not a count
             raise ValueError(f"{config_path}: {key} must be a positive integer, got {value!r}")
     cfg = model_config_from_hf(hf, config_path, tok.n_vocab)
     n_rows = hf["vocab_size"]
@@ -163,8 +155,8 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
                          f"{tok.base_vocab} ids: the embedding and the tokenizer must come from "
                          "the same checkpoint")
     shards = weight_files(path)
-    found, names = headers(shards), {}
-    for name, (shape, dtype) in found.items():
+    shapes = {}
+    for name, (shape, dtype) in headers(shards).items():
         ours = our_name(name)
         if ours is None and not name.endswith("rotary_emb.inv_freq"):  # old files saved RoPE's
             raise ValueError(f"{path}: weights model.py has no place for (biases, extra norms?): "
@@ -173,8 +165,7 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
             raise ValueError(f"{path}: {name} holds {dtype} values, not floating point: "
                              "a quantized checkpoint? Give the full-precision one")
         if ours is not None:
-            names[ours] = name
-    shapes = {ours: found[name][0] for ours, name in names.items()}
+            shapes[ours] = shape
     if cfg.tie_embeddings and "embed.weight" in shapes:  # one matrix; some files store it twice
         shapes["lm_head.weight"] = shapes["embed.weight"]
     headless = "lm_head.weight" not in shapes and "embed.weight" in shapes
@@ -184,10 +175,9 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
                          "checkpoint to pretrain or sample)")
     if headless:
         shapes["lm_head.weight"] = shapes["embed.weight"]
-    # the rows past the checkpoint's vocabulary are ours to add (below)
-    shapes |= {n: (cfg.padded_vocab_size, *shapes[n][1:]) for n in ("embed.weight",
-                                                                      "lm_head.weight")
-               if n in shapes and shapes[n][0] == n_rows}
+    for n in ("embed.weight", "lm_head.weight"):  # rows past its vocabulary: added below
+        if n in shapes and shapes[n][0] == n_rows:
+            shapes[n] = (cfg.padded_vocab_size, *shapes[n][1:])
     check_fit(cfg, shapes, path)
     state = {}
     for shard in shards:
@@ -202,10 +192,9 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
     for name in ("embed.weight", "lm_head.weight"):
         w = state[name]
         # New rows (our <|mask|>/<|pad|>, then the padding to a multiple of 64) start as the mean of
-        # the real rows: as an input, the mask embedding is then an ordinary-looking vector (zeros
-        # would hit RMSNorm with nothing), and as an output its logit is the average logit, so by
-        # Jensen the extra columns take at most new_rows / vocab of the probability mass (about
-        # 0.05% for Llama 3) instead of an arbitrary share.
+        # the real rows: an ordinary-looking input (zeros would give RMSNorm nothing), and as an
+        # output the average logit, so by Jensen the extra columns take at most new_rows / vocab of
+        # the probability mass (about 0.05% for Llama 3) instead of an arbitrary share.
         if w.size(0) == n_rows:
             state[name] = torch.cat(
                 [w, w.mean(0, keepdim=True).expand(cfg.padded_vocab_size - n_rows, -1)])

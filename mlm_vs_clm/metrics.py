@@ -1,6 +1,6 @@
-"""The paper's metrics, checked against the reference scorers (seqeval/conlleval, the SQuAD v2
-script, trec_eval), and the 95% interval of a seed mean. Fractions: the report turns them into
-points. Where the authors' EncodEval scores differently: docs/finetuning.md."""
+"""The paper's metrics as fractions, checked against the reference scorers (seqeval/conlleval, the
+SQuAD v2 script, trec_eval), the authors' EncodEval variants (docs/finetuning.md says how they
+differ) and a seed mean's 95% interval."""
 
 import math
 import re
@@ -15,8 +15,7 @@ def accuracy(predicted: list, gold: list) -> float:
 
 def bio_entities(tags: list[str]) -> set[tuple[int, int, str]]:
     """(start, end exclusive, type) of the entities in one sentence's BIO tags, read as conlleval
-    reads them: B-X starts an entity, and so does an I-X that does not continue an entity of type X
-    (after O, or after another type)."""
+    does: B-X starts an entity, and so does an I-X that does not continue one of type X."""
     entities, start, kind = set(), None, None
     for i, tag in enumerate(list(tags) + ["O"]):
         prefix, _, tag_type = tag.partition("-")
@@ -29,8 +28,7 @@ def bio_entities(tags: list[str]) -> set[tuple[int, int, str]]:
     return entities
 
 def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> dict:
-    """Micro precision, recall and F1 over entities:
-    a prediction counts only if its span and type both match."""
+    """Micro precision, recall and F1 over entities: a prediction counts if span and type match."""
     correct = n_gold = n_pred = 0
     for g, p in zip(gold, predicted, strict=True):
         g, p = bio_entities(g), bio_entities(p)
@@ -46,9 +44,8 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
-    """(exact match, token F1) of one prediction, the best over the gold answers, as SQuAD v2's
-    script scores it: the empty string is the no-answer, and it scores 1 exactly when the question
-    is unanswerable."""
+    """(exact match, token F1) of one prediction, best over the gold answers, as SQuAD v2's script
+    scores it: the empty string is the no-answer, scoring 1 exactly when the question has none."""
     answers = [a for a in answers if normalize_answer(a)] or [""]
     pred = normalize_answer(predicted).split()
     exact = f1 = 0.0
@@ -64,26 +61,16 @@ def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
     return exact, f1
 
 def rank_documents(scores: torch.Tensor, k: int) -> list[list[int]]:
-    """The k best documents of each row of scores (queries, documents). Equal scores keep corpus
-    order (a stable sort): the earlier document ranks first, so a ranking never depends on the sort
-    implementation."""
+    """The k best documents of each row of (queries, documents) scores. A stable sort: on a tie the
+    earlier document ranks first, so a ranking never depends on the sort implementation."""
     return torch.sort(scores.float().cpu(), dim=1, descending=True,
                       stable=True).indices[:, :k].tolist()
 
 def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
              empty_queries: str = "skip") -> dict:
-    """Mean nDCG@k with linear gain (grade / log2(rank + 1), trec_eval's and BEIR's convention) and
-    MRR@k (1 / rank of the first document with grade > 0, 0 if none in the top k). relevance holds
-    each query's judgments, as qrels do; a query whose judgments are all 0 has no relevant document
-    and no ideal ranking:
-
-      empty_queries="skip"  leaves it out of both means, as the authors' EncodEval does (its qrels
-                            keep only score >= 1, so such a query is never evaluated);
-      empty_queries="zero"  counts it as 0 in both, as BEIR does (pytrec_eval scores every query of
-                            the qrels that is in the run, and trec_eval gives 0 without relevant
-                            documents). Queries absent from the qrels are evaluated by neither.
-
-    Either way a split with no relevant document at all is an error, not a score."""
+    """Mean nDCG@k (gain: grade / log2(rank + 1), as trec_eval and BEIR) and MRR@k over each query's
+    judgments. A query with no grade > 0 is left out of both means ("skip", as EncodEval, whose
+    qrels keep only score >= 1) or counts as 0 ("zero", as BEIR); none in a split: an error."""
     if empty_queries not in ("skip", "zero"):
         raise ValueError(f"empty_queries must be 'skip' or 'zero', got {empty_queries!r}")
     ndcgs, rrs = [], []
@@ -107,8 +94,7 @@ def position_f1(predicted: set, gold: set) -> float:
     """EncodEval's QA score of one question: F1 of the token positions predicted inside the answer
     against the gold ones, an empty set standing for {0} (so no answer against no answer is 1)."""
     predicted, gold = predicted or {0}, gold or {0}
-    common = len(predicted & gold)
-    return 2 * common / (len(predicted) + len(gold))
+    return 2 * len(predicted & gold) / (len(predicted) + len(gold))
 
 def sentence_macro_f1(gold: list[int], predicted: list[int]) -> float:
     """EncodEval's TC score of one sentence: sklearn's f1_score(average="macro") over the tag ids
@@ -120,9 +106,9 @@ def sentence_macro_f1(gold: list[int], predicted: list[int]) -> float:
     return statistics.fmean(scores)
 
 def top_k_ndcg(ranked: list[list[int]], relevance: list[dict], k: int = 10) -> float:
-    """EncodEval's nDCG@k: sklearn's ndcg_score on the binary relevance of the k documents
-    retrieved, the ideal ranking built from those k alone (a relevant document missed lowers
-    nothing; none retrieved scores 0); queries without a relevant document are left out."""
+    """EncodEval's nDCG@k: sklearn's ndcg_score on the binary relevance of the k retrieved, with
+    the ideal ranking from those k alone (a missed relevant document costs nothing; none retrieved
+    scores 0); queries without a relevant document are left out."""
     scores = []
     for docs, rel in zip(ranked, relevance, strict=True):
         if not any(g > 0 for g in rel.values()):
@@ -133,8 +119,7 @@ def top_k_ndcg(ranked: list[list[int]], relevance: list[dict], k: int = 10) -> f
         scores.append(dcg / ideal if ideal else 0.0)
     return statistics.fmean(scores)
 
-# t_{0.975, df} for df = 1..30 (Student's t, to 4 decimals);
-# beyond, the Cornish-Fisher expansion is within 1e-4.
+# Student's t_{0.975, df} for df = 1..30, to 4 decimals; beyond, Cornish-Fisher is within 1e-4
 T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
         2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
         2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
@@ -146,8 +131,7 @@ def t975(df: int) -> float:
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 def mean_ci(scores: list[float]) -> tuple[float, float | None]:
-    """The mean and the half-width of its 95% confidence interval, t_{0.975, n-1} * sd / sqrt(n)
-    (None for n = 1)."""
+    """The mean and its 95% interval's half-width t_{0.975, n-1} * sd / sqrt(n) (None if n = 1)."""
     if len(scores) < 2:
         return scores[0], None
     return (statistics.fmean(scores),

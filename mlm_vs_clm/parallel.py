@@ -1,7 +1,5 @@
 """The device and the processes: one per GPU under torchrun (NCCL; gloo on CPUs), DDP or FSDP2,
-bf16 autocast, peak FLOP/s for MFU, and one checkpoint format whatever the sharding. Nothing here
-is specific to the paper. docs/huggingface.md#fsdp.
-"""
+bf16 autocast, peak FLOP/s for MFU, one checkpoint format for all. docs/huggingface.md#fsdp."""
 
 import os
 import sys
@@ -24,6 +22,7 @@ GPU_PEAK_BF16 = {
     "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12,
     "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
 }
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full, on rank 0's CPU
 
 def peak_flops(device: torch.device) -> float:
     """Peak FLOP/s of one device, for MFU: the data-sheet figure for known GPUs; on a CPU, measured
@@ -44,25 +43,20 @@ def peak_flops(device: torch.device) -> float:
     return 2 * 1024 ** 3 * 4 / best
 
 def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size: int = 1):
-    """The torch device of a --device setting ("auto": cuda, then mps, then cpu; under torchrun
-    each process takes the GPU of its local rank) and an autocast factory for a --dtype setting
-    ("auto": bfloat16 on CUDA, float32 elsewhere): every script chooses its device here."""
+    """Every script's device ("auto": cuda, then mps, then cpu; under torchrun the GPU of the local
+    rank) and autocast factory ("auto": bfloat16 on CUDA, float32 elsewhere)."""
     if device == "auto":
-        kind = ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                else "cpu")
-    else:
-        kind = device.split(":")[0]
-    chosen = torch.device(device if device != "auto" else kind)
+        device = ("cuda" if torch.cuda.is_available()
+                  else "mps" if torch.backends.mps.is_available() else "cpu")
+    chosen = torch.device(device)
     if chosen.type == "cuda" and (world_size > 1 or chosen.index is None):
-        # one GPU per torchrun process; set_device needs an index
-        chosen = torch.device("cuda", local_rank)
+        chosen = torch.device("cuda", local_rank)  # one GPU per process; set_device needs an index
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
         # float32 matmuls outside autocast on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if (dtype if dtype != "auto"
-            else "bfloat16" if chosen.type == "cuda" else "float32") == "bfloat16":
+    if dtype == "bfloat16" or (dtype == "auto" and chosen.type == "cuda"):
         return chosen, lambda: torch.autocast(device_type=chosen.type, dtype=torch.bfloat16)
     return chosen, nullcontext
 
@@ -104,8 +98,7 @@ class Process:
             tqdm.write(text)
 
 def setup(device: str, dtype: str) -> Process:
-    """The device and rank of this process; joins the process group when torchrun started
-    several."""
+    """The device and rank of this process; joins the process group if torchrun started several."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     chosen, autocast = device_and_autocast(device, dtype, local_rank, world_size)
@@ -114,12 +107,10 @@ def setup(device: str, dtype: str) -> Process:
     return Process(chosen, autocast, rank, local_rank, world_size)
 
 def shard(model: torch.nn.Module, bf16: bool) -> None:
-    """FSDP2: each block is one unit whose weights are all-gathered just before it runs and freed
-    after, so a rank holds 1/world_size of the weights, gradients and AdamW state plus one block in
-    full. The root unit (embedding, final norm, LM head) stays gathered after its forward, which
-    lets objectives.py use the LM head's weight; its gradients are reduce-scattered at the end of
-    backward like the others. bf16: gathered weights and gradients in bfloat16 (half the bytes of
-    every collective), gradients reduced in float32."""
+    """FSDP2: a block's weights are gathered just before it runs and freed after, so a rank holds
+    1/world_size of weights, gradients and AdamW state plus one block. The root (embedding, norm,
+    head) stays gathered: objectives.py uses the head's weight. bf16 gathers in bfloat16 (half the
+    bytes) and reduces gradients in float32."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
@@ -133,30 +124,23 @@ def shard(model: torch.nn.Module, bf16: bool) -> None:
 
 def wrap(module: torch.nn.Module, proc: Process, compile: bool, sharded: bool) -> torch.nn.Module:
     """What the training step calls: DDP (unless sharded), then torch.compile, the order torch's
-    DDPOptimizer expects (it cuts the graph at DDP's gradient buckets). Under FSDP2 the graph
-    breaks at each block's hooks, which run outside it."""
+    DDPOptimizer expects (it cuts the graph at DDP's gradient buckets; FSDP2's hooks break it)."""
     if proc.world_size > 1 and not sharded:
         module = DDP(module, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
     return torch.compile(module) if compile else module
 
 def full_weights(model, sharded: bool) -> dict | None:
-    """The full weights, or None where model.state_dict() already holds them (not sharded). Under
-    FSDP they are gathered to rank 0's CPU, and every rank must take part."""
-    if not sharded:
-        return None
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    """The full weights gathered to rank 0's CPU, every rank taking part; None if not sharded."""
+    return get_model_state_dict(model, options=GATHERED) if sharded else None
 
 def full_state(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
-    """(full weights or None, full optimizer state). Under FSDP the full state is gathered to rank
-    0 and saved in the usual ckpt.pt: one format for every run, which export, fine-tuning and a
-    resume with any world size read. It costs rank 0 CPU memory for a full copy (16 bytes a
-    parameter with AdamW); sharded DCP files would not, but would need a second format everywhere
-    else."""
+    """(full weights or None, full optimizer state). Under FSDP it is gathered to rank 0 and saved
+    in the usual ckpt.pt: a full copy in rank 0's CPU memory (16 bytes a parameter with AdamW), but
+    one format that export, fine-tuning and a resume at any world size read (not DCP's shards)."""
     if not sharded:
         return None, optimizer.state_dict()
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return full_weights(model, sharded), get_optimizer_state_dict(model, optimizer, options=full)
+    weights = full_weights(model, sharded)
+    return weights, get_optimizer_state_dict(model, optimizer, options=GATHERED)
 
 def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
     """AdamW's moments and step counts from a checkpoint. The hyperparameters (betas, eps, weight
@@ -182,10 +166,8 @@ def finish(proc: Process) -> None:
     if proc.device.type != "cpu":
         dist.destroy_process_group()
         return
-    # Tearing down gloo can deadlock: a gloo worker thread freeing the last collective's tensors
-    # waits for the GIL while the main thread, holding it, waits for that worker (about 1 run in 6
-    # here, barrier or not). Everything is saved by now, so a CPU run of several processes leaves
-    # without destructors.
+    # Tearing down gloo can deadlock (about 1 run in 6): a gloo thread freeing the last collective's
+    # tensors waits for the GIL, held by the main thread waiting for it. All is saved: leave now.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

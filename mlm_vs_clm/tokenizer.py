@@ -26,8 +26,7 @@ class Tokenizer:
         self.name, self.encoding, self.n_vocab = name, encoding, encoding.n_vocab
         self.eot_id, self.mask_id, self.pad_id = (encoding._special_tokens[s] for s in specials)
         self.special_ids = (self.eot_id, self.mask_id, self.pad_id)
-        # hf: tokenizers only: a path names a directory whose files may change, a hash does not
-        self.digest = digest
+        self.digest = digest  # hf: tokenizers only: a path's files may change, a hash does not
         self.base_vocab = base_vocab or self.n_vocab  # ids below come with the checkpoint
 
     def encode(self, text: str) -> list[int]:
@@ -50,13 +49,11 @@ class Tokenizer:
         return meta if self.digest is None else {**meta, "digest": self.digest}
 
     def vocab(self) -> Vocab:
-        """What the objectives need to know of the tokenizer."""
         return Vocab(self.n_vocab, self.mask_id, self.special_ids, self.pad_id)
 
 @functools.lru_cache(maxsize=None)  # building a 100k-rank BPE takes ~0.3 s
 def get_tokenizer(name: str) -> Tokenizer:
-    """'cl100k': all of cl100k_base; 'cl100k_<N>k': its N*1024 lowest ranks; 'hf:PATH': the
-    tokenizer of a Hugging Face checkpoint directory."""
+    """'cl100k': cl100k_base; 'cl100k_<N>k': its N*1024 lowest ranks; 'hf:PATH': a checkpoint's."""
     if name.startswith("hf:"):
         return hf_tokenizer(name)
     m = re.fullmatch(r"cl100k(?:_(\d+)k)?", name)
@@ -91,8 +88,7 @@ def tokenizer_problem(name: str) -> str | None:
     return None
 
 def check_tokenizer(found: dict, expected: dict, where: str, data: str) -> None:
-    """Raises if `data` (a meta.json, a checkpoint) was tokenized differently from what `where`
-    expects (TOKENIZER_FIELDS): its token ids would silently mean other tokens."""
+    """Raises if `data` was not tokenized as `where` expects: its ids would mean other tokens."""
     if found.get("tokenizer") != expected.get("tokenizer"):
         raise ValueError(f"{data} was prepared with {found.get('tokenizer')}, but {where} uses "
                          f"{expected.get('tokenizer')}: use --tokenizer="
@@ -123,16 +119,14 @@ def tokenizer_of(ckpt: dict, path: str) -> Tokenizer:
     return tok
 
 # -------------------------------------------------------------------------------------------------
-# Hugging Face tokenizers in: tokenizer.json (GPT-2, Llama 3, SmolLM kinds) or a tiktoken-format
-# tokenizer.model
+# Hugging Face tokenizers in: tokenizer.json (GPT-2, Llama 3, SmolLM kinds) or tiktoken's format
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # GPT-2's pattern after a Digits(individual_digits=True) pre-tokenizer (SmolLM): every digit stands
 # alone, and a whitespace run before a digit ends where its piece ends.
 GPT2_DIGITS_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
                        r"""|\s+(?![^\s\p{N}])|\s+""")
-# A tiktoken-format file (Llama 3's original/tokenizer.model) holds ranks only; the pattern is
-# Llama 3's.
+# A tiktoken-format file (Llama 3's original/tokenizer.model) holds ranks only: Llama 3's pattern
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
                   r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
@@ -171,10 +165,9 @@ def pretokenizer_pattern(pre: dict | None, path: str) -> str:
                      "[Digits, ByteLevel]")
 
 def read_tokenizer_json(path: str):
-    """tokenizer.json -> (mergeable ranks, special tokens, pattern). tiktoken's ranks are its token
-    ids and it merges the adjacent pair whose concatenation has the lowest rank; tokenizer.json
-    applies its merges in list order. The two agree when each merge makes a token whose id grows
-    with the merge's position (GPT-2, Llama 3, the tokenizers trainer), which is checked."""
+    """tokenizer.json -> (ranks, specials, pattern). tiktoken merges the pair whose merged token has
+    the lowest id, tokenizer.json in list order: they agree when the ids grow with the merges' order
+    (GPT-2, Llama 3, the tokenizers trainer), which is checked."""
     spec = files.read_json(path, "a tokenizers tokenizer.json")
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a JSON {type(spec).__name__}, not a tokenizer object")
@@ -234,10 +227,9 @@ def find_special(config: dict, key: str, specials: dict, usual: tuple) -> str | 
 
 @functools.lru_cache(maxsize=None)
 def hf_tokenizer(name: str) -> Tokenizer:
-    """'hf:PATH': from tokenizer.json (or tokenizer.model) and tokenizer_config.json. End-of-text
-    is the checkpoint's eos token. One without a mask token gets '<|mask|>', and one without a pad
-    distinct from eos and mask gets '<|pad|>', as new ids after its vocabulary (objectives.py
-    ignores pad targets, so a pad shared with eos would hide every document end)."""
+    """'hf:PATH' from tokenizer.json (or .model) and tokenizer_config.json; eos is end-of-text. A
+    mask token, and a pad distinct from eos and mask, are added as new ids if missing (objectives.py
+    ignores pad targets: a pad shared with eos would hide every document end)."""
     path = name.removeprefix("hf:")
     config_path = os.path.join(path, "tokenizer_config.json")
     config = files.read_json(config_path, "a tokenizer_config.json") \
@@ -245,8 +237,7 @@ def hf_tokenizer(name: str) -> Tokenizer:
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         ranks, specials, pattern = read_tokenizer_json(os.path.join(path, "tokenizer.json"))
     elif os.path.exists(os.path.join(path, "tokenizer.model")):
-        ranks, specials, pattern = read_tiktoken_file(os.path.join(path, "tokenizer.model"),
-                                                      config)
+        ranks, specials, pattern = read_tiktoken_file(os.path.join(path, "tokenizer.model"), config)
     else:
         raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model: give the "
                                 "checkpoint directory that holds its tokenizer files")

@@ -30,8 +30,8 @@ def test_experiment_summary_table_and_figures(tiny_data, tmp_path):
             "half": dict(objective="clm", switch_to="mlm", switch_at=0.5),
             "clm-cpt": dict(init_from=root / "clm" / "ckpt.pt", objective="mlm", switch_to="none",
                             max_steps=4)}
-    for name, settings in runs.items():
-        train.main(run_args(tiny_data, str(root / name), **settings))
+    for name, overrides in runs.items():
+        train.main(run_args(tiny_data, str(root / name), **overrides))
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     early = experiment.main([f"--summarize={root}", f"--figures={tmp_path / 'early'}"
                              if has_matplotlib else "--figures="])
