@@ -1,6 +1,5 @@
-"""The offline default corpus, and the four fine-tuning demo tasks built from it: the docstrings
-of the Python standard library and of the installed numpy and torch, read with ast (nothing is
-imported), split by a stable hash into pretraining, validation and a held-out 10%. docs/data.md."""
+"""The offline default corpus (docstrings of the stdlib, numpy and torch, read with ast, split by a
+stable hash into train, val and a held-out 10%) and the demo tasks built from it. docs/data.md."""
 
 import ast
 import functools
@@ -17,9 +16,8 @@ from dataclasses import asdict, dataclass
 
 from mlm_vs_clm.settings import die_with_parent
 
-# Test suites are code, not prose. Everything else is kept, IDLE and lib2to3 included:
-# their docstrings are ordinary English. site-packages inside the stdlib dir is other
-# people's code (numpy and torch are added explicitly below).
+# Test suites are code, not prose (IDLE and lib2to3 are kept: ordinary English); site-packages in
+# the stdlib dir is other people's code (numpy and torch are added explicitly below).
 SKIP_DIRS = {"tests", "test", "testing", "idle_test", "site-packages", "__pycache__"}
 MIN_DOCSTRING_CHARS = 64  # shorter ones are mostly "Return self." style fragments, not prose
 HELDOUT_FILE = "heldout.jsonl"  # written beside the token files: the held-out docstrings
@@ -28,16 +26,14 @@ HELDOUT_FILE = "heldout.jsonl"  # written beside the token files: the held-out d
 class Document:
     source: str  # "stdlib", "numpy" or "torch"
     module: str  # dotted module name, e.g. "json.decoder"
-    # qualified name inside the module, e.g. "JSONDecoder.decode"; "" for the module docstring
-    name: str
+    name: str  # qualified name in the module, e.g. "JSONDecoder.decode"; "" for the module's own
     text: str
 
 def _python_files(source: str, base: str, root: str) -> list[tuple[str, str, str]]:
     """(source, module, path) for every .py file under root, in sorted walk order."""
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames
-                             if d not in SKIP_DIRS)  # in place: prunes and orders the walk
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)  # in place: prunes the walk
         for filename in sorted(f for f in filenames if f.endswith(".py")):
             path = os.path.join(dirpath, filename)
             module = os.path.relpath(path, base)[:-3].replace(os.sep, ".").removesuffix(".__init__")
@@ -62,8 +58,7 @@ def _file_docstrings(item: tuple[str, str, str]) -> list[Document]:
                     docs.append(Document(source, module, name, text))
                 visit(child, name + ".")
             elif isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
-                # defs are statements: not walking expressions (most nodes) saves ~2/3 of the time
-                visit(child, prefix)
+                visit(child, prefix)  # defs are statements: not walking expressions saves 2/3
 
     text = ast.get_docstring(tree, clean=True)
     if text and len(text) >= MIN_DOCSTRING_CHARS:
@@ -80,31 +75,26 @@ def docstring_documents() -> list[Document]:
             files += _python_files(package, os.path.dirname(root), root)
     # ast.parse of ~3,000 files (~60 MB) is CPU bound: one process per core; map keeps the order
     # die_with_parent: a worker left by a killed parent would block on its pipe forever
-    with ProcessPoolExecutor(os.cpu_count(), initializer=die_with_parent) as pool:
-        per_file = pool.map(_file_docstrings, files, chunksize=16)
-        docs, seen = [], set()
-        for doc in itertools.chain.from_iterable(per_file):
-            # copied docstrings: keep the first, so no text is in two splits
-            if doc.text not in seen:
-                seen.add(doc.text)
-                docs.append(doc)
-    return docs
+    first = {}  # copied docstrings: keep the first, so no text is in two splits
+    with ProcessPoolExecutor(os.cpu_count(), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        for doc in itertools.chain.from_iterable(pool.map(_file_docstrings, files, chunksize=16)):
+            first.setdefault(doc.text, doc)
+    return list(first.values())
 
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) fixed by key, identical across runs and machines (unlike hash())."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 def split_of(doc: Document) -> str:
-    """'train' (85%), 'val' (5%) or 'heldout' (10%, reserved for fine-tuning tasks, never pretrained
-    on)."""
+    """'train' (85%), 'val' (5%) or 'heldout' (10%: for the demo tasks, never pretrained on)."""
     u = stable_fraction(f"{doc.module}:{doc.name}")
     return "train" if u < 0.85 else "val" if u < 0.90 else "heldout"
 
 @functools.lru_cache(maxsize=2)
 def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
-    """The docstrings split_of keeps out of pretraining: read from data_dir/heldout.jsonl when a
-    docstrings prepare wrote one there, otherwise parsed again from the installed sources
-    (~20 s)."""
+    """The docstrings split_of keeps out of pretraining: from data_dir/heldout.jsonl if a prepare
+    wrote one there, else parsed again from the installed sources (~20 s)."""
     path = os.path.join(data_dir, HELDOUT_FILE)
     if data_dir and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -112,9 +102,8 @@ def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
     return tuple(d for d in docstring_documents() if split_of(d) == "heldout")
 
 def pretraining_texts(heldout_path: str) -> list[tuple[str, str]]:
-    """(split, text) of every docstring for data.prepare: "train" and "val" go to the token files,
-    and the held-out ones to heldout_path (one JSON Document a line), so that no later run has to
-    parse the ~3,000 source files again to find the very documents pretraining left out."""
+    """(split, text) of the train and val docstrings, for data.prepare; the held-out ones go to
+    heldout_path, so that no later run parses the ~3,000 source files again to find them."""
     docs = [(split_of(d), d) for d in docstring_documents()]
     with open(heldout_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(asdict(d)) + "\n" for split, d in docs if split == "heldout")
@@ -132,9 +121,8 @@ CODE_MARKUP = re.compile(r"``(?P<literal>[^`]+?)``|:(?P<role>[\w:]+):`(?P<target
 PYTHON_ROLES = {"func", "meth", "class", "attr", "mod", "obj", "data", "const", "exc"}
 
 def markup_to_bio(paragraph: str) -> tuple[list[str], list[str]]:
-    """Strip the code markup of a reST paragraph into words with BIO tags: LIT for ``literals``, REF
-    for references to Python objects (:func:`x`, :class:`x`, `x`); other roles (:math:, :ref:)
-    become plain words."""
+    """A reST paragraph's words, code markup stripped, with BIO tags: LIT for ``literals``, REF for
+    Python objects (:func:`x`, `x`); other roles (:math:, :ref:) become plain words."""
     words, tags, pos = [], [], 0
 
     def add(text, kind):
@@ -157,13 +145,10 @@ def markup_to_bio(paragraph: str) -> tuple[list[str], list[str]]:
     return words, tags
 
 def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, int]]]]:
-    """(start, end, parameters) of each numpydoc "Parameters" or Google-style "Args:" section of a
-    docstring: text[start:end] is the section, header included; a parameter is (name, start, end),
-    text[start:end] being the first sentence of its description."""
+    """(start, end, params) of each numpydoc "Parameters" or Google "Args:" section, header
+    included; a param is (name, start, end), text[start:end] its description's first sentence."""
     lines = text.split("\n")
-    line_start = [0]
-    for line in lines:
-        line_start.append(line_start[-1] + len(line) + 1)
+    line_start = [0, *itertools.accumulate(len(line) + 1 for line in lines)]
     indent = lambda line: len(line) - len(line.lstrip())  # noqa: E731
     entry = re.compile(r"\s*(\*{0,2}\w+(?:\s*,\s*\*{0,2}\w+)*)\s*(?:\([^)]*\))?\s*:(?P<rest>.*)")
     sections, i = [], 0
@@ -185,8 +170,7 @@ def parameter_sections(text: str) -> list[tuple[int, int, list[tuple[str, int, i
             m = entry.fullmatch(lines[i])
             if indent(lines[i]) != entry_indent or not m:
                 break  # the next section, or a dedent: the parameters are over
-            # the description: the deeper-indented lines below
-            # (and, Google-style, the rest of this one)
+            # its description: the deeper-indented lines below (Google-style, also this line's rest)
             j = i + 1
             while j < len(lines) and (not lines[j].strip() or indent(lines[j]) > entry_indent):
                 j += 1
@@ -214,9 +198,8 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
     if family == "ir":
         pairs = [(d, {"query": " ".join(ps[0].split()), "document": "\n\n".join(ps[1:])})
                  for d in docs if len(ps := paragraphs(d.text)) >= 2]
-        # a summary shared by several docstrings ("Deprecated.")
+        # a summary shared by several docstrings ("Deprecated.") singles out no body: left out
         counts = Counter(r["query"] for _, r in pairs)
-        # does not single out one body: left out
         return [(d, r) for d, r in pairs if counts[r["query"]] == 1]
     with_params, used = [], set()
     # a section copied into several docstrings is used once: never in both train and test
@@ -245,19 +228,9 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
     return out
 
 def demo_task(family: str, data_dir: str = "") -> tuple[list[dict], list[dict]]:
-    """(train, test) records of the offline demo task of a family, built from held-out docstrings
-    and split by document (a stable hash of module and name: about 75% train, 25% test), so no
-    docstring is in both:
-      sc: which package (stdlib, numpy, torch) a docstring's summary paragraph comes from;
-      tc: the code spans reST markup marks in a paragraph, markup stripped: LIT ``literal``,
-          REF :func:`reference`;
-      qa: "What is <param>?" answered by the first sentence of the parameter's description, the
-          context being the docstring's parameter section (numpydoc "Parameters" or Google "Args:");
-          per section also one unanswerable question, about a parameter of the next docstring's
-          section that this one never mentions;
-      ir: find a docstring's body (all but its first paragraph) from its summary paragraph.
-    The docstrings are those data.split_of holds out of pretraining, read from data_dir when
-    prepared there."""
+    """(train, test) records of a family's demo task (docs/finetuning.md) from the held-out
+    docstrings, split about 75/25 by a stable hash of the document so that none is in both. Each qa
+    section also gets an unanswerable question: a parameter of the next section it does not name."""
     train, test = [], []
     for d, record in demo_records(family, heldout_documents(data_dir)):
         (test if stable_fraction(f"demo:{d.module}:{d.name}") < 0.25 else train).append(record)

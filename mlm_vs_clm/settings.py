@@ -1,6 +1,5 @@
-"""The one settings parser and the one command-line wrapper of every script. Settings: the
-dataclass at the top of the script < config files (Python, executed, as in nanoGPT) < --key=value,
-checked before any work starts. docs/pretraining.md#settings shows them at work."""
+"""The one settings parser and command-line wrapper of every script: the script's dataclass < config
+files (Python, as in nanoGPT) < --key=value, checked up front. docs/pretraining.md#settings."""
 
 import difflib
 import functools
@@ -21,9 +20,7 @@ def command(main):
     @functools.wraps(main)
     def wrapped(argv: list[str]):
         if parent := os.environ.get("MLM_VS_CLM_PARENT"):  # a child of experiment.py
-            die_with_parent()
-            if os.getppid() != int(parent):  # the parent died before that took effect
-                raise SystemExit("error: the process that started this one has ended")
+            die_with_parent(int(parent))
         try:
             return main(argv)
         except (ValueError, OSError, ImportError, FloatingPointError) as e:
@@ -34,22 +31,21 @@ def command(main):
             raise SystemExit(130) from None
     return wrapped
 
-def die_with_parent() -> None:
-    """Makes this process (a worker, a child) die when its parent does, even by kill -9: Linux's
-    parent-death signal. Elsewhere a no-op."""
+def die_with_parent(parent: int) -> None:
+    """This process dies when its parent does, even by kill -9 (Linux; elsewhere a no-op)."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before that took effect
+            os._exit(1)
 
 def check(cfg) -> None:
     """Stops with every problem cfg.checks() finds: (condition, message) pairs."""
-    problems = [message for ok, message in cfg.checks() if not ok]
-    if problems:
+    if problems := [message for ok, message in cfg.checks() if not ok]:
         raise SystemExit("error: " + "; ".join(problems))
 
 def at_least(cfg, minimum, *names) -> list:
-    """(ok, message) checks that each named setting is >= minimum."""
     return [(getattr(cfg, n) >= minimum, f"--{n} must be >= {minimum}, got {getattr(cfg, n)}")
             for n in names]
 
@@ -98,9 +94,8 @@ def run_config_file(path: str) -> dict:
     return {k: v for k, v in scope.items() if not k.startswith("_") and not inspect.ismodule(v)}
 
 def configure(cls, argv: list[str], check_now: bool = True):
-    """The settings dataclass from argv (config file paths and --key=value), checked: unknown keys,
-    wrong types, non-finite numbers and what cls.checks() refuses stop the script here (or, with
-    check_now=False, once train.py has merged a resumed run's own settings)."""
+    """The settings dataclass from argv (config files, --key=value): unknown keys, wrong types,
+    NaN or inf and cls.checks() stop the script here, or later with check_now=False."""
     cfg, names = cls(), [f.name for f in fields(cls)]
     if "--help" in argv or "-h" in argv:
         helps = field_help(cls) | getattr(cls, "HELP", {})

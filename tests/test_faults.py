@@ -4,6 +4,7 @@ process killed mid-step, a torn log line, a full disk), non-finite numbers, host
 files, and settings that would silently do the wrong thing.
 """
 
+import glob
 import json
 import math
 import os
@@ -406,13 +407,13 @@ def test_a_moved_experiment_is_still_summarised(tiny_data, tmp_path):
 @pytest.mark.parametrize("how", ["pool", "child"])
 def test_workers_and_children_die_with_their_parent(tmp_path, how):
     """A parent killed with -9 while its docstring-parsing workers (or experiment.py's train.py
-    runs) still work: none of them outlives it."""
+    runs) still work: none of them outlives it, not even a worker forked just before the kill."""
     code = textwrap.dedent(f"""
         import os, sys, time, subprocess
         from concurrent.futures import ProcessPoolExecutor
         from mlm_vs_clm.settings import die_with_parent
         if {how!r} == "pool":
-            pool = ProcessPoolExecutor(2, initializer=die_with_parent)
+            pool = ProcessPoolExecutor(2, initializer=die_with_parent, initargs=(os.getpid(),))
             pids = [pool.submit(os.getpid).result() for _ in range(4)]
             [pool.submit(time.sleep, 600) for _ in range(2)]
         else:
@@ -425,7 +426,10 @@ def test_workers_and_children_die_with_their_parent(tmp_path, how):
         """)
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
                               text=True)
-    children = [int(p) for p in parent.stdout.readline().split()]
+    children = {int(p) for p in parent.stdout.readline().split()}
+    # every process it started by now, whether its initializer has run or not
+    children |= {int(p) for path in glob.glob(f"/proc/{parent.pid}/task/*/children")
+                 for p in open(path).read().split()}
     parent.kill()
     parent.wait()
     for _ in range(100):
