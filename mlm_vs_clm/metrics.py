@@ -1,6 +1,4 @@
-"""The paper's metrics as fractions, checked against the reference scorers (seqeval/conlleval, the
-SQuAD v2 script, trec_eval), the authors' EncodEval variants (docs/finetuning.md says how they
-differ) and a seed mean's 95% interval."""
+"""Metrics exact as seqeval, SQuAD's script, trec_eval; EncodEval's (docs/finetuning.md); a CI."""
 
 import math
 import re
@@ -44,8 +42,7 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
-    """(exact match, token F1) of one prediction, best over the gold answers, as SQuAD v2's script
-    scores it: the empty string is the no-answer, scoring 1 exactly when the question has none."""
+    """(exact match, token F1), best over the answers, as SQuAD v2's script: "" is the no-answer."""
     answers = [a for a in answers if normalize_answer(a)] or [""]
     pred = normalize_answer(predicted).split()
     exact = f1 = 0.0
@@ -61,28 +58,23 @@ def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
     return exact, f1
 
 def rank_documents(scores: torch.Tensor, k: int) -> list[list[int]]:
-    """The k best documents of each row of (queries, documents) scores. A stable sort: on a tie the
-    earlier document ranks first, so a ranking never depends on the sort implementation."""
+    """Each row's k best documents, by a stable sort: on a tie, the earlier document ranks first."""
     return torch.sort(scores.float().cpu(), dim=1, descending=True,
                       stable=True).indices[:, :k].tolist()
 
 def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
              empty_queries: str = "skip") -> dict:
-    """Mean nDCG@k (gain: grade / log2(rank + 1), as trec_eval and BEIR) and MRR@k over each query's
-    judgments. A query with no grade > 0 is left out of both means ("skip", as EncodEval, whose
-    qrels keep only score >= 1) or counts as 0 ("zero", as BEIR); none in a split: an error."""
+    """Mean nDCG@k (gain: grade / log2(rank + 1), as trec_eval, BEIR) and MRR@k. A query with no
+    grade > 0 is left out ("skip", as EncodEval) or scores 0 ("zero", as BEIR); none: an error."""
     if empty_queries not in ("skip", "zero"):
         raise ValueError(f"empty_queries must be 'skip' or 'zero', got {empty_queries!r}")
     ndcgs, rrs = [], []
     for docs, rel in zip(ranked, relevance, strict=True):
         ideal = sorted((g for g in rel.values() if g > 0), reverse=True)[:k]
-        if not ideal:
-            if empty_queries == "zero":
-                ndcgs.append(0.0)
-                rrs.append(0.0)
+        if not ideal and empty_queries == "skip":
             continue
         dcg = sum(rel.get(d, 0) / math.log2(r + 2) for r, d in enumerate(docs[:k]))
-        ndcgs.append(dcg / sum(g / math.log2(r + 2) for r, g in enumerate(ideal)))
+        ndcgs.append(dcg / sum(g / math.log2(r + 2) for r, g in enumerate(ideal)) if ideal else 0.0)
         rrs.append(next((1 / (r + 1) for r, d in enumerate(docs[:k]) if rel.get(d, 0) > 0), 0.0))
     if not any(g > 0 for rel in relevance for g in rel.values()):
         raise ValueError("no query has a relevant document (grade > 0)")
@@ -91,24 +83,19 @@ def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
 # The authors' variants (EncodEval, branch MLM_vs_CLM), for finetune.py --protocol=encodeval
 
 def position_f1(predicted: set, gold: set) -> float:
-    """EncodEval's QA score of one question: F1 of the token positions predicted inside the answer
-    against the gold ones, an empty set standing for {0} (so no answer against no answer is 1)."""
+    """EncodEval's QA score: F1 of predicted vs gold answer-token positions (an empty set: {0})."""
     predicted, gold = predicted or {0}, gold or {0}
     return 2 * len(predicted & gold) / (len(predicted) + len(gold))
 
 def sentence_macro_f1(gold: list[int], predicted: list[int]) -> float:
-    """EncodEval's TC score of one sentence: sklearn's f1_score(average="macro") over the tag ids
-    present in either list, O included (a tag absent from one side scores 0)."""
-    scores = []
-    for tag in sorted(set(gold) | set(predicted)):
-        hits = sum(g == p == tag for g, p in zip(gold, predicted, strict=True))
-        scores.append(2 * hits / (gold.count(tag) + predicted.count(tag)))
-    return statistics.fmean(scores)
+    """EncodEval's TC score of a sentence: sklearn's f1_score(average="macro") on the tags seen."""
+    hits = Counter(g for g, p in zip(gold, predicted, strict=True) if g == p)
+    return statistics.fmean(2 * hits[tag] / (gold.count(tag) + predicted.count(tag))
+                            for tag in sorted(set(gold) | set(predicted)))
 
 def top_k_ndcg(ranked: list[list[int]], relevance: list[dict], k: int = 10) -> float:
-    """EncodEval's nDCG@k: sklearn's ndcg_score on the binary relevance of the k retrieved, with
-    the ideal ranking from those k alone (a missed relevant document costs nothing; none retrieved
-    scores 0); queries without a relevant document are left out."""
+    """EncodEval's nDCG@k (sklearn's ndcg_score) on the binary relevance of the k retrieved, ideal
+    from those k alone: a missed relevant document costs nothing, none retrieved scores 0."""
     scores = []
     for docs, rel in zip(ranked, relevance, strict=True):
         if not any(g > 0 for g in rel.values()):

@@ -1,5 +1,4 @@
-"""Extractive question answering (SQuAD, SQuAD v2, ReCoRD): windows over long contexts, start/end
-logits back to characters, ReCoRD's candidates, EncodEval's answer tagging. docs/finetuning.md."""
+"""Extractive QA (SQuAD, SQuAD v2, ReCoRD) and EncodEval's answer tagging; docs/finetuning.md."""
 
 import json
 import statistics
@@ -25,8 +24,7 @@ def window_starts(n_tokens: int, room: int, stride: int) -> list[int]:
     return starts
 
 class Candidate(NamedTuple):
-    """An answer the record allows (ReCoRD's entity mentions): first and last context token,
-    [start, end) characters."""
+    """An answer the record allows (a ReCoRD mention): first, last token; [start, end) in chars."""
     first: int
     last: int
     start: int
@@ -64,8 +62,7 @@ class QuestionAnswering(Family):
         self.stride = min(self.cfg.doc_stride, room // 2)
         if self.stride < self.cfg.doc_stride:
             print(f"note: doc_stride {self.cfg.doc_stride} -> {self.stride}: windows of "
-                  f"{self.max_len} tokens keep as few as {room} context tokens, and consecutive "
-                  f"windows must move forward")
+                  f"{self.max_len} tokens hold as few as {room} context tokens, and must advance")
 
     def check(self, rows):
         seen = {}
@@ -89,27 +86,22 @@ class QuestionAnswering(Family):
                     raise ValueError(f"{where}: field 'answers' item {i}: text {text!r} is not at "
                                      f"character answer_start={start!r} of the context")
             if "candidates" in r:
-                self.check_candidates(where, r["candidates"], len(context))
+                self.check_candidates(where, r, len(context))
 
     @staticmethod
-    def check_candidates(where: str, candidates, n_chars: int):
-        if not isinstance(candidates, list) or not candidates:
-            raise ValueError(f"{where}: field 'candidates' must be a non-empty list of "
-                             f"[start, end) character spans of the context (got "
-                             f"{json.dumps(candidates)[:80]}); leave the field out to allow any "
-                             f"span")
+    def check_candidates(where: str, record: dict, n_chars: int):
+        candidates = field(where, record, "candidates", list, "a non-empty list of [start, end) "
+                           "spans of the context, or left out to allow any span")
         for i, span in enumerate(candidates):
             ints = (isinstance(span, (list, tuple)) and len(span) == 2
                     and all(isinstance(x, int) and not isinstance(x, bool) for x in span))
             if not ints or not 0 <= span[0] < span[1] <= n_chars:
-                raise ValueError(f"{where}: field 'candidates' item {i} is "
-                                 f"{json.dumps(span)[:80]}, not a [start, end) character span of "
-                                 f"the context (integers, 0 <= start < end <= {n_chars})")
+                raise ValueError(f"{where}: field 'candidates' item {i} is {json.dumps(span)[:80]},"
+                                 f" not integers [start, end) with 0 <= start < end <= {n_chars}")
 
     def prompt(self, question: str) -> list[int]:
-        """The tokens before the context: "Question: {question}\nContext: " (paper, encoded as one
-        text as the authors' tokenizer does) or "question <eot>"."""
-        if self.input_format == "paper":
+        """Before the context: "Question: {q}\nContext: " as one text (paper), or "q <eot>"."""
+        if self.cfg.input_format == "paper":
             return self.tok.encode(f"Question: {question}\nContext: ")[:self.max_question]
         return self.tok.encode(question)[:self.max_question] + [self.tok.eot_id]
 
@@ -127,14 +119,12 @@ class QuestionAnswering(Family):
                                 tuple(Candidate(*token_range(spans, a, b), a, b)
                                       for a, b in r.get("candidates", ())))
             first = None
-            # train on the first answer (SQuAD's training files have exactly one)
-            if answers["text"]:
+            if answers["text"]:  # train on the first answer (SQuAD's training files have one)
                 a = answers["answer_start"][0]
                 first = token_range(spans, a, a + len(answers["text"][0]))
             for lo in window_starts(len(ctx), room, self.stride):
                 hi = min(lo + room, len(ctx))
                 ids = prompt + ctx[lo:hi] + [eot]
-                # sequence position of context token i is i + offset
                 offset = len(prompt) - lo
                 if first and lo <= first[0] and first[1] < hi:
                     target = (first[0] + offset, first[1] + offset)
@@ -173,9 +163,8 @@ class QuestionAnswering(Family):
             return None
         pos = slice(lo + offset, hi + offset)
         scores = s[pos, None] + e[None, pos]  # (n, n): the span from context token lo+i to lo+j
-        allowed = (torch.ones(n, n, dtype=torch.bool).triu()
-                   & ~torch.ones(n, n, dtype=torch.bool).triu(self.cfg.max_answer_tokens))
         # 0 <= j - i < max_answer_tokens
+        allowed = torch.ones(n, n, dtype=torch.bool).triu().tril(self.cfg.max_answer_tokens - 1)
         scores = scores.masked_fill(~allowed, float("-inf"))
         i, j = divmod(int(scores.argmax()), n)
         spans = example.spans
@@ -213,12 +202,9 @@ class QuestionAnswering(Family):
         return self.score(split, {item.example.id: "" for item in split.items})
 
 class EncodEvalQA(QuestionAnswering):
-    """--protocol=encodeval, the authors' QA: two-label token tagging of one window, the first gold
-    answer's tokens 1 (none if truncation cut it), scored by metrics.position_f1."""
+    """The authors' QA (--protocol=encodeval): one window's tokens tagged 1 in the first answer."""
     head_type = "token_2"
-
-    def export(self):
-        return {"labels": ["outside", "answer"], "head_type": self.head_type}
+    labels = ("outside", "answer")
 
     def encode(self, rows):
         items = []
@@ -255,7 +241,6 @@ class EncodEvalQA(QuestionAnswering):
     def trivial(self, split):
         return {"f1": statistics.fmean(position_f1(set(), item.gold) for item in split.items)}
 
-class AnswerTokens(NamedTuple):
-    """EncodEvalQA's item: input ids and the positions of the answer's tokens."""
+class AnswerTokens(NamedTuple):  # EncodEvalQA's item
     ids: list[int]
-    gold: set
+    gold: set  # the positions of the answer's tokens

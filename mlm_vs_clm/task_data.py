@@ -1,11 +1,11 @@
-"""Fine-tuning records from JSON-lines files, the paper's twelve hub datasets with the authors'
-splits (optional `datasets` package), or the offline demo tasks. docs/finetuning.md."""
+"""Fine-tuning records: JSON lines, the paper's hub datasets, the demo tasks. docs/finetuning.md."""
 
 import hashlib
 import json
 import os
 import random
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 from mlm_vs_clm import files
@@ -31,11 +31,9 @@ class TaskData(NamedTuple):
     train: list
     val: list | None  # None: hold out val_fraction of train (hold_out)
     test: list
-    # ir: split name -> documents searched besides those the split judges ({} otherwise)
-    documents: dict
+    documents: dict  # ir: split name -> documents searched besides the judged ones ({}: none)
     labels: list | None = None  # tc: the dataset's tag names in id order (its ClassLabel)
 
-# --------------------------------------------------------------------------------------------------
 # Hub records -> our records: pure functions, one record at a time
 
 # The authors' labelled texts: a pair is one text, each part named (EncodEval's datasets.py)
@@ -44,19 +42,15 @@ GLUE_TEXTS = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"),
 GLUE_NAMES = {"mnli": ("Premise", "Hypothesis"), "qqp": ("Question 1", "Question 2")}
 
 def glue_record(task: str, record: dict, input_format: str) -> dict:
-    """sst2: the sentence. mnli, qqp: "Premise: {p}\\nHypothesis: {h}", "Question 1: {a}\\n..."
-    (paper format), or text and text_pair (eot format)."""
+    """mnli, qqp: text and text_pair, or one text "Premise: {p}\\nHypothesis: {h}" (paper)."""
     texts = [record[column] for column in GLUE_TEXTS[task]]
-    if len(texts) == 1:
-        return {"text": texts[0], "label": record["label"]}
-    if input_format == "paper":
-        (a, b), (name_a, name_b) = texts, GLUE_NAMES[task]
-        return {"text": f"{name_a}: {a}\n{name_b}: {b}", "label": record["label"]}
-    return {"text": texts[0], "text_pair": texts[1], "label": record["label"]}
+    if len(texts) == 1 or input_format != "paper":
+        return dict(zip(("text", "text_pair"), texts)) | {"label": record["label"]}
+    parts = (f"{name}: {text}" for name, text in zip(GLUE_NAMES[task], texts))
+    return {"text": "\n".join(parts), "label": record["label"]}
 
 def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None) -> dict | None:
-    """Words and tag names; None for an empty sentence. IOB1 tags (the authors' CoNLL-2003) need no
-    conversion: metrics.bio_entities reads an I-X that continues no X as a start, as conlleval."""
+    """Words and tag names (None: an empty sentence); IOB1 tags stay: bio_entities reads them."""
     tag_ids = list(record[tags])
     if not record[words]:
         return None
@@ -84,8 +78,7 @@ def as_list_of_dicts(value) -> list[dict]:
     return list(value)
 
 def entity_mentions(passage: str, entity_spans) -> list[tuple[int, int]]:
-    """ReCoRD's entity mentions as [start, end) character spans. Copies differ on whether `end` is
-    inclusive; the text decides."""
+    """ReCoRD's mentions as [start, end) spans: copies differ on whether `end` is inclusive."""
     spans = []
     for i, e in enumerate(as_list_of_dicts(entity_spans)):
         text, start, end = e["text"], e["start"], e["end"]
@@ -97,12 +90,6 @@ def entity_mentions(passage: str, entity_spans) -> list[tuple[int, int]]:
             raise ValueError(f"field 'entity_spans' item {i}: {text!r} is not at characters "
                              f"{start}..{end} of the passage")
     return sorted(set(spans))
-
-def record_id(record: dict, index: int) -> str:
-    idx = record.get("idx")
-    if isinstance(idx, dict):  # SuperGLUE: {"passage": int, "query": int}
-        return f"{idx['passage']}-{idx['query']}"
-    return str(record.get("id", index))
 
 def record_answers(context: str, answers: list[str], mentions: list) -> dict:
     """Every occurrence of every gold answer: its mentions, or where its text occurs."""
@@ -119,8 +106,7 @@ def record_answers(context: str, answers: list[str], mentions: list) -> dict:
     return {"text": [text for _, text in found], "answer_start": [start for start, _ in found]}
 
 def record_record(record: dict, index: int) -> dict:
-    """ReCoRD in SQuAD's shape (the authors' copy) or SuperGLUE's (passage, query, entity_spans,
-    answers as strings); with entity_spans, every mention is a candidate answer."""
+    """ReCoRD in SQuAD's shape (the authors' copy) or SuperGLUE's; every mention is a candidate."""
     context = record["context"] if "context" in record else record["passage"]
     question = record["question"] if "question" in record else record["query"]
     mentions = entity_mentions(context, record["entity_spans"]) \
@@ -130,11 +116,11 @@ def record_record(record: dict, index: int) -> dict:
         answers = {"text": list(answers["text"]), "answer_start": list(answers["answer_start"])}
     else:
         answers = record_answers(context, list(answers), mentions)
-    out = {"id": record_id(record, index), "question": question, "context": context,
-           "answers": answers}
+    idx = record.get("idx")  # SuperGLUE's: {"passage": int, "query": int}
+    qid = f"{idx['passage']}-{idx['query']}" if isinstance(idx, dict) else record.get("id", index)
+    out = {"id": str(qid), "question": question, "context": context, "answers": answers}
     return out | {"candidates": [list(span) for span in mentions]} if mentions else out
 
-# --------------------------------------------------------------------------------------------------
 # Retrieval: training pairs, and evaluation splits built from judgments (qrels)
 
 class Judgment(NamedTuple):
@@ -163,18 +149,7 @@ def judged_rows(judgments: list[Judgment], queries: dict, documents: dict, where
                           {"query": pair[0], "document": pair[1], "grade": j.grade})
     return list(rows.values())
 
-def judged_task(train: list, judgments: dict, queries: dict, documents: dict,
-                where: str) -> TaskData:
-    """An ir task trained on `train`, evaluated on judgments {"validation", "test"}. Both splits
-    search, as the authors', every document judged in either, not the whole corpus."""
-    val, test = (judged_rows(judgments[s], queries, documents, f"{where}/{s}")
-                 for s in ("validation", "test"))
-    corpus = list(dict.fromkeys(r["document"] for _, r in val + test))
-    return TaskData("ir", train, val, test, {"val": corpus, "test": corpus})
-
-# NQ has only test judgments; the authors halve its queries at random (unseeded: a new split each
-# run); here the split is seeded, the same in every run
-NQ_SPLIT_SEED = 0
+NQ_SPLIT_SEED = 0  # NQ's test queries, halved at random: seeded (the authors' split is not)
 
 def halve_queries(judgments: list[Judgment], seed: int = NQ_SPLIT_SEED) -> dict:
     """{"validation": round(n / 2) random queries' judgments (as the authors), "test": the rest}."""
@@ -182,9 +157,6 @@ def halve_queries(judgments: list[Judgment], seed: int = NQ_SPLIT_SEED) -> dict:
     val = set(random.Random(seed).sample(ids, round(0.5 * len(ids))))
     return {"validation": [j for j in judgments if j.query in val],
             "test": [j for j in judgments if j.query not in val]}
-
-def nq_document(record: dict) -> str:
-    return f"{record['title']}. {record['text']}"  # the authors' "title. text"
 
 def mldr_judgments(records) -> tuple[list[Judgment], dict]:
     """MLDR's records -> judgments and query texts; only positive passages, as the authors'."""
@@ -195,11 +167,9 @@ def mldr_judgments(records) -> tuple[list[Judgment], dict]:
                       for p in as_list_of_dicts(r["positive_passages"])]
     return judgments, queries
 
-# --------------------------------------------------------------------------------------------------
 # Loading from the hub
 
-# Datasets the hub builds with a loading script, which `datasets` 4 no longer runs (3 only with
-# trust_remote_code, never given here): their files read directly, or the hub's parquet conversion.
+# Loading-script datasets (`datasets` 4 won't run them): files read directly, or hub parquet
 BEIR_FILES = {(f"BeIR/{name}", part): f"hf://datasets/BeIR/{name}/{part}.jsonl.gz"
               for name in ("msmarco", "nq") for part in ("queries", "corpus")}
 PARQUET = {("hgissbkh/ontonotes5", None), ("hgissbkh/mldr-en", "default"),
@@ -214,8 +184,7 @@ def hub(name: str, config: str | None, split: str):
                          "pip install datasets") from None
     try:
         if (name, config) in BEIR_FILES:
-            return datasets.load_dataset("json", data_files=BEIR_FILES[name, config],
-                                         split="train")
+            return datasets.load_dataset("json", data_files=BEIR_FILES[name, config], split="train")
         revision = "refs/convert/parquet" if (name, config) in PARQUET else None
         return datasets.load_dataset(name, config, split=split, revision=revision)
     except Exception as e:  # no network, a renamed dataset: one line with the cure
@@ -250,39 +219,39 @@ def tag_names(ds, column: str, name: str) -> list[str] | None:
                          f"give the names in task_data.py")
     return names
 
-def glue_task(task: str, test_split: str) -> Callable:
-    def load(input_format):
-        def rows(split):
-            return converted(f"nyu-mll/glue {task}", split, hub("nyu-mll/glue", task, split),
-                             lambda r, i: glue_record(task, r, input_format))
-        return TaskData("sc", rows("train"), None, rows(test_split), {})
-    return load
+def glue_task(task: str, test_split: str, input_format: str) -> TaskData:
+    def rows(split):
+        return converted(f"nyu-mll/glue {task}", split, hub("nyu-mll/glue", task, split),
+                         lambda r, i: glue_record(task, r, input_format))
+    return TaskData("sc", rows("train"), None, rows(test_split), {})
 
-def ner_task(name: str, words: str, tags: str) -> Callable:
-    def load(input_format):
-        splits = {s: hub(name, None, s) for s in ("train", "validation", "test")}
-        names = tag_names(splits["train"], tags, name)
-        rows = {s: converted(name, s, ds, lambda r, i: ner_record(r, words, tags, names))
-                for s, ds in splits.items()}
-        return TaskData("tc", rows["train"], rows["validation"], rows["test"], {}, names)
-    return load
+def ner_task(name: str, words: str, tags: str, input_format: str) -> TaskData:
+    splits = {s: hub(name, None, s) for s in ("train", "validation", "test")}
+    names = tag_names(splits["train"], tags, name)
+    rows = {s: converted(name, s, ds, lambda r, i: ner_record(r, words, tags, names))
+            for s, ds in splits.items()}
+    return TaskData("tc", rows["train"], rows["validation"], rows["test"], {}, names)
 
-def qa_task(name: str, convert: Callable) -> Callable:
-    def load(input_format):
-        train, test = (converted(name, s, hub(name, None, s), convert)
-                       for s in ("train", "validation"))
-        return TaskData("qa", train, None, test, {})
-    return load
-
-def msmarco_pairs() -> list:
-    name = "hgissbkh/msmarco-pairs"
-    return pair_rows(hub(name, None, "train"), f"{name}/train")
+def qa_task(name: str, convert: Callable, input_format: str) -> TaskData:
+    train, test = (converted(name, s, hub(name, None, s), convert) for s in ("train", "validation"))
+    return TaskData("qa", train, None, test, {})
 
 def texts_by_id(ds, ids: set, id_column: str, text: Callable) -> dict:
     """id -> text for the rows of ds whose id is in ids (a corpus of millions: filter first)."""
     wanted = ds.filter(lambda batch: [str(i) in ids for i in batch], input_columns=id_column,
                        batched=True)
     return {str(r[id_column]): text(r) for r in wanted}
+
+def judged_task(name: str, judgments: dict, queries: dict, id_column: str,
+                document: Callable) -> TaskData:
+    """An ir task trained on MS MARCO pairs; both splits search all judged documents (EncodEval)."""
+    ids = {j.document for js in judgments.values() for j in js}
+    documents = texts_by_id(hub(name, "corpus", "corpus"), ids, id_column, document)
+    train = pair_rows(hub("hgissbkh/msmarco-pairs", None, "train"), "hgissbkh/msmarco-pairs/train")
+    val, test = (judged_rows(judgments[s], queries, documents, f"{name}/{s}")
+                 for s in ("validation", "test"))
+    corpus = list(dict.fromkeys(r["document"] for _, r in val + test))
+    return TaskData("ir", train, val, test, {"val": corpus, "test": corpus})
 
 def beir_judgments(name: str, split: str) -> list[Judgment]:
     return [Judgment(str(r["query-id"]), str(r["corpus-id"]), int(r["score"]))
@@ -291,10 +260,8 @@ def beir_judgments(name: str, split: str) -> list[Judgment]:
 def beir_task(name: str, judgments: dict, document: Callable) -> TaskData:
     """BEIR's queries and corpus (configs "queries" and "corpus", ids `_id`) for the judgments."""
     query_ids = {j.query for js in judgments.values() for j in js}
-    document_ids = {j.document for js in judgments.values() for j in js}
     queries = texts_by_id(hub(name, "queries", "queries"), query_ids, "_id", lambda r: r["text"])
-    documents = texts_by_id(hub(name, "corpus", "corpus"), document_ids, "_id", document)
-    return judged_task(msmarco_pairs(), judgments, queries, documents, name)
+    return judged_task(name, judgments, queries, "_id", document)
 
 def msmarco_task(input_format) -> TaskData:
     # validation: MS MARCO dev (6,980 queries); test: TREC-DL 2019 (43 queries, graded 0-3)
@@ -304,7 +271,7 @@ def msmarco_task(input_format) -> TaskData:
 
 def nq_task(input_format) -> TaskData:
     return beir_task("BeIR/nq", halve_queries(beir_judgments("BeIR/nq-qrels", "test")),
-                     nq_document)
+                     lambda r: f"{r['title']}. {r['text']}")  # the authors' "title. text"
 
 def mldr_task(input_format) -> TaskData:
     name = "hgissbkh/mldr-en"
@@ -312,10 +279,7 @@ def mldr_task(input_format) -> TaskData:
     for ours, theirs in (("validation", "dev"), ("test", "test")):
         judgments[ours], split_queries = mldr_judgments(hub(name, "default", theirs))
         queries |= split_queries
-    document_ids = {j.document for js in judgments.values() for j in js}
-    documents = texts_by_id(hub(name, "corpus", "corpus"), document_ids, "docid",
-                            lambda r: r["text"])
-    return judged_task(msmarco_pairs(), judgments, queries, documents, name)
+    return judged_task(name, judgments, queries, "docid", lambda r: r["text"])
 
 class NamedTask(NamedTuple):
     family: str
@@ -324,37 +288,33 @@ class NamedTask(NamedTuple):
     one_epoch: bool = False  # encodeval: one epoch (CoNLL, UNER), else max_steps (EncodEval)
 
 # OntoNotes' integer tags have no ClassLabel on the hub: tner/ontonotes5's label2id, in id order
-TAG_NAMES = {"hgissbkh/ontonotes5": [
-    "O", "B-CARDINAL", "B-DATE", "I-DATE", "B-PERSON", "I-PERSON", "B-NORP", "B-GPE", "I-GPE",
-    "B-LAW", "I-LAW", "B-ORG", "I-ORG", "B-PERCENT", "I-PERCENT", "B-ORDINAL", "B-MONEY",
-    "I-MONEY", "B-WORK_OF_ART", "I-WORK_OF_ART", "B-FAC", "B-TIME", "I-CARDINAL", "B-LOC",
-    "B-QUANTITY", "I-QUANTITY", "I-NORP", "I-LOC", "B-PRODUCT", "I-TIME", "B-EVENT", "I-EVENT",
-    "I-FAC", "B-LANGUAGE", "I-PRODUCT", "I-ORDINAL", "I-LANGUAGE"]}
+TAG_NAMES = {"hgissbkh/ontonotes5": (
+    "O B-CARDINAL B-DATE I-DATE B-PERSON I-PERSON B-NORP B-GPE I-GPE B-LAW I-LAW B-ORG I-ORG "
+    "B-PERCENT I-PERCENT B-ORDINAL B-MONEY I-MONEY B-WORK_OF_ART I-WORK_OF_ART B-FAC B-TIME "
+    "I-CARDINAL B-LOC B-QUANTITY I-QUANTITY I-NORP I-LOC B-PRODUCT I-TIME B-EVENT I-EVENT I-FAC "
+    "B-LANGUAGE I-PRODUCT I-ORDINAL I-LANGUAGE").split()}
 
-# --task name -> its hub sources and splits, as EncodEval loads them. sc and qa: 5% of train is held
-# out as validation (finetune.py), the official validation split is the test split.
+# --task name -> its hub sources and splits, as EncodEval loads them (HELD_OUT: by finetune.py)
 HELD_OUT = "train (5% held out: validation) / test:"
 HF_TASKS = {
-    "sst2": NamedTask("sc", f"nyu-mll/glue sst2 {HELD_OUT} validation",
-                      glue_task("sst2", "validation")),
-    "qqp": NamedTask("sc", f"nyu-mll/glue qqp {HELD_OUT} validation",
-                     glue_task("qqp", "validation")),
-    "mnli": NamedTask("sc", f"nyu-mll/glue mnli {HELD_OUT} validation_matched",
-                      glue_task("mnli", "validation_matched")),
+    **{task: NamedTask("sc", f"nyu-mll/glue {task} {HELD_OUT} {test}",
+                       partial(glue_task, task, test))
+       for task, test in (("sst2", "validation"), ("qqp", "validation"),
+                          ("mnli", "validation_matched"))},
     # The authors' copy (hgissbkh/conll2003-en: words, ner; IOB1 tags), not eriktks/conll2003
     # (IOB2, one sentence fewer per split): it is what EncodEval scores, on its own test split
     "conll2003": NamedTask("tc", "hgissbkh/conll2003-en train / validation / test",
-                           ner_task("hgissbkh/conll2003-en", "words", "ner"), one_epoch=True),
+                           partial(ner_task, "hgissbkh/conll2003-en", "words", "ner"),
+                           one_epoch=True),
     "ontonotes": NamedTask("tc", "hgissbkh/ontonotes5 train / validation / test",
-                           ner_task("hgissbkh/ontonotes5", "tokens", "tags")),
+                           partial(ner_task, "hgissbkh/ontonotes5", "tokens", "tags")),
     "uner": NamedTask("tc", "hgissbkh/uner_en train / validation / test",
-                      ner_task("hgissbkh/uner_en", "tokens", "ner_tags"), one_epoch=True),
-    "squad": NamedTask("qa", f"rajpurkar/squad {HELD_OUT} validation",
-                       qa_task("rajpurkar/squad", lambda r, i: squad_record(r))),
-    "squad_v2": NamedTask("qa", f"rajpurkar/squad_v2 {HELD_OUT} validation",
-                          qa_task("rajpurkar/squad_v2", lambda r, i: squad_record(r))),
+                      partial(ner_task, "hgissbkh/uner_en", "tokens", "ner_tags"), one_epoch=True),
+    **{task: NamedTask("qa", f"rajpurkar/{task} {HELD_OUT} validation",
+                       partial(qa_task, f"rajpurkar/{task}", lambda r, i: squad_record(r)))
+       for task in ("squad", "squad_v2")},
     "record": NamedTask("qa", f"hgissbkh/record {HELD_OUT} validation",
-                        qa_task("hgissbkh/record", record_record)),
+                        partial(qa_task, "hgissbkh/record", record_record)),
     "msmarco": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/msmarco judged by "
                                "BeIR/msmarco-qrels validation (dev) / test (TREC-DL-19)",
                          msmarco_task),
@@ -365,28 +325,20 @@ HF_TASKS = {
                       mldr_task),
 }
 
-# --------------------------------------------------------------------------------------------------
 # A task's splits
 
-def jsonl_task(cfg) -> TaskData:
-    return TaskData(cfg.task, read_jsonl(cfg.train), read_jsonl(cfg.val) if cfg.val else None,
-                    read_jsonl(cfg.test), {})
-
-def demo_data(cfg, data_dir: str) -> TaskData:
-    family = cfg.task.removeprefix("demo_")
-    train, test = ([(f"{cfg.task} {split}, record {i + 1}", r) for i, r in enumerate(records)]
-                   for split, records in zip(("train", "test"), demo_task(family, data_dir)))
-    return TaskData(family, train, None, test, {})
-
 def load_task(cfg, data_dir: str = "") -> TaskData:
-    """The task's records. data_dir: the checkpoint's pretraining data, where the demo tasks find
-    their held-out docstrings."""
+    """The task's records. data_dir: the checkpoint's pretraining data (the demo tasks' source)."""
     if cfg.task in FAMILIES:
-        task = jsonl_task(cfg)
+        task = TaskData(cfg.task, read_jsonl(cfg.train), read_jsonl(cfg.val) if cfg.val else None,
+                        read_jsonl(cfg.test), {})
     elif cfg.task in HF_TASKS:
         task = HF_TASKS[cfg.task].load(cfg.input_format)
     else:
-        task = demo_data(cfg, data_dir)
+        family = cfg.task.removeprefix("demo_")
+        train, test = ([(f"{cfg.task} {split}, record {i + 1}", r) for i, r in enumerate(records)]
+                       for split, records in zip(("train", "test"), demo_task(family, data_dir)))
+        task = TaskData(family, train, None, test, {})
     for name, path, rows in (("training", cfg.train, task.train), ("validation", cfg.val, task.val),
                              ("test", cfg.test, task.test)):
         if rows is not None and not rows:
@@ -394,10 +346,9 @@ def load_task(cfg, data_dir: str = "") -> TaskData:
                              f"the {name} split is empty")
     if not cfg.corpus:
         return task
-    extra = [field(where, r, "text", str, "a non-empty string")
-             for where, r in read_jsonl(cfg.corpus)]
-    return task._replace(documents=task.documents | {"test": task.documents.get("test", [])
-                                                     + extra})
+    extra = task.documents.get("test", []) + [field(where, r, "text", str, "a non-empty string")
+                                              for where, r in read_jsonl(cfg.corpus)]
+    return task._replace(documents=task.documents | {"test": extra})
 
 def hold_out(rows: list, family: str, fraction: float) -> tuple[list, list]:
     """(train, validation): validation is the lowest `fraction` by a stable hash, the same for

@@ -1,5 +1,4 @@
-"""The task families sc, tc and ir (qa.py has the fourth): each checks its records, encodes them
-in one of two input formats (paper, eot), and has a head, a loss, a metric. docs/finetuning.md."""
+"""Task families sc, tc, ir (qa.py: qa): checks, encodings, heads, losses. docs/finetuning.md."""
 
 import bisect
 import itertools
@@ -18,25 +17,19 @@ from mlm_vs_clm.metrics import (accuracy, entity_f1, ndcg_mrr, rank_documents, s
                                 top_k_ndcg)
 
 INPUT_FORMATS = ("paper", "eot")
-# transformers' _init_weights: what from_pretrained gives a head the checkpoint lacks (EuroBERT's
-# initializer_range), so a new head starts as the authors' did
-HEAD_INIT_STD = 0.02
+HEAD_INIT_STD = 0.02  # EuroBERT's initializer_range: from_pretrained's start for a new head
 
-# --------------------------------------------------------------------------------------------------
 # Tokens and the text they came from
 
 def token_spans(tok, ids: list[int], text: str) -> list[tuple[int, int]]:
-    """(start, end) character span in text of each token of text's encoding (a token that stops
-    inside a multi-byte character gets an empty span; the one that completes it spans it)."""
+    """Each token's (start, end) in text; one that stops inside a multi-byte character: empty."""
     decoded, starts = tok.encoding.decode_with_offsets(ids)
     if decoded != text:
         raise ValueError(f"text does not survive encode/decode (invalid unicode?): {text[:60]!r}")
     return list(zip(starts, starts[1:] + [len(text)]))
 
 def align_words(tok, words: list[str], max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids of a pre-split sentence and the position of each word's first sub-token. Each word
-    is encoded on its own with its leading space, so every token belongs to one word; only the
-    len(starts) words that fit in max_len are kept."""
+    """Words encoded one by one (with their leading space): ids, and where each kept word starts."""
     ids, starts = [], []
     for i, word in enumerate(words):
         piece = tok.encode(word if i == 0 else " " + word)
@@ -55,15 +48,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
         return (hidden * m).sum(1) / m.sum(1)
     if how == "first":
         return hidden[:, 0]
-    # the last real token
     return hidden[torch.arange(hidden.size(0), device=hidden.device), mask.sum(1) - 1]
 
-def ending_with_eot(ids: list[int], eot: int, max_len: int) -> list[int]:
-    """The paper format's input: the text's tokens, cut to leave room, then end-of-text (the
-    authors' tokenizer cuts after appending, and so loses the end-of-text of a long input)."""
-    return ids[:max_len - 1] + [eot]
-
-# --------------------------------------------------------------------------------------------------
 # The heads. Their parameter names are transformers' EuroBERT ones: they export as they are.
 
 def init_head(head: nn.Module) -> nn.Module:
@@ -74,8 +60,7 @@ def init_head(head: nn.Module) -> nn.Module:
     return head
 
 class SequenceClassifier(nn.Module):
-    """transformers' EuroBertForSequenceClassification head (classifier_pooling "mean" or "bos"):
-    the pooled vector -> dense (C -> C) -> exact GELU -> classifier (C -> labels)."""
+    """transformers' EuroBertForSequenceClassification head (classifier_pooling "mean" or "bos")."""
 
     def __init__(self, n_embd: int, n_labels: int):
         super().__init__()
@@ -98,9 +83,7 @@ class TokenClassifier(nn.Module):
     def forward(self, hidden):
         return self.classifier(hidden)
 
-# --------------------------------------------------------------------------------------------------
-# The families. Records come as (where, dict) rows; `where` ("train.jsonl, line 12") starts every
-# error about them.
+# The families. Records are (where, dict) rows; `where` ("train.jsonl, line 12") starts each error
 
 def field(where: str, record: dict, name: str, kinds, what: str):
     value = record.get(name)
@@ -110,19 +93,16 @@ def field(where: str, record: dict, name: str, kinds, what: str):
         raise ValueError(f"{where}: field {name!r} must be {what} ({found})")
     return value
 
-class Labelled(NamedTuple):
-    """sc: a sequence and its label index."""
+class Labelled(NamedTuple):  # sc
     ids: list[int]
     label: int
 
-class Tagged(NamedTuple):
-    """tc: a sentence's tokens, where each kept word's first sub-token is, each word's tag index."""
+class Tagged(NamedTuple):  # tc
     ids: list[int]
-    starts: list[int]
-    tags: list[int]
+    starts: list[int]  # where each kept word's first sub-token is
+    tags: list[int]  # each word's tag index
 
-class QueryDocument(NamedTuple):
-    """ir: a relevant (query, document) pair for training, with the query's relevance judgments."""
+class QueryDocument(NamedTuple):  # ir: a relevant (query, document) pair, for training
     document: int  # index of the document in the split
     relevance: dict  # the query's judgments: document index -> grade
     query_ids: list[int]
@@ -137,9 +117,9 @@ class Split:
     relevance: list = dataclass_field(default_factory=list)
 
 class Family:
-    # a constant prediction whose test score is worth printing next to the model's (sc and qa)
-    trivial_rule = None
+    trivial_rule = None  # a constant prediction worth scoring next to the model's (sc and qa)
     one_epoch = False  # train for one epoch whatever max_steps (EncodEval's CoNLL and UNER)
+    labels = ()  # the head's output names, saved with it (sc: the classes, tc: the tags)
 
     def __init__(self, cfg, tok, train: list, device, autocast, max_len: int,
                  labels: list | None = None):  # labels: the dataset's ClassLabel names, if any
@@ -151,22 +131,20 @@ class Family:
     def forward(self, body, seqs: list[list[int]]):
         """Right-padded batch through the body: hidden (B, T, C), mask (B, T) True on tokens."""
         lengths = torch.tensor([len(s) for s in seqs])
-        idx = torch.full((len(seqs), int(lengths.max())), self.tok.pad_id,
-                         dtype=torch.long)  # (B, T)
-        for i, s in enumerate(seqs):
-            idx[i, :len(s)] = torch.tensor(s)
+        idx = nn.utils.rnn.pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs],
+                                        batch_first=True, padding_value=self.tok.pad_id)
         mask = (torch.arange(idx.size(1)) < lengths[:, None]).to(self.device)  # (B, T)
         with self.autocast():
             hidden = body(idx.to(self.device), causal=self.cfg.causal, attention_mask=mask)
         # the small heads run outside autocast, in the weights' dtype (--weights)
         return hidden.to(next(body.parameters()).dtype), mask
 
-    @property
-    def input_format(self) -> str:
-        return self.cfg.input_format
-
     def export(self) -> dict:  # what a saved model needs besides its weights (--save_model)
-        return {"labels": [], "head_type": self.head_type}
+        return {"labels": list(self.labels), "head_type": self.head_type}
+
+    def with_eot(self, texts: list[str]) -> list[list[int]]:
+        """The paper format: tokens cut to leave room, then <eot> (the authors' lose it if long)."""
+        return [ids[:self.max_len - 1] + [self.tok.eot_id] for ids in self.tok.encode_batch(texts)]
 
     def chunks(self, items: list):
         return (items[i:i + self.cfg.batch_size] for i in range(0, len(items), self.cfg.batch_size))
@@ -174,6 +152,7 @@ class Family:
 class SequenceClassification(Family):
     name = "sc"
     metric = "accuracy"
+    trivial_rule = "the most frequent training label"
 
     def setup(self, train):
         self.pair, self.labels = "text_pair" in train[0][1], None  # the first record decides
@@ -182,14 +161,14 @@ class SequenceClassification(Family):
                              key=lambda label: (isinstance(label, str), label))
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.majority = Counter(r["label"] for _, r in train).most_common(1)[0][0]
+        self.head_type = f"eurobert_sc_{self.cfg.pooling}"
 
     def check(self, rows):
         for where, r in rows:
             field(where, r, "text", str, "a non-empty string")
             if self.pair:
-                field(where, r, "text_pair", str,
-                      "a non-empty string: this is a sentence-pair task (the first training "
-                      "record has text_pair), and every record needs both texts")
+                field(where, r, "text_pair", str, "a non-empty string: this is a sentence-pair "
+                      "task (the first training record has text_pair)")
             elif "text_pair" in r:
                 raise ValueError(f"{where}: field 'text_pair' given, but this is a single-text "
                                  f"task (the first training record has no text_pair)")
@@ -199,16 +178,14 @@ class SequenceClassification(Family):
                                  f"labels {self.labels}")
 
     def encode(self, rows):
-        if self.input_format == "paper":
+        if self.cfg.input_format == "paper":
             # a pair is one text on two lines, as the authors' labelled pairs ("Premise: ...")
             texts = [r["text"] + "\n" + r["text_pair"] if self.pair else r["text"] for _, r in rows]
-            ids = [ending_with_eot(s, self.tok.eot_id, self.max_len)
-                   for s in self.tok.encode_batch(texts)]
+            ids = self.with_eot(texts)
         else:
             ids = self.tok.encode_batch([r["text"] for _, r in rows])
             if self.pair:
-                # no [SEP] in the vocabulary: end-of-text, the one boundary pretraining
-                # knows (between packed documents), marks where b starts
+                # no [SEP] in the vocabulary: the boundary pretraining knows, <eot>, marks b
                 seconds = self.tok.encode_batch([r["text_pair"] for _, r in rows])
                 ids = [a + [self.tok.eot_id] + b for a, b in zip(ids, seconds)]
         return Split([Labelled(s[:self.max_len], self.index[r["label"]])
@@ -216,13 +193,6 @@ class SequenceClassification(Family):
 
     def head(self, n_embd):
         return SequenceClassifier(n_embd, len(self.labels))
-
-    @property
-    def head_type(self) -> str:
-        return f"eurobert_sc_{self.cfg.pooling}"
-
-    def export(self):
-        return {"labels": list(self.labels), "head_type": self.head_type}
 
     def logits(self, body, head, seqs):
         hidden, mask = self.forward(body, seqs)
@@ -237,8 +207,6 @@ class SequenceClassification(Family):
                      self.logits(body, head, [item.ids for item in chunk]).argmax(-1).tolist()]
         return {"accuracy": accuracy(predicted, [item.label for item in split.items])}
 
-    trivial_rule = "the most frequent training label"
-
     def trivial(self, split):
         return {"accuracy": accuracy([self.index[self.majority]] * len(split.items),
                                      [item.label for item in split.items])}
@@ -246,6 +214,7 @@ class SequenceClassification(Family):
 class TokenClassification(Family):
     name = "tc"
     metric = "f1"
+    head_type = "linear_tc"
 
     def setup(self, train):
         self.tags = None
@@ -253,15 +222,14 @@ class TokenClassification(Family):
         # encodeval: the dataset's tag ids (its ClassLabel order), as the authors' heads
         self.tags = list(self.given_labels) if self.encodeval and self.given_labels else \
             ["O"] + sorted({t for _, r in train for t in r["tags"]} - {"O"})
-        self.index = {t: i for i, t in enumerate(self.tags)}
+        self.labels, self.index = self.tags, {t: i for i, t in enumerate(self.tags)}
 
     def check(self, rows):
         for where, r in rows:
             words = field(where, r, "words", list, "a non-empty list of words")
             tags = field(where, r, "tags", list, "a list of BIO tags, one per word")
             if len(tags) != len(words):
-                raise ValueError(f"{where}: field 'tags' has {len(tags)} tags for "
-                                 f"{len(words)} words")
+                raise ValueError(f"{where}: field 'tags': {len(tags)} tags for {len(words)} words")
             for i, w in enumerate(words):
                 if not isinstance(w, str) or not w.strip():
                     raise ValueError(f"{where}: field 'words' item {i} must be a non-empty string, "
@@ -274,12 +242,10 @@ class TokenClassification(Family):
                     raise ValueError(f"{where}: field 'tags' item {i} is {t!r}, a tag the training "
                                      f"file never uses")
 
-    head_type = "linear_tc"
-
     def encode(self, rows):
         if self.encodeval:
             return Split([self.encode_sentence(r["words"], r["tags"]) for _, r in rows])
-        items, paper = [], self.input_format == "paper"
+        items, paper = [], self.cfg.input_format == "paper"
         for _, r in rows:
             # paper: the words, then <eot> (a position without a label)
             ids, starts = align_words(self.tok, r["words"], self.max_len - paper)
@@ -290,33 +256,27 @@ class TokenClassification(Family):
     def head(self, n_embd):
         return TokenClassifier(n_embd, len(self.tags))
 
-    def export(self):
-        return {"labels": list(self.tags), "head_type": self.head_type}
-
     def encode_sentence(self, words: list[str], tags: list[str]) -> Tagged:
-        """EncodEval's: the words joined by spaces as one text, then <eot>; every sub-token carries
-        its word's tag. starts: each token's word, -1 for <eot>."""
+        """EncodEval's: the words joined by spaces, <eot>; starts: each token's word (<eot>: -1)."""
         text = " ".join(words)
         ids = self.tok.encode(text)
-        word_end, word = list(itertools.accumulate(len(w) + 1 for w in words)), []
-        ids, spans = ids[:self.max_len - 1], token_spans(self.tok, ids, text)[:self.max_len - 1]
-        for _, end in spans:
-            # a token's last character (its first may be the space before its word)
-            word.append(bisect.bisect_right(word_end, end - 1))
-        return Tagged(ids + [self.tok.eot_id], word + [-1], [self.index[t] for t in tags])
+        word_end = list(itertools.accumulate(len(w) + 1 for w in words))
+        # a token's word is its last character's (its first may be the space before the word)
+        word = [bisect.bisect_right(word_end, end - 1)
+                for _, end in token_spans(self.tok, ids, text)[:self.max_len - 1]]
+        return Tagged(ids[:self.max_len - 1] + [self.tok.eot_id], word + [-1],
+                      [self.index[t] for t in tags])
 
     def loss(self, body, head, batch):
         hidden, _ = self.forward(body, [item.ids for item in batch])
         if self.encodeval:  # every sub-token learns its word's tag
-            rows = [(b, i, item.tags[w]) for b, item in enumerate(batch)
-                    for i, w in enumerate(item.starts) if w >= 0]
-            logits = head(hidden[[r[0] for r in rows], [r[1] for r in rows]]).float()
-            return F.cross_entropy(logits, torch.tensor([r[2] for r in rows], device=self.device))
-        rows = [b for b, item in enumerate(batch) for _ in item.starts]
-        cols = [s for item in batch for s in item.starts]
-        targets = [t for item in batch for t in item.tags[:len(item.starts)]]
-        logits = head(hidden[rows, cols]).float()  # (N words, n_tags): on each first sub-token
-        return F.cross_entropy(logits, torch.tensor(targets, device=self.device))
+            picks = [(b, i, item.tags[w]) for b, item in enumerate(batch)
+                     for i, w in enumerate(item.starts) if w >= 0]
+        else:  # each kept word's first sub-token learns its tag
+            picks = [(b, s, t) for b, item in enumerate(batch)
+                     for s, t in zip(item.starts, item.tags)]
+        logits = head(hidden[[p[0] for p in picks], [p[1] for p in picks]]).float()  # (N, n_tags)
+        return F.cross_entropy(logits, torch.tensor([p[2] for p in picks], device=self.device))
 
     def evaluate(self, body, head, split):
         gold, predicted, scores = [], [], []
@@ -343,6 +303,7 @@ class TokenClassification(Family):
 class Retrieval(Family):
     name = "ir"
     metric = "ndcg@10"
+    head_type = "none"
 
     def setup(self, train):
         self.check(train)
@@ -379,12 +340,9 @@ class Retrieval(Family):
 
     def tokens(self, texts: list[str], label: str) -> list[list[int]]:
         """paper: "Query: {text}" or "Document: {text}", then <eot>; eot: the text alone."""
-        if self.input_format == "paper":
-            return [ending_with_eot(s, self.tok.eot_id, self.max_len)
-                    for s in self.tok.encode_batch([label + text for text in texts])]
+        if self.cfg.input_format == "paper":
+            return self.with_eot([label + text for text in texts])
         return [s[:self.max_len] for s in self.tok.encode_batch(texts)]
-
-    head_type = "none"
 
     def head(self, n_embd):
         return nn.Identity()  # the paper's retriever is the pooled body alone
@@ -398,8 +356,7 @@ class Retrieval(Family):
                              + [item.document_ids for item in batch])  # (2B, C): one pass
         q, d = vectors[:len(batch)], vectors[len(batch):]
         scores = q @ d.T / self.cfg.temperature  # (B, B): positives on the diagonal
-        # a column whose document is relevant to row i's query too is no negative (encodeval: the
-        # authors' MultipleNegativesRankingLoss keeps it one)
+        # a document relevant to row i's query too is no negative (encodeval: the authors' keep it)
         not_negative = torch.tensor([[i != j and row.relevance.get(column.document, 0) > 0
                                       and not self.encodeval for j, column in enumerate(batch)]
                                      for i, row in enumerate(batch)], device=self.device)  # (B, B)
