@@ -40,11 +40,10 @@ class ModelConfig:
                             "half-split rotation")
         if self.attention not in ATTENTION:
             problems.append(f"attention={self.attention!r} must be 'sdpa' or 'manual'")
-        llama3 = LLAMA3_ROPE_KEYS | {"rope_type"}
         if self.rope_scaling is not None and (self.rope_scaling.get("rope_type") != "llama3"
-                                              or set(self.rope_scaling) != llama3):
-            problems.append(f"rope_scaling={self.rope_scaling} must be None or rope_type 'llama3' "
-                            f"with {sorted(LLAMA3_ROPE_KEYS)}")
+                                              or set(self.rope_scaling) != LLAMA3_ROPE_KEYS):
+            problems.append(f"rope_scaling={self.rope_scaling} must be None or have the keys "
+                            f"{sorted(LLAMA3_ROPE_KEYS)}, rope_type 'llama3'")
         if self.vocab_size < 1 or self.block_size < 1:
             problems.append("vocab_size and block_size must be positive")
         if problems:
@@ -265,7 +264,7 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, 
 # -------------------------------------------------------------------------------------------------
 # Llama 3.1's context extension, which only its Hugging Face checkpoints need (mlm_vs_clm/hf.py)
 
-LLAMA3_ROPE_KEYS = {"factor", "low_freq_factor", "high_freq_factor",
+LLAMA3_ROPE_KEYS = {"rope_type", "factor", "low_freq_factor", "high_freq_factor",
                     "original_max_position_embeddings"}
 
 def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor,

