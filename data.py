@@ -1,6 +1,5 @@
 """The paper's data: documents, each followed by an end-of-text token, concatenated and cut into
-fixed blocks that every model reads in the same order. `python data.py --source=...` prepares them;
-sources, usage and file formats: docs/data.md."""
+fixed blocks every model reads in the same order. Prepared by `python data.py`; docs/data.md."""
 
 import glob
 import hashlib
@@ -10,6 +9,7 @@ import os
 import platform
 import re
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,14 +45,13 @@ SPLITS = ("train", "val")
 def _local_texts(source: str, text_field: str):
     """The documents of the files source (a path, directory or glob) matches, read lazily."""
     if os.path.isdir(source):
-        paths = [p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
-                 if p.endswith((".txt", ".jsonl"))]
+        paths = sorted(p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
+                       if p.endswith((".txt", ".jsonl")))
     else:
-        paths = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+        paths = sorted(p for p in glob.glob(source, recursive=True) if os.path.isfile(p))
     if not paths:
         raise ValueError(f"unknown source {source!r}: use 'docstrings', 'fineweb-edu[:<config>]', "
                          "or a path, directory or glob of .txt/.jsonl files (nothing matched)")
-    paths.sort()
     for path in paths:  # checked up front so a typo fails before minutes of tokenizing
         if not path.endswith((".txt", ".jsonl")):
             raise ValueError(f"{path}: unsupported file type; use .txt (one document per file) "
@@ -66,9 +65,8 @@ def _read_files(paths, text_field):
             continue
         for lineno, obj in files.jsonl_records(path):
             if not isinstance(obj.get(text_field), str):
-                raise ValueError(f"{path}, line {lineno}: no string field {text_field!r} "
-                                 f"(found {list(obj)}); set text_field / --text_field to the "
-                                 "field holding the text")
+                raise ValueError(f"{path}, line {lineno}: no string field {text_field!r} (found "
+                                 f"{list(obj)}); set --text_field to the field holding the text")
             yield obj[text_field]
 
 def _read_text(path: str) -> str:
@@ -96,32 +94,28 @@ def _fineweb_texts(config: str, text_field: str):
 
 def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens: int | None,
                        batch_docs: int = 1024) -> dict:
-    """Tokenizes (split, text) pairs into out_dir/{split}.bin.tmp; returns token_meta. Whole
-    documents only: stops before the first one that would take the total past max_tokens."""
+    """Writes (split, text) pairs to out_dir/{split}.bin.tmp, whole documents up to max_tokens."""
     dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32
     n_tokens, n_docs = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     digest = hashlib.sha256()
     labelled_texts = iter(labelled_texts)  # islice below must resume, not restart
-    outs = {s: open(os.path.join(out_dir, f"{s}.bin.tmp"), "wb") for s in SPLITS}
-    try:
-        with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing",
-                  disable=not sys.stderr.isatty()) as bar:
-            while batch := list(itertools.islice(labelled_texts, batch_docs)):
-                splits, texts = zip(*batch)
-                for split, ids in zip(splits, tok.encode_batch(list(texts))):
-                    ids.append(tok.eot_id)
-                    if max_tokens is not None and sum(n_tokens.values()) + len(ids) > max_tokens:
-                        return token_meta(dtype, n_tokens, n_docs, digest)
-                    data = np.array(ids, dtype=dtype).tobytes()
-                    outs[split].write(data)
-                    digest.update(split.encode() + data)
-                    n_tokens[split] += len(ids)
-                    n_docs[split] += 1
-                    bar.update(len(ids))
-        return token_meta(dtype, n_tokens, n_docs, digest)
-    finally:
-        for f in outs.values():
-            f.close()
+    with ExitStack() as stack, tqdm(total=max_tokens, unit="tok", unit_scale=True,
+                                    desc="tokenizing", disable=not sys.stderr.isatty()) as bar:
+        outs = {s: stack.enter_context(open(os.path.join(out_dir, f"{s}.bin.tmp"), "wb"))
+                for s in SPLITS}
+        while batch := list(itertools.islice(labelled_texts, batch_docs)):
+            splits, texts = zip(*batch)
+            for split, ids in zip(splits, tok.encode_batch(list(texts))):
+                ids.append(tok.eot_id)
+                if max_tokens is not None and sum(n_tokens.values()) + len(ids) > max_tokens:
+                    return token_meta(dtype, n_tokens, n_docs, digest)
+                data = np.array(ids, dtype=dtype).tobytes()
+                outs[split].write(data)
+                digest.update(split.encode() + data)
+                n_tokens[split] += len(ids)
+                n_docs[split] += 1
+                bar.update(len(ids))
+    return token_meta(dtype, n_tokens, n_docs, digest)
 
 def token_meta(dtype, n_tokens: dict, n_docs: dict, digest) -> dict:
     return {"dtype": np.dtype(dtype).name, "n_tokens": n_tokens, "n_documents": n_docs,
@@ -161,9 +155,8 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
             max_tokens: int | None = None, val_fraction: float = 0.05, text_field: str = "text",
             seed: int = 0, reuse: bool = False) -> dict:
     """Tokenizes a corpus into out_dir/{train,val}.bin and meta.json (the docstrings also into
-    heldout.jsonl, kept for fine-tuning); returns the meta. Outside the docstrings a document goes
-    to val by a hash of (seed, its text), so duplicates share a split. One process at a time
-    prepares a directory; reuse=True returns the meta of one already prepared."""
+    heldout.jsonl, for fine-tuning); returns the meta. Other documents go to val by a hash of (seed,
+    text): duplicates share a split. One process at a time; reuse=True reads one already there."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):
@@ -174,8 +167,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
         print(f"preparing {source} with {tokenizer} into {out_dir}")
         try:
             meta = _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, seed)
-        # a failure (a bad file, a full disk) leaves the previous data, if any, and no partial files
-        finally:
+        finally:  # a failure (bad file, full disk) leaves the previous data and no partial files
             for name in (*(f"{split}.bin" for split in SPLITS), HELDOUT_FILE, "meta.json"):
                 if os.path.exists(tmp := os.path.join(out_dir, name + ".tmp")):
                     os.remove(tmp)
@@ -190,21 +182,18 @@ def _prepare(source, out_dir, tokenizer, max_tokens, val_fraction, text_field, s
         from mlm_vs_clm import docstrings  # parses the sources: imported only when needed
         labelled = docstrings.pretraining_texts(os.path.join(out_dir, f"{HELDOUT_FILE}.tmp"))
     else:
-        if source == "fineweb-edu" or source.startswith("fineweb-edu:"):
-            if max_tokens is None:
-                raise ValueError("source 'fineweb-edu' is ~10B+ tokens: set max_tokens "
-                                 "(e.g. --max_tokens=1e9)")
-            texts = _fineweb_texts(source.partition(":")[2] or "sample-10BT", text_field)
-        else:
-            texts = _local_texts(source, text_field)
+        fineweb = source == "fineweb-edu" or source.startswith("fineweb-edu:")
+        if fineweb and max_tokens is None:
+            raise ValueError("source 'fineweb-edu' is ~10B+ tokens: set --max_tokens, e.g. 1e9")
+        texts = (_fineweb_texts(source.partition(":")[2] or "sample-10BT", text_field) if fineweb
+                 else _local_texts(source, text_field))
         labelled = (("val" if stable_fraction(f"{seed}:{t}") < val_fraction else "train", t)
                     for t in texts if t.strip())
     written = _write_token_files(labelled, tok, out_dir, max_tokens)
     for split in SPLITS:
         if written["n_documents"][split] == 0:
-            raise ValueError(f"the {split} split of {source!r} is empty "
-                             f"({written['n_documents']} documents): add documents, raise "
-                             "max_tokens or change val_fraction")
+            raise ValueError(f"the {split} split of {source!r} is empty ({written['n_documents']} "
+                             "documents): add documents, raise max_tokens or change val_fraction")
     meta = {**tok.meta(), **written, "source": source, "format_version": FORMAT_VERSION}
     if source == "docstrings":  # the corpus is what the installed Python, numpy and torch hold
         meta["versions"] = {"python": platform.python_version(), "numpy": np.__version__,
@@ -224,16 +213,15 @@ def load_meta(data_dir: str) -> dict:
     """data_dir/meta.json, once its fields and the token files it describes are checked."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{meta_path} not found: prepare the data first, e.g. "
-                                f"`python data.py --source=docstrings --out_dir={data_dir}` "
-                                "(or data.prepare)")
+        raise FileNotFoundError(f"{meta_path} not found: prepare it first, e.g. `python data.py "
+                                f"--source=docstrings --out_dir={data_dir}` (or data.prepare)")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e}): prepare the data again") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
         raise ValueError(f"{meta_path} has format_version {version}, this code reads "
                          f"{FORMAT_VERSION}: prepare the data again")
     if problem := _meta_problem(meta):
@@ -243,11 +231,10 @@ def load_meta(data_dir: str) -> dict:
         path = os.path.join(data_dir, f"{split}.bin")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found although {meta_path} exists: re-run prepare")
-        expected, actual = meta["n_tokens"][split] * itemsize, os.path.getsize(path)
-        if actual != expected:
-            raise ValueError(f"{path} has {actual:,} bytes but meta.json expects {expected:,} "
-                             f"({meta['n_tokens'][split]:,} tokens x {itemsize} bytes): "
-                             f"truncated or stale, re-run prepare")
+        n, actual = meta["n_tokens"][split], os.path.getsize(path)
+        if actual != n * itemsize:
+            raise ValueError(f"{path} has {actual:,} bytes but meta.json expects {n * itemsize:,} "
+                             f"({n:,} tokens x {itemsize}): truncated or stale, re-run prepare")
     return meta
 
 def _meta_problem(meta: dict) -> str | None:
@@ -274,11 +261,10 @@ def _meta_problem(meta: dict) -> str | None:
 # BlockLoader: fixed blocks in an order that only (seed, epoch) decides
 
 class BlockLoader:
-    """(batch_size, block_size) int64 batches of non-overlapping blocks of one split. Epoch e visits
-    the blocks in np.random.default_rng([seed, e]).permutation(n_blocks); `position` counts blocks
-    all ranks consumed, and each step this rank takes its slice of the next world_size * batch_size.
-    So the order is the same for every batch and world size (the paper's control): one process with
-    batch 8 == two ranks with batch 4 == two steps of batch 4."""
+    """(batch_size, block_size) int64 batches of disjoint blocks of one split, epoch e in the order
+    np.random.default_rng([seed, e]).permutation(n_blocks). `position` counts blocks all ranks
+    consumed; each step a rank takes its slice of the next world_size * batch_size, so the order is
+    fixed for any batch/world size (the paper's control): batch 8 == 2 ranks x 4 == 2 steps x 4."""
 
     def __init__(self, data_dir, split, block_size, batch_size, *, seed=0, rank=0, world_size=1,
                  device="cpu"):
@@ -288,10 +274,9 @@ class BlockLoader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         meta = load_meta(data_dir)
         self.path = os.path.join(data_dir, f"{split}.bin")
-        self.dtype, self.n_vocab = np.dtype(meta["dtype"]), meta["n_vocab"]
-        self.split, self.block_size, self.batch_size = split, block_size, batch_size
-        self.seed, self.rank, self.world_size, self.device = (seed, rank, world_size,
-                                                              torch.device(device))
+        self.dtype, self.n_vocab, self.split = np.dtype(meta["dtype"]), meta["n_vocab"], split
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.block_size, self.batch_size, self.device = block_size, batch_size, torch.device(device)
         n_tokens = meta["n_tokens"][split]
         self.n_blocks = n_tokens // block_size  # the tail remainder is dropped
         if self.n_blocks < 1:
@@ -326,11 +311,9 @@ class BlockLoader:
         data = np.memmap(self.path, dtype=self.dtype, mode="r")
         T = self.block_size
         x = np.stack([data[b * T:(b + 1) * T] for b in blocks]).astype(np.int64)  # (B, T)
-        # on the host, where it costs nothing: a corrupt file, not a silent wrong row
-        if x.max() >= self.n_vocab:
+        if x.max() >= self.n_vocab:  # checked on the host, where it is free: no silent wrong row
             raise ValueError(f"{self.path} holds token id {x.max()} but its tokenizer has "
-                             f"{self.n_vocab} ids: the file is corrupt or from another tokenizer; "
-                             "re-run prepare")
+                             f"{self.n_vocab} ids: corrupt, or another tokenizer's; re-run prepare")
         x = torch.from_numpy(x)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True)
@@ -341,8 +324,7 @@ class BlockLoader:
                 "block_size": self.block_size, "n_blocks": self.n_blocks}
 
     def load_state_dict(self, state: dict) -> None:
-        # position counts global blocks, so resuming with another world_size/batch_size is fine;
-        # different data, blocks or seed would silently change the order, so those must match
+        # position counts global blocks: world_size/batch_size may change, not what fixes the order
         for key in ("seed", "split", "block_size", "n_blocks"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume this loader: saved {key}={state[key]!r}, "

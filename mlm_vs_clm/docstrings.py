@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass
 
 from mlm_vs_clm.settings import die_with_parent
 
-# Test suites are code, not prose (IDLE and lib2to3 are kept: ordinary English); site-packages in
-# the stdlib dir is other people's code (numpy and torch are added explicitly below).
+# test suites are code, not prose; the stdlib's site-packages is others' code (numpy, torch: below)
 SKIP_DIRS = {"tests", "test", "testing", "idle_test", "site-packages", "__pycache__"}
 MIN_DOCSTRING_CHARS = 64  # shorter ones are mostly "Return self." style fragments, not prose
 HELDOUT_FILE = "heldout.jsonl"  # written beside the token files: the held-out docstrings
@@ -29,16 +28,14 @@ class Document:
     name: str  # qualified name in the module, e.g. "JSONDecoder.decode"; "" for the module's own
     text: str
 
-def _python_files(source: str, base: str, root: str) -> list[tuple[str, str, str]]:
+def _python_files(source: str, base: str, root: str):
     """(source, module, path) for every .py file under root, in sorted walk order."""
-    files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)  # in place: prunes the walk
         for filename in sorted(f for f in filenames if f.endswith(".py")):
             path = os.path.join(dirpath, filename)
             module = os.path.relpath(path, base)[:-3].replace(os.sep, ".").removesuffix(".__init__")
-            files.append((source, module, path))
-    return files
+            yield source, module, path
 
 def _file_docstrings(item: tuple[str, str, str]) -> list[Document]:
     source, module, path = item
@@ -47,29 +44,24 @@ def _file_docstrings(item: tuple[str, str, str]) -> list[Document]:
             tree = ast.parse(f.read(), filename=path)
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return []  # e.g. lib2to3 test data written in Python 2
-    docs = []
+    named = [("", tree)]  # the module's own docstring, then every def's in source order
 
-    def visit(node, prefix):  # source order; also finds defs nested in if/try/with blocks
+    def visit(node, prefix):  # also finds defs nested in if/try/with blocks
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                name = prefix + child.name
-                text = ast.get_docstring(child, clean=True)
-                if text and len(text) >= MIN_DOCSTRING_CHARS:
-                    docs.append(Document(source, module, name, text))
-                visit(child, name + ".")
+                named.append((prefix + child.name, child))
+                visit(child, prefix + child.name + ".")
             elif isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
                 visit(child, prefix)  # defs are statements: not walking expressions saves 2/3
-
-    text = ast.get_docstring(tree, clean=True)
-    if text and len(text) >= MIN_DOCSTRING_CHARS:
-        docs.append(Document(source, module, "", text))
     visit(tree, "")
-    return docs
+    texts = [(name, ast.get_docstring(node, clean=True)) for name, node in named]
+    return [Document(source, module, name, text) for name, text in texts
+            if text and len(text) >= MIN_DOCSTRING_CHARS]
 
 def docstring_documents() -> list[Document]:
     """English docstrings of the stdlib, numpy and torch, parsed with ast (nothing is imported)."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    files = _python_files("stdlib", stdlib, stdlib)
+    files = list(_python_files("stdlib", stdlib, stdlib))
     for package in ("numpy", "torch"):
         for root in importlib.util.find_spec(package).submodule_search_locations:
             files += _python_files(package, os.path.dirname(root), root)
@@ -93,8 +85,7 @@ def split_of(doc: Document) -> str:
 
 @functools.lru_cache(maxsize=2)
 def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
-    """The docstrings split_of keeps out of pretraining: from data_dir/heldout.jsonl if a prepare
-    wrote one there, else parsed again from the installed sources (~20 s)."""
+    """The held-out docstrings: data_dir/heldout.jsonl if prepare wrote one, else parsed (~20 s)."""
     path = os.path.join(data_dir, HELDOUT_FILE)
     if data_dir and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -129,7 +120,6 @@ def markup_to_bio(paragraph: str) -> tuple[list[str], list[str]]:
         for i, word in enumerate(text.split()):
             words.append(word)
             tags.append("O" if kind is None else ("B-" if i == 0 else "I-") + kind)
-
     for m in CODE_MARKUP.finditer(paragraph):
         add(paragraph[pos:m.start()], None)
         if m["literal"] is not None:
@@ -202,35 +192,32 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
         counts = Counter(r["query"] for _, r in pairs)
         return [(d, r) for d, r in pairs if counts[r["query"]] == 1]
     with_params, used = [], set()
-    # a section copied into several docstrings is used once: never in both train and test
-    for d in docs:
+    for d in docs:  # a section copied into several docstrings is used once: not in train and test
         sections = parameter_sections(d.text)
         if sections and (section := d.text[sections[0][0]:sections[0][1]]) not in used:
             used.add(section)
             with_params.append((d, sections[0]))
     out = []
+
+    def question(d, name, context, answers):
+        out.append((d, {"id": f"{d.module}:{d.name}:{name}", "question": f"What is {name}?",
+                        "context": context, "answers": answers}))
     for n, (d, (start, end, params)) in enumerate(with_params):
         context, seen = d.text[start:end], set()
         for name, s, e in params:
-            # a name documented twice (overloads): the first description answers
-            if name not in seen:
+            if name not in seen:  # documented twice (overloads): the first description answers
                 seen.add(name)
-                out.append((d, {"id": f"{d.module}:{d.name}:{name}", "question": f"What is {name}?",
-                                "context": context,
-                                "answers": {"text": [d.text[s:e]], "answer_start": [s - start]}}))
+                question(d, name, context, {"text": [d.text[s:e]], "answer_start": [s - start]})
         _, (_, _, next_params) = with_params[(n + 1) % len(with_params)]
         absent = [name for name, _, _ in next_params
                   if not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", context)]
         if absent:
-            out.append((d, {"id": f"{d.module}:{d.name}:{absent[0]}",
-                            "question": f"What is {absent[0]}?",
-                            "context": context, "answers": {"text": [], "answer_start": []}}))
+            question(d, absent[0], context, {"text": [], "answer_start": []})
     return out
 
 def demo_task(family: str, data_dir: str = "") -> tuple[list[dict], list[dict]]:
-    """(train, test) records of a family's demo task (docs/finetuning.md) from the held-out
-    docstrings, split about 75/25 by a stable hash of the document so that none is in both. Each qa
-    section also gets an unanswerable question: a parameter of the next section it does not name."""
+    """(train, test) records of a family's demo task (docs/finetuning.md), split ~75/25 by a stable
+    hash of the document. qa also asks for a parameter of the next section it lacks (no answer)."""
     train, test = [], []
     for d, record in demo_records(family, heldout_documents(data_dir)):
         (test if stable_fraction(f"demo:{d.module}:{d.name}") < 0.25 else train).append(record)

@@ -58,7 +58,6 @@ def json_line(record: dict) -> str:
     return json.dumps(strict(record), allow_nan=False) + "\n"
 
 def read_json(path: str, what: str = "a JSON file"):
-    """The content of a JSON file, or one error that names the file."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -73,8 +72,7 @@ def read_json_lines(path: str, repair: bool = False) -> list[dict]:
         return []
     lines = Path(path).read_bytes().split(b"\n")
     last = lines.pop()  # b"" when the file ends with a newline
-    records = [parse_json_line(path, n, line)
-               for n, line in enumerate(lines, start=1) if line.strip()]
+    records = [parse_json_line(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
     if last.strip():
         try:
             records.append(parse_json_line(path, len(lines) + 1, last))

@@ -10,18 +10,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 # dense bf16 tensor-core FLOP/s from the vendors' data sheets, by a substring of the device name
-GPU_PEAK_BF16 = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
-    "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12,
-    "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-}
+GPU_PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+                 "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
+                 "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A10": 125e12, "RTX 4090": 165e12,
+                 "RTX 3090": 71e12}
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full, on rank 0's CPU
 
 def peak_flops(device: torch.device) -> float:
@@ -34,8 +32,7 @@ def peak_flops(device: torch.device) -> float:
         return float("nan")
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     best = float("inf")
-    # the best of several tries: other work on the machine only ever makes a try slower
-    for _ in range(5):
+    for _ in range(5):  # the best of several tries: other work only ever makes a try slower
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
@@ -53,8 +50,7 @@ def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size
         chosen = torch.device("cuda", local_rank)  # one GPU per process; set_device needs an index
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-        # float32 matmuls outside autocast on tensor cores
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls outside autocast: TF32
         torch.backends.cudnn.allow_tf32 = True
     if dtype == "bfloat16" or (dtype == "auto" and chosen.type == "cuda"):
         return chosen, lambda: torch.autocast(device_type=chosen.type, dtype=torch.bfloat16)
@@ -109,8 +105,7 @@ def setup(device: str, dtype: str) -> Process:
 def shard(model: torch.nn.Module, bf16: bool) -> None:
     """FSDP2: a block's weights are gathered just before it runs and freed after, so a rank holds
     1/world_size of weights, gradients and AdamW state plus one block. The root (embedding, norm,
-    head) stays gathered: objectives.py uses the head's weight. bf16 gathers in bfloat16 (half the
-    bytes) and reduces gradients in float32."""
+    head) stays gathered: objectives.py uses the head's weight. bf16: gather bf16, reduce fp32."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
@@ -118,9 +113,8 @@ def shard(model: torch.nn.Module, bf16: bool) -> None:
                          f"{torch.__version__})") from None
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if bf16 else MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    for module in (*model.blocks, model):  # the blocks first, then the root
+        fully_shard(module, mp_policy=policy)
 
 def wrap(module: torch.nn.Module, proc: Process, compile: bool, sharded: bool) -> torch.nn.Module:
     """What the training step calls: DDP (unless sharded), then torch.compile, the order torch's

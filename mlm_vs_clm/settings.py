@@ -57,10 +57,6 @@ def one_of(cfg, name: str, choices) -> list:
     return [(getattr(cfg, name) in choices,
              f"--{name}={getattr(cfg, name)!r} must be one of {', '.join(map(str, choices))}")]
 
-def field_help(cls) -> dict:
-    """Each field's trailing comment in the class source, for --help."""
-    return dict(re.findall(r"^\s+(\w+): [^=]+= .*?  # (.*)$", inspect.getsource(cls), re.M))
-
 def parse_value(kind, text: str):
     if kind is bool:
         return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
@@ -78,11 +74,10 @@ def run_config_file(path: str) -> dict:
     """The names a config file assigns, or one line naming the file and line of what is wrong."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: config file {path} not found")
+    scope = {}
     try:
         with open(path, encoding="utf-8") as f:
-            code = compile(f.read(), path, "exec")
-        scope = {}
-        exec(code, scope)
+            exec(compile(f.read(), path, "exec"), scope)
     except SyntaxError as e:
         raise SystemExit(f"error: {path}, line {e.lineno}: {e.msg} (config files are Python)") \
             from None
@@ -98,7 +93,9 @@ def configure(cls, argv: list[str], check_now: bool = True):
     NaN or inf and cls.checks() stop the script here, or later with check_now=False."""
     cfg, names = cls(), [f.name for f in fields(cls)]
     if "--help" in argv or "-h" in argv:
-        helps = field_help(cls) | getattr(cls, "HELP", {})
+        # each field's trailing comment in the class source, then cls.HELP
+        comments = re.findall(r"^\s+(\w+): [^=]+= .*?  # (.*)$", inspect.getsource(cls), re.M)
+        helps = dict(comments) | getattr(cls, "HELP", {})
         print("settings (defaults shown; override with a config file or --key=value):")
         for name in names:
             print(f"  {f'--{name}={getattr(cfg, name)!r}':<40} {helps.get(name, '')}")
@@ -125,7 +122,6 @@ def configure(cls, argv: list[str], check_now: bool = True):
         if kind is int and not -2**63 <= value < 2**63:
             raise SystemExit(f"error: --{key}={value} does not fit in 64 bits ({where})")
         setattr(cfg, key, value)
-
     for arg in argv:
         if arg.startswith("--"):
             key, sep, value = arg[2:].partition("=")
