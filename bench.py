@@ -1,10 +1,6 @@
-"""Speed and memory of the training step, measured on train.py's own loop (docs/speed.md).
-
-    python bench.py                                  # the real step here: tiny, CLM then MLM
-    python bench.py --compare=transformers           # against transformers' Llama and EuroBERT
-    python bench.py --memory=true --gpu_gb=80        # the memory model of the paper's presets
-    python bench.py --suite=gpu --out=bench_gpu.md   # the GPU suite, under 8 minutes
-"""
+"""Speed and memory of the training step, measured on train.py's own loop: CLM then MLM, and with
+--compare=transformers against Llama and EuroBERT; --memory=true: the paper presets' memory model;
+--suite=gpu: the GPU suite, under 8 minutes. Usage and figures: docs/speed.md."""
 
 import json
 import os
@@ -60,13 +56,11 @@ class BenchConfig:
 
 def real_run(cfg: BenchConfig, model: str, block_size: int, batch_size: int) -> dict:
     """One whole train.py run on synthetic tokens, timed from its log and torch's counters."""
-    tok = get_tokenizer(cfg.tokenizer)
-    rng = np.random.default_rng(0)
-    n = (cfg.steps * cfg.grad_accum + 4) * batch_size * block_size
+    tok, rng = get_tokenizer(cfg.tokenizer), np.random.default_rng(0)
+    sequences = {"train": cfg.steps * cfg.grad_accum + 4, "val": 4}  # each batch_size x block_size
     with tempfile.TemporaryDirectory() as tmp:
-        write_tokens(tmp, {"train": rng.integers(0, tok.n_vocab - 3, n),
-                           "val": rng.integers(0, tok.n_vocab - 3, 4 * batch_size * block_size)},
-                     tok.meta(), "synthetic")
+        write_tokens(tmp, {split: rng.integers(0, tok.n_vocab - 3, n * batch_size * block_size)
+                           for split, n in sequences.items()}, tok.meta(), "synthetic")
         argv = [f"--data_dir={tmp}", f"--tokenizer={cfg.tokenizer}", f"--model={model}",
                 f"--block_size={block_size}", f"--batch_size={batch_size}",
                 f"--total_batch_size={batch_size * cfg.grad_accum}", f"--max_steps={cfg.steps}",
@@ -244,9 +238,8 @@ def activation_bytes(preset: str) -> dict:
             "per_token_outside": (s[1, 32] - s[1, 16]) / 16 - per_token}
 
 def memory_model(preset: str, vocab_size: int, block_size: int, gpus: int, saved: dict):
-    """micro-batch -> estimated peak GB of one GPU training `preset`: fp32 weights, gradients and
-    AdamW moments (16 bytes a parameter; FSDP shards them but holds the gathered bf16 root and two
-    blocks), the activations saved for backward, and one LM head chunk's logits and gradients."""
+    """micro-batch -> peak GB of one GPU: 16 bytes a parameter (fp32 weights, gradients, AdamW; FSDP
+    shards them, holding the bf16 root and two blocks), saved activations, one LM head chunk."""
     cfg = model_config(preset, vocab_size=vocab_size, block_size=block_size)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -259,27 +252,25 @@ def memory_model(preset: str, vocab_size: int, block_size: int, gpus: int, saved
         activations = (tokens * (saved["per_token_block"] * cfg.n_layer
                                  + saved["per_token_outside"]) + saved["per_block"] * cfg.n_layer)
         head = cfg.n_embd * cfg.padded_vocab_size * (4 + 4 + 2) + tokens * cfg.n_embd * 4
+        fsdp = 16 * params / gpus + 4 * (root + 2 * block) + activations + head
         return {"params": params, "activations_gb": activations / 2**30,
-                "ddp_gb": (16 * params + activations + head) / 2**30,
-                "fsdp_gb": (16 * params / gpus + 4 * (root + 2 * block) + activations + head)
-                / 2**30}
+                "ddp_gb": (16 * params + activations + head) / 2**30, "fsdp_gb": fsdp / 2**30}
     return estimate
 
 def memory_table(cfg: BenchConfig) -> list[dict]:
-    """Each preset at its config file's shape: the estimate, and the largest micro-batch to fit."""
-    vocab_size = get_tokenizer(cfg.tokenizer).n_vocab
+    """Each preset, its config file's shape and tokenizer: estimate, largest micro-batch to fit."""
     rows = []
     for preset in cfg.memory_presets.split(","):
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", f"{preset}.py")
         preset_cfg = run_config_file(path) if os.path.exists(path) else {}
         micro = preset_cfg.get("batch_size", cfg.batch_size)
         block_size = preset_cfg.get("block_size", cfg.block_size)
+        vocab_size = get_tokenizer(preset_cfg.get("tokenizer", cfg.tokenizer)).n_vocab
         estimate = memory_model(preset, vocab_size, block_size, cfg.gpus, activation_bytes(preset))
-        largest = {kind: max([b for b in range(1, 257) if estimate(b)[kind] <= 0.9 * cfg.gpu_gb],
-                             default=0) for kind in ("ddp_gb", "fsdp_gb")}
+        largest = {f"largest_{k}": max([b for b in range(1, 257) if estimate(b)[f"{k}_gb"]
+                                        <= 0.9 * cfg.gpu_gb], default=0) for k in ("ddp", "fsdp")}
         rows.append({"preset": preset, "block_size": block_size, "micro_batch": micro,
-                     **estimate(micro), "largest_ddp": largest["ddp_gb"],
-                     "largest_fsdp": largest["fsdp_gb"], "gpu_gb": cfg.gpu_gb})
+                     **estimate(micro), **largest, "gpu_gb": cfg.gpu_gb})
     return rows
 
 # -------------------------------------------------------------------------------------------------
@@ -299,29 +290,25 @@ def main(argv: list[str]):
             else f"CPU, {torch.get_num_threads()} threads")
     header = (f"# bench.py on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
               f"command: python bench.py {' '.join(argv)}")
-    rows, t_start = [], time.perf_counter()
-    if cfg.memory:
-        rows = memory_table(cfg)
-    elif cfg.suite == "gpu":
+    if cfg.suite and not cfg.memory:  # --memory=true prints the memory model alone
         if device.type != "cuda":
             raise SystemExit("error: --suite=gpu needs a CUDA device")
         cfg.tokenizer, cfg.compile, cfg.steps = "cl100k", "true", 12
-        for model, block, batch in GPU_SUITE:
-            if time.perf_counter() - t_start > GPU_SUITE_BUDGET_S:
-                rows.append({"model": model, "skipped": "suite time budget spent"})
-                continue
-            rows.append({**real_run(cfg, model, block, batch),
-                         **head_share(cfg, model, block, batch, device, autocast)})
+    shapes = GPU_SUITE if cfg.suite else [(cfg.model, cfg.block_size, cfg.batch_size)]
+    rows, t_start = [], time.perf_counter()
+    for model, block, batch in [] if cfg.memory else shapes:
+        if time.perf_counter() - t_start > GPU_SUITE_BUDGET_S:
+            rows.append({"model": model, "skipped": "suite time budget spent"})
+            continue
+        rows.append({**real_run(cfg, model, block, batch),
+                     **head_share(cfg, model, block, batch, device, autocast)})
+    if not cfg.memory:
         rows.append({"sdpa at the 1b shape": sdpa_kernel(device)})
+    if cfg.memory or cfg.suite:
         rows += memory_table(cfg)
-    else:
-        shape = (cfg.model, cfg.block_size, cfg.batch_size)
-        rows.append({**real_run(cfg, *shape), **head_share(cfg, *shape, device, autocast)})
-        rows.append({"sdpa at the 1b shape": sdpa_kernel(device)})
-        if cfg.compare:
-            rows.append(compare_transformers(cfg))
-    text = "\n".join([header, *(json.dumps(r) for r in rows)] if cfg.json
-                     else [header, *report_lines(rows)])
+    elif cfg.compare:
+        rows.append(compare_transformers(cfg))
+    text = "\n".join([header] + ([json.dumps(r) for r in rows] if cfg.json else report_lines(rows)))
     print(text)
     if cfg.out:
         files.write_text_atomically(cfg.out, text + "\n")

@@ -110,9 +110,8 @@ def describe_runs(runs: list[dict]) -> list[dict]:
     return sorted(runs, key=lambda run: (depth(run), -run["clm_share"], run["name"]))
 
 def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
-    """The tasks, and markdown tables: the paper's test scores (mean ± 95% CI over seeds, at the lr
-    chosen on validation), the stability (sd across the lr grid) with the final validation losses,
-    and, when checkpoints along a run were fine-tuned, their scores against the tokens seen."""
+    """The tasks, and markdown tables: test scores (mean ± 95% CI over seeds at the lr chosen on
+    val), stability (sd over lrs) with final val losses, kept checkpoints' scores by tokens seen."""
     family = {t: r["reports"][t]["family"] for r in runs for t in r["reports"]}
     tasks = sorted(family, key=lambda t: (list(FAMILIES).index(family[t]), t))
     metric = {t: next(r["reports"][t]["metric"] for r in runs if t in r["reports"]) for t in tasks}
@@ -136,12 +135,11 @@ def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
         scores.append(row(run["name"], run["pretraining"], *map(score, reps),
                           mean_of([rep and rep["test_mean"] for rep in reps])))
         sds = [rep and rep["stability_sd"] for rep in reps]
+        converged = [rep and rep.get("stability_sd_converged") for rep in reps]
         last = run["evals"][-1] if run["evals"] else {}
+        losses = [f"{last[k]:.4f}" if k in last else "-" for k in ("val_clm", "val_mlm")]
         stability.append(row(run["name"], *("-" if sd is None else f"{sd:.2f}" for sd in sds),
-                             mean_of(sds), mean_of([rep and rep.get("stability_sd_converged")
-                                                    for rep in reps]),
-                             *(f"{last[k]:.4f}" if k in last else "-"
-                               for k in ("val_clm", "val_mlm"))))
+                             mean_of(sds), mean_of(converged), *losses))
         for step, by_task in sorted(run["by_step"].items()):
             efficiency.append(row(run["name"], str(step), f"{step * tokens_per_step(run):,}",
                                   *(f"{by_task[t]['test_mean']:.2f}" if t in by_task else "-"
@@ -163,9 +161,8 @@ def training_flops(run: dict, step: int) -> float:
         for o, n in phases(run, step))
 
 def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
-    """The validation losses over pretraining (dotted where the objective changes), and per task the
-    test score against the lr and against the pretraining step and FLOPs (the paper's Fig. 10): the
-    seed mean as a line, each seed as a dot (the dots say more than a wide t interval)."""
+    """Validation losses over pretraining (dotted where the objective changes); per task, the test
+    score by lr, step and FLOPs (Fig. 10): the seed mean a line, each seed a dot (not a wide CI)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
@@ -178,16 +175,14 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
     def offset(run):  # the step a run's step 0 stands at: after everything its source ran
         return 0 if run["source"] is None else offset(run["source"]) + \
             run["source"]["config"]["max_steps"]
-
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key in zip(axes, ("val_clm", "val_mlm")):
         for run in runs:
             start = offset(run)
             ax.plot([start + e["step"] for e in run["evals"]], [e[key] for e in run["evals"]],
                     color=color[run["name"]], label=f"{run['name']}: {run['pretraining']}")
-            changes = [start] * bool(run["source"]) + [start + phases(run)[0][1]] * (
-                len(phases(run)) > 1)
-            for x in changes:
+            steps = phases(run)  # a dotted line where a source's steps or the first phase end
+            for x in [start] * bool(run["source"]) + [start + steps[0][1]] * (len(steps) > 1):
                 ax.axvline(x, color=color[run["name"]], linestyle=":", linewidth=1)
         ax.set(title=f"validation {key[4:].upper()} loss", xlabel="pretraining step")
         ax.grid(alpha=0.3)
@@ -260,22 +255,19 @@ def summarize(directory: str, figures_dir: str = "") -> dict:
 # The CPU experiment, end to end
 
 # name: (train.py settings of the run, the run it continues, or None)
-RUNS = {
-    "clm": (["--objective=clm", "--switch_to=none"], None),
-    "mlm": (["--objective=mlm", "--switch_to=none"], None),
-    "clm25-mlm": (["--switch_at=0.25"], None),
-    "clm50-mlm": (["--switch_at=0.5"], None),
-    "clm75-mlm": (["--switch_at=0.75"], None),
-    "clm-cpt": (["--objective=mlm", "--switch_to=none"], "clm"),
-    "mlm-cpt": (["--objective=mlm", "--switch_to=none"], "mlm"),
-}
+RUNS = {"clm": (["--objective=clm", "--switch_to=none"], None),
+        "mlm": (["--objective=mlm", "--switch_to=none"], None),
+        "clm25-mlm": (["--switch_at=0.25"], None),
+        "clm50-mlm": (["--switch_at=0.5"], None),
+        "clm75-mlm": (["--switch_at=0.75"], None),
+        "clm-cpt": (["--objective=mlm", "--switch_to=none"], "clm"),
+        "mlm-cpt": (["--objective=mlm", "--switch_to=none"], "mlm")}
 KEPT = ("clm", "mlm")  # the runs whose intermediate checkpoints draw the data-efficiency figure
 
 def run_command(args: list[str], log_path: str) -> None:
     """One python process of the experiment, its output in log_path; stops the experiment with the
     log's last line if it fails. The process dies with the experiment (settings.command)."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               MLM_VS_CLM_PARENT=str(os.getpid()))
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "MLM_VS_CLM_PARENT": str(os.getpid())}
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), args[0])
     with open(log_path, "w") as log:
         code = subprocess.call([sys.executable, script, *args[1:]], stdout=log,
@@ -299,16 +291,14 @@ def train_args(name: str, cfg: ExperimentConfig) -> list[str]:
     return args
 
 def check_same(ckpt_path: str, args: list[str]) -> None:
-    """A run already in the directory must have the settings asked for now: a run of other settings
-    is neither reused nor trained over."""
+    """A run already there must have the settings asked for now: neither reused nor trained over."""
     saved = read_checkpoint(ckpt_path).get("train_config", {})
     for arg in args:
         key, _, value = arg[2:].partition("=")
         if key != "init_from" and key in saved and parse_value(type(saved[key]), value) \
                 != saved[key]:
             raise ValueError(f"{os.path.dirname(ckpt_path)} was trained with --{key}="
-                             f"{saved[key]}, not {value}: use another --out_dir, or delete that "
-                             "run to train it again")
+                             f"{saved[key]}, not {value}: use another --out_dir or delete that run")
 
 def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
     """One pretraining run, once the run it continues (the future `after`) is done: kept when it is
@@ -333,16 +323,15 @@ def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
 
 def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) -> None:
     """One run's (or its ckpt_<step>.pt's) lr x seed sweep on a demo task; done cells are reused."""
-    ckpt = "ckpt.pt" if step is None else f"ckpt_{step}.pt"
-    out = os.path.join(cfg.out_dir, name, f"demo_{task}" if step is None else
-                       f"step{step}_demo_{task}")
+    ckpt, prefix = ("ckpt.pt", "") if step is None else (f"ckpt_{step}.pt", f"step{step}_")
+    out = os.path.join(cfg.out_dir, name, f"{prefix}demo_{task}")
     os.makedirs(out, exist_ok=True)
     run_command(["finetune.py", f"--init_from={os.path.join(cfg.out_dir, name, ckpt)}",
                  f"--task=demo_{task}", f"--lrs={cfg.lrs}", f"--seeds={cfg.seeds}",
                  f"--batch_size={cfg.ft_batch_size}", f"--max_steps={cfg.ft_steps}",
                  "--progress=False", f"--out_dir={out}"], os.path.join(out, "log.txt"))
 
-def run_experiment(cfg: ExperimentConfig) -> dict:
+def run_experiment(cfg: ExperimentConfig) -> None:
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0 = time.perf_counter()
     # every run reads the same blocks in the same order; the first prepares them, the others wait
@@ -361,26 +350,20 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         for future in sweeps:
             future.result()
     print(f"fine-tuning done ({time.perf_counter() - t0:.0f} s)")
-    return summarize(cfg.out_dir, figures_dir(cfg, cfg.out_dir))
 
 @command
 def main(argv: list[str]) -> dict:
     cfg = configure(ExperimentConfig, argv)
     if cfg.quick:
-        given = explicit_keys(argv)
-        cfg = replace(cfg, **{k: v for k, v in QUICK.items() if k not in given})
+        cfg = replace(cfg, **{k: v for k, v in QUICK.items() if k not in explicit_keys(argv)})
         check(cfg)
-    if cfg.summarize:
-        return summarize(cfg.summarize, figures_dir(cfg, cfg.summarize))
-    return run_experiment(cfg)
-
-def figures_dir(cfg: ExperimentConfig, directory: str) -> str:
-    if cfg.figures != "auto":
-        return cfg.figures
-    if importlib.util.find_spec("matplotlib") is None:
+    if not cfg.summarize:
+        run_experiment(cfg)
+    directory, figures = cfg.summarize or cfg.out_dir, cfg.figures
+    if figures == "auto" and importlib.util.find_spec("matplotlib") is None:
         print("note: no figures (pip install matplotlib to draw them)")
-        return ""
-    return directory
+        figures = ""
+    return summarize(directory, directory if figures == "auto" else figures)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

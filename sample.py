@@ -36,24 +36,21 @@ class SampleConfig:
     device: str = "cpu"  # torch device: cpu, cuda, mps
 
     def checks(self):
-        shows = self.shows()
+        shows, specs = listed(self.show), listed(self.init_from)
         return [(shows and set(shows) <= set(SHOWS),
                  f"--show={self.show!r}: choose among {', '.join(SHOWS)}"),
                 (0 <= self.mask_ratio < 1 and 0 <= self.loss_mask_ratio < 1,
                  "--mask_ratio and --loss_mask_ratio must be in [0, 1)"),
-                (self.top_k >= 1 and self.max_new_tokens >= 0 and self.sample_top_k >= 0
-                 and self.temperature >= 0, "--top_k >= 1, --max_new_tokens >= 0, "
-                 "--sample_top_k >= 0 and --temperature >= 0"),
-                (any(s.strip() for s in self.init_from.split(",")),
-                 "--init_from: give a checkpoint, hf:DIR, or several, comma-separated"),
-                *[(source_problem("init_from", spec.strip()) is None,
-                   source_problem("init_from", spec.strip()))
-                  for spec in self.init_from.split(",") if spec.strip()],
+                *at_least(self, 1, "top_k"),
+                *at_least(self, 0, "max_new_tokens", "sample_top_k", "temperature"),
+                (specs, "--init_from: give a checkpoint, hf:DIR, or several, comma-separated"),
+                *[(source_problem("init_from", spec) is None, source_problem("init_from", spec))
+                  for spec in specs],
                 *at_least(self, 0, "seed"), (device_problem(self.device) is None,
                                              device_problem(self.device))]
 
-    def shows(self) -> list[str]:
-        return [s.strip() for s in self.show.split(",") if s.strip()]
+def listed(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 class Loaded(NamedTuple):
     label: str  # short name for the tables
@@ -71,9 +68,8 @@ def label_of(spec: str) -> str:
     return parent if stem == "ckpt" else f"{parent}/{stem}"
 
 def describe(ckpt: dict) -> str:
-    finetuned = ckpt.get("finetuned")
-    if isinstance(finetuned, dict):
-        return f"fine-tuned on {finetuned.get('task')} (its body; the head is not used)"
+    if isinstance(ckpt.get("finetuned"), dict):
+        return f"fine-tuned on {ckpt['finetuned'].get('task')} (its body; the head is not used)"
     about = [f"step {ckpt['step']}"] if ckpt.get("step") is not None else []
     if ckpt.get("objective"):
         about.append(f"last step trained {str(ckpt['objective']).upper()}")
@@ -99,8 +95,7 @@ def check_length(ids: list, block_size: int, what: str) -> None:
                          f"{block_size} (block_size): shorten it")
 
 def masked_text(tok, text: str, mask_ratio: float, seed: int):
-    """(input ids, the true token at each masked position or IGNORE), both (T,): <|mask|> marks the
-    positions, or --mask_ratio masks at random exactly as MLM pretraining does (seeded)."""
+    """(input ids, true token at each mask or IGNORE), both (T,): <|mask|> marks or --mask_ratio."""
     mask = tok.token_name(tok.mask_id)
     if mask_ratio > 0:
         if mask in text:
@@ -116,9 +111,8 @@ def masked_text(tok, text: str, mask_ratio: float, seed: int):
         return inputs[0], labels[0]
     pieces = re.split(r"\s*" + re.escape(mask), text)  # the space before a mask goes with it
     if len(pieces) == 1:
-        raise ValueError(f"--text has no {mask}: mark each position to predict with {mask} "
-                         "(e.g. --text=\"The value of <|mask|> is returned.\"), or mask at "
-                         "random with --mask_ratio=0.4")
+        raise ValueError(f"--text has no {mask}: mark each position to predict with {mask}, or "
+                         "mask at random with --mask_ratio=0.4")
     ids = tok.encode(pieces[0])
     for piece in pieces[1:]:
         ids += [tok.mask_id] + tok.encode(piece)
@@ -171,8 +165,7 @@ def continuation(model, tok, prompt_ids: list, cfg: SampleConfig) -> tuple[list,
 
 @torch.no_grad()
 def losses(model, tok, ids: list, mask_ratio: float, seed: int) -> tuple[float, float, int]:
-    """(CLM loss, MLM loss, tokens MLM predicted) on one text, as in pretraining; the MLM masks are
-    seeded, so every model is scored on the same masked positions."""
+    """(CLM loss, MLM loss, masked tokens) on one text; every model gets the same seeded masks."""
     check_length(ids, model.config.block_size, "the loss text")
     if len(ids) < 2:
         raise ValueError("the loss text needs at least 2 tokens (CLM predicts the next one)")
@@ -209,9 +202,8 @@ def print_continuations(models: list[Loaded], width: int, cfg: SampleConfig) -> 
         f"sampled at temperature {cfg.temperature}, top {cfg.sample_top_k or 'all'}"
     print(f"\ncontinuation, causal attention, {how}: {cfg.prompt!r}")
     for m in models:
-        new, why = continuation(m.model, tok, prompt_ids, cfg)
-        print(f"    {m.label:<{width}}{tok.decode(prompt_ids + new)!r}  [{why}]")
-        continued[m.label] = new
+        continued[m.label], why = continuation(m.model, tok, prompt_ids, cfg)
+        print(f"    {m.label:<{width}}{tok.decode(prompt_ids + continued[m.label])!r}  [{why}]")
     return continued
 
 def print_losses(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
@@ -234,19 +226,18 @@ def print_losses(models: list[Loaded], width: int, cfg: SampleConfig) -> dict:
 @command
 def main(argv: list[str]) -> dict:
     cfg = configure(SampleConfig, argv)
-    models = [load(spec.strip(), cfg.device) for spec in cfg.init_from.split(",") if spec.strip()]
+    models = [load(spec, cfg.device) for spec in listed(cfg.init_from)]
     for other in models[1:]:
         if not same_vocabulary(models[0].tok, other.tok):
             raise ValueError(f"{models[0].spec} uses the tokenizer {models[0].tok.name} and "
-                             f"{other.spec} uses {other.tok.name}: the same text would be other "
-                             "token ids; compare checkpoints trained with the same tokenizer")
+                             f"{other.spec} uses {other.tok.name}: one tokenizer per comparison")
     if len({m.label for m in models}) < len(models):  # two runs' step checkpoints, say
         models = [m._replace(label=m.spec) for m in models]
     width = max(len(m.label) for m in models) + 2
     for m in models:
         print(f"{m.label}: {m.spec} ({m.about})")
     parts = {"fill": print_fill, "continue": print_continuations, "loss": print_losses}
-    return {name: parts[name](models, width, cfg) for name in SHOWS if name in cfg.shows()}
+    return {name: parts[name](models, width, cfg) for name in SHOWS if name in listed(cfg.show)}
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+from mlm_vs_clm.tokenizer import get_tokenizer
 
 SMALL = ["--model=test", "--block_size=32", "--batch_size=2", "--steps=8"]
 
@@ -36,6 +37,11 @@ def test_memory_model_grows_with_the_micro_batch_and_shards_under_fsdp():
     rows = bench.main(["--memory=true", "--memory_presets=test", "--batch_size=4",
                        "--block_size=64", "--gpu_gb=0.05"])
     assert rows[0]["micro_batch"] == 4 and rows[0]["largest_ddp"] >= 1
+    # a paper preset: its config file's shape and tokenizer (cl100k), whatever --tokenizer says
+    paper = bench.main(["--memory=true", "--memory_presets=210m", "--tokenizer=cl100k_8k"])[0]
+    cl100k = bench.memory_model("210m", get_tokenizer("cl100k").n_vocab, 2048, 8,
+                                bench.activation_bytes("test"))
+    assert paper["block_size"] == 2048 and paper["params"] == cl100k(1)["params"]
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
