@@ -59,25 +59,21 @@ def resume_settings(cfg, argv: list[str], world_size: int):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from != "resume":
         if os.path.exists(ckpt_path):
-            raise SystemExit(f"error: {ckpt_path} exists; continue it with --init_from=resume, or "
-                             "pick another --out_dir")
+            raise SystemExit(f"error: {ckpt_path} exists: --init_from=resume, or another --out_dir")
         return cfg, None
     if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"--init_from=resume: there is no {ckpt_path} to resume "
-                                "(the run wrote no checkpoint yet): start it again without "
-                                "--init_from=resume")
+        raise FileNotFoundError(f"--init_from=resume: no {ckpt_path} (the run wrote none yet): "
+                                "start it again without --init_from=resume")
     resumed = read_checkpoint(ckpt_path)
     if "optimizer" not in resumed or "train_config" not in resumed:
-        raise ValueError(f"{ckpt_path} holds weights only (a kept ckpt_<step>.pt?), so it cannot "
-                         "resume a run: fine-tune or export it, or continue pretraining from it "
-                         "in another --out_dir with --init_from=PATH --load_optimizer=false")
+        raise ValueError(f"{ckpt_path} holds weights only (a kept ckpt_<step>.pt?): fine-tune or "
+                         "export it, or start from it: --init_from=PATH --load_optimizer=false")
     saved, names = resumed["train_config"], {f.name for f in fields(cfg)}
     if unknown := sorted(set(saved) - names):
         raise ValueError(f"{ckpt_path} holds settings this code does not know ({unknown}): it "
                          "was written by another version of the project")
     given = explicit_keys(argv) - {"init_from"}
-    changed = sorted(k for k in given - RESUME_FREE if getattr(cfg, k) != saved.get(k))
-    if changed:
+    if changed := sorted(k for k in given - RESUME_FREE if getattr(cfg, k) != saved.get(k)):
         was = ", ".join(f"--{k}={saved.get(k)!r}" for k in changed)
         raise ValueError(f"--init_from=resume continues the run as it was trained ({was}): drop "
                          f"--{' --'.join(changed)}, or start a new run in another --out_dir")
@@ -97,8 +93,7 @@ def check_extension(now, then, resumed: dict, world_size: int, path: str) -> Non
     new = switch_step(now.switch_to, now.switch_at, now.max_steps)
     if new != old:
         raise ValueError(f"--max_steps={now.max_steps} --switch_at={now.switch_at:g} would move "
-                         f"the switch of {path} from step {old} to {new}: keep it where it is (a "
-                         "larger budget: give --switch_at as that step)")
+                         f"the switch of {path} from step {old} to {new}: give --switch_at={old}")
     if now.max_steps == then.max_steps:
         return
     if now.max_steps < step or step > then.max_steps - then.decay_steps:
@@ -149,13 +144,12 @@ def continued_pretraining(cfg, token_files: TokenFiles, source: dict) -> Origin:
                    and saved.get("block_size") == cfg.block_size)
     optimizer = source.get("optimizer") if cfg.load_optimizer else None
     if cfg.load_optimizer and optimizer is None:
-        raise ValueError(f"{cfg.init_from} holds no optimizer state (a kept weights-only "
-                         "checkpoint?): add --load_optimizer=false to start AdamW empty")
+        raise ValueError(f"{cfg.init_from} holds no optimizer state (weights only?): add "
+                         "--load_optimizer=false to start AdamW empty")
     sharded = bool(saved.get("fsdp"))
     if optimizer is not None and sharded != cfg.fsdp:
-        raise ValueError(f"{cfg.init_from} was written by a run with fsdp={sharded}, and its AdamW "
-                         f"state is laid out for it: run with --fsdp={str(sharded).lower()} or "
-                         "--load_optimizer=false")
+        raise ValueError(f"{cfg.init_from}: its AdamW state is laid out for fsdp={sharded}: run "
+                         f"with --fsdp={str(sharded).lower()} or --load_optimizer=false")
     return Origin(0, loader_state(source) if same_stream else None, optimizer, cfg.init_from)
 
 def loader_state(ckpt: dict) -> dict | None:
@@ -163,14 +157,11 @@ def loader_state(ckpt: dict) -> dict | None:
 
 def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, allowed: bool):
     """The paper's control: every model sees the same blocks once, in the same order."""
-    left = loader.n_blocks - loader.position  # blocks this run has not read yet
-    if steps_left * per_step > left and not allowed:
-        raise ValueError(f"{loader.path} holds {loader.n_blocks:,} blocks of {loader.block_size} "
-                         f"tokens; from block {loader.position:,} they fit {left // per_step:,} "
-                         f"steps of {per_step} sequences, but this run asks for {steps_left:,}, "
-                         "so it would read blocks a second time: prepare more data "
-                         "(--data_tokens), run fewer steps, or set --repeat_data=true if "
-                         "repetition is intended")
+    if steps_left * per_step > (left := loader.n_blocks - loader.position) and not allowed:
+        raise ValueError(f"{loader.path}: from block {loader.position:,} of {loader.n_blocks:,} "
+                         f"it fits {left // per_step:,} steps of {per_step} sequences, not the "
+                         f"{steps_left:,} asked, which would read blocks twice: prepare more "
+                         "(--data_tokens), run fewer steps, or --repeat_data=true")
 
 def micro_batches(cfg, world_size: int) -> int:
     per_step = cfg.total_batch_size or cfg.batch_size * world_size
@@ -344,10 +335,9 @@ class RunLog:
                                         config={**asdict(cfg), "switch_step": run.switch},
                                         dir=cfg.out_dir)
             except Exception as e:  # no login, no network: one line with both cures
-                raise ValueError(f"--wandb_project: wandb could not start a run "
-                                 f"({str(e).splitlines()[0][:100]}): log in with `wandb login`, "
-                                 "or log locally with WANDB_MODE=offline (and `wandb sync` "
-                                 "later)") from None
+                why = str(e).splitlines()[0][:100]
+                raise ValueError(f"--wandb_project: wandb could not start ({why}): `wandb login`, "
+                                 "or WANDB_MODE=offline") from None
 
     def add(self, loss, grad_norm, lr: float):
         run = self.run

@@ -283,7 +283,7 @@ def test_bad_files_stop_with_one_line_that_names_them(tiny_data, tmp_path):
         assert f"{tmp_path / name} {message}" in line
     line = one_line_error("train.py", run_args(tiny_data, str(tmp_path / "never"),
                                                init_from="resume"), tmp_path)
-    assert f"there is no {tmp_path / 'never' / 'ckpt.pt'} to resume" in line
+    assert f"no {tmp_path / 'never' / 'ckpt.pt'} (the run wrote none yet)" in line
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tiny_data, tmp_path):
