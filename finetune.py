@@ -48,7 +48,7 @@ class FinetuneConfig:
     seeds: int = 5  # seeds 0..seeds-1 at each learning rate (head init and batch order)
     # the protocol
     batch_size: int = 32  # examples per step (qa: context windows; ir: query-document pairs)
-    max_steps: int = 1000  # step cap; training also stops after one epoch, whichever comes first
+    max_steps: int = 1000  # steps; standard: also at most one epoch, encodeval: epoch after epoch
     warmup: float = 0.1  # fraction of the steps with linear warmup from 0, then linear decay to 0
     val_fraction: float = 0.05  # share of training held out (deterministically) to choose the lr
     weight_decay: float = 0.1  # AdamW, matrices only; betas (0.9, 0.95), eps 1e-5 as in model.py
@@ -248,11 +248,11 @@ def print_report(rep: dict):
     if n_converged < len(rep["per_lr"]) and rep["stability_sd_converged"] is not None:
         print(f"  over the {n_converged} learning rates where no seed diverged: "
               f"{rep['stability_sd_converged']:.2f} points")
-    if "trivial" in rep:
+    if "trivial" in rep:  # with one seed there is no interval to compare with
         floor, ci = rep["trivial"]["test"], rep["test_ci95"]
         print(f"a constant prediction ({rep['trivial']['rule']}) scores {floor:.2f} on test"
               + (": the chosen score is within its 95% interval of that, so no learning shows"
-                 if ci is None or abs(rep["test_mean"] - floor) <= ci else ""))
+                 if ci is not None and abs(rep["test_mean"] - floor) <= ci else ""))
     if rep["test_ci95"] is not None and not 0 <= rep["test_mean"] - rep["test_ci95"] \
             <= rep["test_mean"] + rep["test_ci95"] <= 100:
         print(f"(the interval is wider than the score's range: {rep['per_lr'][0]['seeds']} seeds "
@@ -307,10 +307,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
           f"({held}) / {counts['test']:,} test records -> {len(splits['train'].items):,} training "
           f"items; body {cfg.init_from} on {device} in {next(body.parameters()).dtype}, "
           f"max_len {max_len}, input format {cfg.input_format}, protocol {cfg.protocol}")
-    # a cell is reused only when all that decides its result is the same: settings, weights, data
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY | {"init_from"}}
-    fingerprint = json.dumps([settings, checkpoint_id, task.train, task.val, task.test,
-                              task.documents], sort_keys=True)
+    # a cell is reused only when settings, weights and data are the same; files count by content
+    paths = {"init_from", "train", "val", "test", "corpus"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY | paths}
+    records = [[r for _, r in rows] if rows is not None else None
+               for rows in (task.train, task.val, task.test)]  # not where they were read
+    fingerprint = json.dumps([settings, checkpoint_id, records, task.documents], sort_keys=True)
     key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     # one sweep at a time in an out_dir: two would interleave results.jsonl
     with files.exclusive(cfg.out_dir, f"fine-tuning in {cfg.out_dir}"):

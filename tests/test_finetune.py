@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 
 import pytest
@@ -502,9 +503,30 @@ def test_sweep_writes_report_and_restarts_without_redoing_cells(tmp_path, monkey
     assert ft.main(argv)["per_lr"] == rep["per_lr"] and calls == []  # everything reused
     ft.main(argv + ["--seeds=3"])
     assert calls == [(1e-3, 2), (2e-3, 2)]  # only the new seed
+    moved = tmp_path / "moved"  # the same records elsewhere: the same cells
+    moved.mkdir()
+    for name in ("train", "test"):
+        shutil.copy(settings[name], moved / f"{name}.jsonl")
+    ft.main(argv + ["--seeds=3", f"--train={moved / 'train.jsonl'}",
+                    f"--test={moved / 'test.jsonl'}"])
+    assert len(calls) == 2
     # a different setting is a different experiment: all cells again
     ft.main(argv + ["--pooling=last"])
     assert len(calls) == 6
+
+def test_report_says_when_no_learning_shows_and_when_an_interval_is_wide(capsys):
+    row = {"lr": 1e-3, "seeds": 2, "val_mean": 60.0, "val_ci95": 5.0, "diverged": 0}
+
+    def report(test_mean, ci):
+        ft.print_report({"metric": "accuracy", "chosen_lr": 1e-3, "test_mean": test_mean,
+                         "test_ci95": ci, "stability_sd": None, "stability_sd_converged": None,
+                         "stability_lrs_converged": [1e-3],
+                         "per_lr": [row | {"test_mean": test_mean, "test_ci95": ci}],
+                         "trivial": {"rule": "the most frequent training label", "test": 60.0}})
+        return capsys.readouterr().out
+    assert "scores 60.00 on test: the chosen score is within its 95% interval" in report(61, 3)
+    assert "within" not in report(70, 3) and "within" not in report(61, None)  # one seed
+    assert "wider than the score's range: 2 seeds" in report(95, 10)
 
 def test_same_cell_gives_same_result(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
