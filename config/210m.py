@@ -1,7 +1,8 @@
 # The paper's 210m run: ~2.36M-token steps (1,152 sequences of 2,048 tokens), 42k steps,
 # warmup-stable-decay with 2k warmup and 2k decay, peak LR 5e-4, 40% masking. Written for 8 GPUs;
 # on fewer, the same total_batch_size is reached with more gradient accumulation. The micro-batch
-# is a starting point, not yet measured on a GPU: bench.py reports what fits (docs/speed.md).
+# is not yet measured on a GPU: bench.py's memory model puts it at ~54 GB of an 80 GB GPU, and the
+# largest within 90% of it at 48 (`python bench.py --memory=true`, docs/speed.md).
 #   torchrun --nproc_per_node=8 train.py config/210m.py --objective=clm --switch_to=mlm \
 #       --switch_at=0.25 --out_dir=out/210m/clm25-mlm
 # Every run of the paper with this preset: docs/experiment.md. Continued pretraining: config/cpt.py.
