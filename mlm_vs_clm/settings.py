@@ -26,8 +26,7 @@ def command(main):
         except (ValueError, OSError, ImportError, FloatingPointError) as e:
             raise SystemExit(f"error: {e}") from None
         except KeyboardInterrupt as e:
-            print(f"\ninterrupted: {e or 'nothing of this command was kept but its files'}",
-                  file=sys.stderr)
+            print(f"\ninterrupted: {e or 'only the files written are kept'}", file=sys.stderr)
             raise SystemExit(130) from None
     return wrapped
 
@@ -64,8 +63,7 @@ def parse_value(kind, text: str):
         try:
             return int(text)
         except ValueError:
-            number = float(text)  # 1e9, 2.5e6: integers written the short way
-            if number != int(number):
+            if (number := float(text)) != int(number):  # 1e9, 2.5e6: integers written short
                 raise
             return int(number)
     return kind(text)
@@ -79,8 +77,7 @@ def run_config_file(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             exec(compile(f.read(), path, "exec"), scope)
     except SyntaxError as e:
-        raise SystemExit(f"error: {path}, line {e.lineno}: {e.msg} (config files are Python)") \
-            from None
+        raise SystemExit(f"error: {path}, line {e.lineno}: {e.msg} (a Python file)") from None
     except Exception as e:  # whatever the file does wrong, name the file and its line
         line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
                      if frame.filename == path), None)
