@@ -30,8 +30,7 @@ class ExportConfig:
                  f"--init_from={path} is a directory: give a checkpoint file (ckpt.pt, "
                  "ckpt_<step>.pt, a fine-tuned model.pt); Hugging Face directories need no export"),
                 (not path or os.path.isfile(path) or os.path.isdir(path),
-                 f"--init_from={path}: no checkpoint at {path}"),
-                *one_of(self, "kind", KINDS)]
+                 f"--init_from={path}: no checkpoint at {path}"), *one_of(self, "kind", KINDS)]
 
 KINDS = ("auto", "encoder", "decoder")
 MARKER = "mlm_vs_clm_export.json"  # in every export: a directory this code may replace
@@ -59,9 +58,8 @@ class Exported(NamedTuple):
             "decoder": [f"AutoModelForCausalLM.from_pretrained({d}), or "
                         f"pipeline('text-generation', model={d})"],
             "sc": [f"pipeline('text-classification', model={d}), or {auto}",
-                   "the tokenizer appends <eot>; a sentence pair is one text, a + '\\n' + b, as "
-                   "in fine-tuning" if paper else
-                   "a sentence pair: {'text': a, 'text_pair': b}, encoded 'a <eot> b'"],
+                   "as fine-tuned: a pair is one text, a + '\\n' + b; the tokenizer appends <eot>"
+                   if paper else "a pair: {'text': a, 'text_pair': b}, encoded 'a <eot> b'"],
             "tc": [f"pipeline('token-classification', model={d}), or {auto}"],
             "qa": [f"{auto}.from_pretrained({d}): start and end logits",
                    "as fine-tuned: tokenizer(f'Question: {question}\\nContext: ', "
@@ -256,12 +254,11 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
         files.write_json(os.path.join(tmp, MARKER), {"checkpoint": ckpt_path, "kind": kind})
         files.write_atomically(os.path.join(tmp, "model.safetensors"),
                                lambda path: save_file(state, path, metadata={"format": "pt"}))
-        names = {i: s for s, i in tok.encoding._special_tokens.items()}
         # model_max_length (truncation, sentence-transformers): fine-tuning's max_len with <eot>
         files.write_json(os.path.join(tmp, "tokenizer_config.json"), {
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-            "eos_token": names[tok.eot_id], "mask_token": names[tok.mask_id],
-            "pad_token": names[tok.pad_id], "model_input_names": ["input_ids", "attention_mask"]})
+            "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": tok.token_name(tok.pad_id),
+            "eos_token": tok.token_name(tok.eot_id), "mask_token": tok.token_name(tok.mask_id),
+            "model_max_length": max_len, "model_input_names": ["input_ids", "attention_mask"]})
         files.write_json(os.path.join(tmp, "config.json"), config)
         files.write_json(os.path.join(tmp, "tokenizer.json"),
                          tokenizer_json(tok, templates(kind, input_format)))

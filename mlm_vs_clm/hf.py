@@ -163,8 +163,7 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
             if (ours := our_name(name)) is not None:
                 if not torch.isfinite(weight).all():
                     raise ValueError(f"{shard}: {name} holds NaN or infinite values")
-                # float32 master weights: AdamW's small updates vanish in bf16 weights
-                state[ours] = weight.float()
+                state[ours] = weight.float()  # fp32: AdamW's small updates vanish in bf16 weights
     if cfg.tie_embeddings or headless:
         state["lm_head.weight"] = state["embed.weight"] * (not headless)
     # New rows (<|mask|>, <|pad|>, padding to a multiple of 64) start as the real rows' mean: an

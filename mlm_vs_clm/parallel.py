@@ -39,8 +39,7 @@ def peak_flops(device: torch.device) -> float:
     return 2 * 1024 ** 3 * 4 / best
 
 def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size: int = 1):
-    """Every script's device ("auto": cuda, then mps, then cpu; under torchrun the GPU of the local
-    rank) and autocast factory ("auto": bfloat16 on CUDA, float32 elsewhere)."""
+    """Every script's device ("auto": cuda, mps, then cpu) and autocast factory (bf16 on CUDA)."""
     if device == "auto":
         device = ("cuda" if torch.cuda.is_available()
                   else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -130,8 +129,7 @@ def full_state(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
     return full_weights(model, True), get_optimizer_state_dict(model, optimizer, options=GATHERED)
 
 def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
-    """AdamW's moments and step counts from a checkpoint. The hyperparameters (betas, eps, weight
-    decay) stay this run's: a continued pretraining run may set its own."""
+    """AdamW's moments and step counts from a checkpoint; hyperparameters stay this run's (CPT)."""
     own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     if sharded:  # a full (gathered) state, keyed by parameter name: each rank keeps its shard
         set_optimizer_state_dict(model, optimizer, state,

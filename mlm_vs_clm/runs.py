@@ -159,13 +159,6 @@ def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, all
                          f"{steps_left:,} asked, which would read blocks twice: prepare more "
                          "(--data_tokens), run fewer steps, or --repeat_data=true")
 
-def micro_batches(cfg, world_size: int) -> int:
-    per_step = cfg.total_batch_size or cfg.batch_size * world_size
-    if per_step % (cfg.batch_size * world_size):
-        raise ValueError(f"--total_batch_size={per_step} is not a multiple of --batch_size x "
-                         f"processes = {cfg.batch_size} x {world_size}")
-    return per_step // (cfg.batch_size * world_size)
-
 @dataclass
 class Run:
     cfg: object  # train.TrainConfig
@@ -274,9 +267,12 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
         loss = parallel.wrap(PretrainingLoss(raw_model, token_files.vocab, cfg.mask_ratio,
                                              cfg.mask_replace, cfg.sparse_head),
                              proc, compile, sharded=cfg.fsdp)
-        grad_accum = micro_batches(cfg, proc.world_size)
-        check_unique_blocks(loader, cfg.max_steps - origin.step,
-                            grad_accum * cfg.batch_size * proc.world_size, cfg.repeat_data)
+        per_step = cfg.total_batch_size or cfg.batch_size * proc.world_size  # sequences
+        if per_step % (cfg.batch_size * proc.world_size):
+            raise ValueError(f"--total_batch_size={per_step} is not a multiple of --batch_size x "
+                             f"processes = {cfg.batch_size} x {proc.world_size}")
+        grad_accum = per_step // (cfg.batch_size * proc.world_size)
+        check_unique_blocks(loader, cfg.max_steps - origin.step, per_step, cfg.repeat_data)
         run_id = (resumed or {}).get("run_id") or uuid.uuid4().hex[:12]
         return Run(cfg, proc, token_files, raw_model, loss, optimizer, loader, grad_accum, lock,
                    run_id, origin.source_id, origin.step, resumed and resumed.get("objective"),

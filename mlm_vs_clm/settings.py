@@ -15,8 +15,7 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what was saved and how to go on."""
 
 def command(main):
-    """Wraps a script's main(argv): a failure the user can fix ends in one 'error:' line, never a
-    traceback from deep inside torch; Ctrl-C in one line that says what was kept."""
+    """A script's main(argv): a failure the user can fix ends in one 'error:' line, Ctrl-C too."""
     @functools.wraps(main)
     def wrapped(argv: list[str]):
         if parent := os.environ.get("MLM_VS_CLM_PARENT"):  # a child of experiment.py
@@ -86,8 +85,7 @@ def run_config_file(path: str) -> dict:
     return {k: v for k, v in scope.items() if not k.startswith("_") and not inspect.ismodule(v)}
 
 def configure(cls, argv: list[str], check_now: bool = True):
-    """The settings dataclass from argv (config files, --key=value): unknown keys, wrong types,
-    NaN or inf and cls.checks() stop the script here, or later with check_now=False."""
+    """cls from argv (config files, --key=value); a bad setting stops here (checks: check_now)."""
     cfg, names = cls(), [f.name for f in fields(cls)]
     if "--help" in argv or "-h" in argv:
         # each field's trailing comment in the class source, then cls.HELP

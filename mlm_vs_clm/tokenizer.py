@@ -29,8 +29,7 @@ class Tokenizer:
         self.base_vocab = base_vocab or self.n_vocab  # ids below come with the checkpoint
 
     def encode(self, text: str) -> list[int]:
-        # ordinary: a "<|mask|>" typed in a document is text, never our mask token
-        return self.encoding.encode_ordinary(text)
+        return self.encoding.encode_ordinary(text)  # a "<|mask|>" in a text is not our mask
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # tiktoken releases the GIL, so threads use all cores
