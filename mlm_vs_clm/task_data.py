@@ -54,16 +54,12 @@ def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None)
     tag_ids = list(record[tags])
     if not record[words]:
         return None
-    named = []
     for i, t in enumerate(tag_ids):
-        if isinstance(t, str):
-            named.append(t)
-        elif tag_names is not None and 0 <= t < len(tag_names):
-            named.append(tag_names[t])
-        else:
+        if not isinstance(t, str) and (tag_names is None or not 0 <= t < len(tag_names)):
             raise ValueError(f"field {tags!r} item {i} is {t!r}, which has no tag name "
                              f"(the dataset's names: {tag_names})")
-    return {"words": list(record[words]), "tags": named}
+    return {"words": list(record[words]),
+            "tags": [t if isinstance(t, str) else tag_names[t] for t in tag_ids]}
 
 def squad_record(record: dict) -> dict:
     answers = record["answers"]
@@ -303,24 +299,20 @@ HF_TASKS = {
                           ("mnli", "validation_matched"))},
     # The authors' copy (hgissbkh/conll2003-en: words, ner; IOB1 tags), not eriktks/conll2003
     # (IOB2, one sentence fewer per split): it is what EncodEval scores, on its own test split
-    "conll2003": NamedTask("tc", "hgissbkh/conll2003-en train / validation / test",
-                           partial(ner_task, "hgissbkh/conll2003-en", "words", "ner"),
-                           one_epoch=True),
-    "ontonotes": NamedTask("tc", "hgissbkh/ontonotes5 train / validation / test",
-                           partial(ner_task, "hgissbkh/ontonotes5", "tokens", "tags")),
-    "uner": NamedTask("tc", "hgissbkh/uner_en train / validation / test",
-                      partial(ner_task, "hgissbkh/uner_en", "tokens", "ner_tags"), one_epoch=True),
+    **{task: NamedTask("tc", f"{name} train / validation / test",
+                       partial(ner_task, name, words, tags), one_epoch=task != "ontonotes")
+       for task, name, words, tags in (("conll2003", "hgissbkh/conll2003-en", "words", "ner"),
+                                       ("ontonotes", "hgissbkh/ontonotes5", "tokens", "tags"),
+                                       ("uner", "hgissbkh/uner_en", "tokens", "ner_tags"))},
     **{task: NamedTask("qa", f"rajpurkar/{task} {HELD_OUT} validation",
                        partial(qa_task, f"rajpurkar/{task}", lambda r, i: squad_record(r)))
        for task in ("squad", "squad_v2")},
     "record": NamedTask("qa", f"hgissbkh/record {HELD_OUT} validation",
                         partial(qa_task, "hgissbkh/record", record_record)),
-    "msmarco": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/msmarco judged by "
-                               "BeIR/msmarco-qrels validation (dev) / test (TREC-DL-19)",
-                         msmarco_task),
+    "msmarco": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/msmarco judged by BeIR/"
+                               "msmarco-qrels validation (dev) / test (TREC-DL-19)", msmarco_task),
     "nq": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/nq judged by BeIR/nq-qrels test, "
-                          "its queries halved at random (seed 0): validation / test",
-                    nq_task),
+                          "its queries halved at random (seed 0): validation / test", nq_task),
     "mldr": NamedTask("ir", "train: hgissbkh/msmarco-pairs; hgissbkh/mldr-en dev / test",
                       mldr_task),
 }
