@@ -12,8 +12,7 @@ def accuracy(predicted: list, gold: list) -> float:
     return sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
 
 def bio_entities(tags: list[str]) -> set[tuple[int, int, str]]:
-    """(start, end exclusive, type) of the entities in one sentence's BIO tags, read as conlleval
-    does: B-X starts an entity, and so does an I-X that does not continue one of type X."""
+    """(start, end exclusive, type) per entity, as conlleval: B-X, or I-X not after X, opens one."""
     entities, start, kind = set(), None, None
     for i, tag in enumerate(list(tags) + ["O"]):
         prefix, _, tag_type = tag.partition("-")
