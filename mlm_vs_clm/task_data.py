@@ -105,8 +105,7 @@ def record_record(record: dict, index: int) -> dict:
     """ReCoRD in SQuAD's shape (the authors' copy) or SuperGLUE's; every mention is a candidate."""
     context = record["context"] if "context" in record else record["passage"]
     question = record["question"] if "question" in record else record["query"]
-    mentions = entity_mentions(context, record["entity_spans"]) \
-        if record.get("entity_spans") else []
+    mentions = entity_mentions(context, record.get("entity_spans") or [])
     answers = record["answers"]
     if isinstance(answers, dict):  # SQuAD's shape
         answers = {"text": list(answers["text"]), "answer_start": list(answers["answer_start"])}
@@ -132,8 +131,7 @@ def pair_rows(records, where: str) -> list:
     return [(at, {"query": q, "document": d}) for (q, d), at in pairs.items()]
 
 def judged_rows(judgments: list[Judgment], queries: dict, documents: dict, where: str) -> list:
-    """One row per judgment (grade 0 kept: judged, not relevant), texts looked up by id. Records
-    name texts, so two ids with one text are one query; a repeated pair keeps the higher grade."""
+    """A row of texts per judgment (grade 0 too: judged); a pair of texts keeps its top grade."""
     rows = {}
     for i, j in enumerate(judgments):
         for kind, texts, key in (("query", queries, j.query), ("document", documents, j.document)):
@@ -343,8 +341,7 @@ def load_task(cfg, data_dir: str = "") -> TaskData:
     return task._replace(documents=task.documents | {"test": extra})
 
 def hold_out(rows: list, family: str, fraction: float) -> tuple[list, list]:
-    """(train, validation): validation is the lowest `fraction` by a stable hash, the same for
-    every cell; whole queries for retrieval, identical records together."""
+    """(train, val): val is the lowest `fraction` by sha256 of each record (ir: of its query)."""
     def key(r):
         return r["query"] if family == "ir" else json.dumps(r, sort_keys=True)
     keys = sorted({key(r) for _, r in rows}, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
