@@ -1,5 +1,4 @@
-"""The offline default corpus (docstrings of the stdlib, numpy and torch, read with ast, split by a
-stable hash into train, val and a held-out 10%) and the demo tasks built from it. docs/data.md."""
+"""The default corpus: stdlib, numpy, torch docstrings (10% held out); demo tasks. docs/data.md."""
 
 import ast
 import functools

@@ -58,8 +58,7 @@ def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
 
 def rank_documents(scores: torch.Tensor, k: int) -> list[list[int]]:
     """Each row's k best documents, by a stable sort: on a tie, the earlier document ranks first."""
-    return torch.sort(scores.float().cpu(), dim=1, descending=True,
-                      stable=True).indices[:, :k].tolist()
+    return scores.float().cpu().sort(dim=1, descending=True, stable=True).indices[:, :k].tolist()
 
 def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
              empty_queries: str = "skip") -> dict:

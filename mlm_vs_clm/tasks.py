@@ -280,9 +280,8 @@ class TokenClassification(Family):
                     for w, p in zip(item.starts, best[b]):
                         votes.setdefault(w, []).append(p)
                     words = sorted(votes.keys() - {-1})  # the words truncation kept
-                    scores.append(sentence_macro_f1(
-                        [item.tags[w] for w in words],
-                        [max(sorted(set(votes[w])), key=votes[w].count) for w in words]))
+                    majority = [max(sorted(set(votes[w])), key=votes[w].count) for w in words]
+                    scores.append(sentence_macro_f1([item.tags[w] for w in words], majority))
                     continue
                 gold.append([self.tags[t] for t in item.tags])
                 # words cut off by max_len get "O": their entities count as missed, not dropped
