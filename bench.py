@@ -45,13 +45,11 @@ class BenchConfig:
 
     def checks(self):
         return [(self.compare in ("", "transformers"), "--compare must be '' or transformers"),
-                (device_problem(self.device) is None, device_problem(self.device)),
-                *above(self, 0, "gpu_gb"), *at_least(self, 1, "gpus"),
                 (self.suite in ("", "gpu"), "--suite must be '' or gpu"),
-                *at_least(self, 1, "block_size", "batch_size", "grad_accum"),
-                *at_least(self, 4, "steps")]
+                (device_problem(self.device) is None, device_problem(self.device)),
+                *above(self, 0, "gpu_gb"), *at_least(self, 4, "steps"),
+                *at_least(self, 1, "gpus", "block_size", "batch_size", "grad_accum")]
 
-# -------------------------------------------------------------------------------------------------
 # The real step: train.py on synthetic token files
 
 def real_run(cfg: BenchConfig, model: str, block_size: int, batch_size: int) -> dict:
@@ -157,17 +155,14 @@ def sdpa_kernel(device) -> dict:
             (k for k in ("cudnn", "flash", "efficient") if any(k in n for n in names)), "math")
     return kernels
 
-# -------------------------------------------------------------------------------------------------
 # Against transformers, one thread, the same shapes
 
 def compare_transformers(cfg: BenchConfig, rounds: int = 9) -> dict:
-    """Thread CPU time of one training step of ours, of transformers' Llama (CLM) and of EuroBERT
-    (MLM: its head runs on every position), interleaved; and matmuls' share of our CLM step."""
+    """Thread CPU time of a step, ours vs Llama (CLM) and EuroBERT (MLM, head on every position)."""
     try:
         import transformers
     except ImportError:
-        raise ImportError("--compare=transformers needs transformers: pip install "
-                          "transformers") from None
+        raise ImportError("--compare needs transformers: pip install transformers") from None
     torch.set_num_threads(1)
     vocab = get_tokenizer(cfg.tokenizer).vocab()
     ours = Transformer(model_config(cfg.model, vocab_size=vocab.size, block_size=cfg.block_size))
@@ -212,12 +207,10 @@ def compare_transformers(cfg: BenchConfig, rounds: int = 9) -> dict:
             "mlm speed-up": ms["eurobert mlm"] / ms["ours mlm"],
             "matmul share of our clm step": matmul / sum(e.self_cpu_time_total for e in events)}
 
-# -------------------------------------------------------------------------------------------------
 # The memory model
 
 def saved_bytes(preset: str, n_layer: int, tokens: int) -> int:
-    """Bytes one sequence's forward through n_layer blocks of the preset saves for backward under
-    bf16 autocast. It stops before the LM head, so a small vocabulary saves the same."""
+    """Bytes one sequence through n_layer blocks saves for backward (bf16 autocast, no LM head)."""
     model = Transformer(model_config(preset, vocab_size=256, n_layer=n_layer, block_size=tokens))
     total = [0]
 
@@ -230,16 +223,14 @@ def saved_bytes(preset: str, n_layer: int, tokens: int) -> int:
     return total[0]
 
 def activation_bytes(preset: str) -> dict:
-    """Saved bytes per token per block, per block whatever the tokens (autocast's bf16 copies of
-    the weights), and per token outside the blocks: from one and two blocks at 16 and 32 tokens."""
+    """Saved bytes per token per block, per block (bf16 weight copies), per token outside blocks."""
     s = {(n, t): saved_bytes(preset, n, t) for n in (1, 2) for t in (16, 32)}
     per_token = ((s[2, 32] - s[1, 32]) - (s[2, 16] - s[1, 16])) / 16
     return {"per_token_block": per_token, "per_block": s[2, 32] - s[1, 32] - 32 * per_token,
             "per_token_outside": (s[1, 32] - s[1, 16]) / 16 - per_token}
 
 def memory_model(preset: str, vocab_size: int, block_size: int, gpus: int, saved: dict):
-    """micro-batch -> peak GB of one GPU: 16 bytes a parameter (fp32 weights, gradients, AdamW; FSDP
-    shards them, holding the bf16 root and two blocks), saved activations, one LM head chunk."""
+    """micro-batch -> peak GB of a GPU: 16 B/parameter (fp32 weights, grads, AdamW), activations."""
     cfg = model_config(preset, vocab_size=vocab_size, block_size=block_size)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -272,8 +263,6 @@ def memory_table(cfg: BenchConfig) -> list[dict]:
         rows.append({"preset": preset, "block_size": block_size, "micro_batch": micro,
                      **estimate(micro), **largest, "gpu_gb": cfg.gpu_gb})
     return rows
-
-# -------------------------------------------------------------------------------------------------
 
 GPU_SUITE = (("210m", 2048, 16), ("610m", 2048, 8), ("1b", 2048, 4))
 GPU_SUITE_BUDGET_S = 420  # rows not started by then are skipped: the suite ends within 8 minutes

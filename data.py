@@ -39,7 +39,6 @@ class PrepareConfig:
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
-# -------------------------------------------------------------------------------------------------
 # Other sources: local .txt/.jsonl files and FineWeb-Edu
 
 def _local_texts(source: str, text_field: str):
@@ -83,13 +82,11 @@ def _fineweb_texts(config: str, text_field: str):
     try:
         import datasets  # optional: only this source needs it
     except ImportError:
-        raise ImportError("source 'fineweb-edu' needs the optional datasets package: "
-                          "pip install datasets") from None
+        raise ImportError("source 'fineweb-edu' needs datasets: pip install datasets") from None
     rows = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name=config, split="train",
                                  streaming=True)
     return (row[text_field] for row in rows)  # the only part that needs the network
 
-# -------------------------------------------------------------------------------------------------
 # prepare: documents -> train.bin / val.bin / meta.json (and heldout.jsonl for the docstrings)
 
 def _write_token_files(labelled_texts, tok: Tokenizer, out_dir: str, max_tokens: int | None,
@@ -122,8 +119,7 @@ def token_meta(dtype, n_tokens: dict, n_docs: dict, digest) -> dict:
             "tokens_sha256": digest.hexdigest()}
 
 def _commit(out_dir: str, meta: dict):
-    """Moves the finished .tmp files into place, meta.json last. The old meta.json goes first, so a
-    crash in between leaves no meta.json rather than one describing bins it does not match."""
+    """Moves the .tmp files in place: old meta.json out first, new one last; a crash leaves none."""
     meta_path, heldout = os.path.join(out_dir, "meta.json"), os.path.join(out_dir, HELDOUT_FILE)
     for old in (meta_path, heldout):  # both describe the old data
         if os.path.exists(old):
@@ -132,9 +128,7 @@ def _commit(out_dir: str, meta: dict):
              + ([HELDOUT_FILE] if os.path.exists(heldout + ".tmp") else []))
     for name in names:
         os.replace(os.path.join(out_dir, f"{name}.tmp"), os.path.join(out_dir, name))
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    files.write_json(meta_path, meta)
 
 def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) -> dict:
     """{"train": array, "val": array} of tokens -> the files prepare writes: synthetic data."""
@@ -145,18 +139,16 @@ def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) 
         data = np.asarray(tokens[split], dtype=dtype)
         data.tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
         digest.update(split.encode() + data.tobytes())
-    meta = {**tokenizer_meta, "source": source, "format_version": FORMAT_VERSION,
-            **token_meta(dtype, {s: len(tokens[s]) for s in SPLITS}, dict.fromkeys(SPLITS, 0),
-                         digest)}
+    meta = {**tokenizer_meta, "source": source, "format_version": FORMAT_VERSION, **token_meta(
+        dtype, {s: len(tokens[s]) for s in SPLITS}, dict.fromkeys(SPLITS, 0), digest)}
     _commit(out_dir, meta)
     return meta
 
 def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
             max_tokens: int | None = None, val_fraction: float = 0.05, text_field: str = "text",
             seed: int = 0, reuse: bool = False) -> dict:
-    """Tokenizes a corpus into out_dir/{train,val}.bin and meta.json (the docstrings also into
-    heldout.jsonl, for fine-tuning); returns the meta. Other documents go to val by a hash of (seed,
-    text): duplicates share a split. One process at a time; reuse=True reads one already there."""
+    """Tokenizes a corpus into out_dir/{train,val}.bin, meta.json (docstrings: heldout.jsonl too);
+    returns the meta. Val by a hash of (seed, text): duplicates share a split. reuse: no redo."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):
@@ -257,14 +249,12 @@ def _meta_problem(meta: dict) -> str | None:
         return f"field 'tokenizer' must be a tokenizer name, got {meta.get('tokenizer')!r}"
     return None
 
-# -------------------------------------------------------------------------------------------------
 # BlockLoader: fixed blocks in an order that only (seed, epoch) decides
 
 class BlockLoader:
     """(batch_size, block_size) int64 batches of disjoint blocks of one split, epoch e in the order
-    np.random.default_rng([seed, e]).permutation(n_blocks). `position` counts blocks all ranks
-    consumed; each step a rank takes its slice of the next world_size * batch_size, so the order is
-    fixed for any batch/world size (the paper's control): batch 8 == 2 ranks x 4 == 2 steps x 4."""
+    np.random.default_rng([seed, e]).permutation(n_blocks). `position` counts blocks all ranks took
+    (each its slice), so the order is fixed for any batch/world size: 8 == 2 ranks x 4 == 2 x 4."""
 
     def __init__(self, data_dir, split, block_size, batch_size, *, seed=0, rank=0, world_size=1,
                  device="cpu"):
@@ -282,12 +272,11 @@ class BlockLoader:
         if self.n_blocks < 1:
             raise ValueError(f"{self.path} has {n_tokens:,} tokens, fewer than one block of "
                              f"{block_size}: use a smaller block_size or prepare more data")
-        global_batch = world_size * batch_size
-        if self.n_blocks < global_batch:
+        if self.n_blocks < world_size * batch_size:
             raise ValueError(f"{self.path} has {self.n_blocks:,} blocks of {block_size} tokens, "
-                             f"fewer than one global batch of {global_batch} "
-                             f"(world_size {world_size} x batch_size {batch_size}): "
-                             "use a smaller batch_size or block_size, or prepare more data")
+                             f"fewer than one global batch of {world_size * batch_size} "
+                             f"(world_size {world_size} x batch_size {batch_size}): use a smaller "
+                             "batch_size or block_size, or prepare more data")
         self.position = 0
         self._orders = {}  # epoch -> permutation; a batch spans at most two epochs
 
@@ -330,8 +319,6 @@ class BlockLoader:
                 raise ValueError(f"cannot resume this loader: saved {key}={state[key]!r}, "
                                  f"this loader has {getattr(self, key)!r}")
         self.position = state["position"]
-
-# -------------------------------------------------------------------------------------------------
 
 @command
 def main(argv: list[str]):

@@ -58,8 +58,7 @@ QUICK = dict(steps=60, warmup_steps=6, decay_steps=12, cpt_steps=30, eval_interv
              tasks="sc,ir", lrs="3e-3,1e-2", ft_steps=20, keep="30", keep_tasks="sc")
 
 def read_run(ckpt_path: str) -> dict:
-    """A train.py run: its settings, validation losses, and the report.json of each sweep below it,
-    matched to its checkpoints by identity, not path: an experiment can be moved or copied."""
+    """A run's settings, val losses and sweeps' report.json, matched to checkpoints by identity."""
     run_dir, ckpt = os.path.dirname(ckpt_path), read_checkpoint(ckpt_path)
     if "train_config" not in ckpt:
         raise ValueError(f"{ckpt_path} has no train_config: not written by train.py")
@@ -96,8 +95,7 @@ def phases(run: dict, steps: int | None = None) -> list[tuple[str, int]]:
                                 (cfg.switch_to, max(0, steps - switch))) if n]
 
 def describe_runs(runs: list[dict]) -> list[dict]:
-    """Each run's pretraining in words ("CLM 100 -> MLM 300", after its CPT source's name), sorted
-    as the paper's tables are: CLM first, then more and more MLM, then continued pretraining."""
+    """Each run's pretraining in words ("CLM 100 -> MLM 300"), sorted: CLM, more MLM, then CPT."""
     by_id = {r["id"]: r for r in runs}
     for run in runs:
         run["pretraining"] = " -> ".join(f"{o.upper()} {n}" for o, n in phases(run))
@@ -110,8 +108,7 @@ def describe_runs(runs: list[dict]) -> list[dict]:
     return sorted(runs, key=lambda run: (depth(run), -run["clm_share"], run["name"]))
 
 def summary_tables(runs: list[dict]) -> tuple[list[str], str]:
-    """The tasks, and markdown tables: test scores (mean ± 95% CI over seeds at the lr chosen on
-    val), stability (sd over lrs) with final val losses, kept checkpoints' scores by tokens seen."""
+    """The tasks, and markdown tables: test scores (mean ± 95% CI), stability, data efficiency."""
     family = {t: r["reports"][t]["family"] for r in runs for t in r["reports"]}
     tasks = sorted(family, key=lambda t: (list(FAMILIES).index(family[t]), t))
     metric = {t: next(r["reports"][t]["metric"] for r in runs if t in r["reports"]) for t in tasks}
@@ -156,13 +153,11 @@ def training_flops(run: dict, step: int) -> float:
     with torch.device("meta"):
         model = Transformer(ModelConfig(**run["model_config"]))
     cfg = SimpleNamespace(**run["config"])
-    return sum(n * tokens_per_step(run) * model.flops_per_token(
-        cfg.block_size, o == "clm", 1.0 if o == "clm" else cfg.mask_ratio)
-        for o, n in phases(run, step))
+    return sum(n * tokens_per_step(run) * model.flops_per_token(cfg.block_size, o == "clm",
+               1.0 if o == "clm" else cfg.mask_ratio) for o, n in phases(run, step))
 
 def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
-    """Validation losses over pretraining (dotted where the objective changes); per task, the test
-    score by lr, step and FLOPs (Fig. 10): the seed mean a line, each seed a dot (not a wide CI)."""
+    """Val losses; per task, test score by lr, step and FLOPs (Fig. 10): seed mean, seed dots."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only: no display needed
@@ -235,8 +230,7 @@ def summarize(directory: str, figures_dir: str = "") -> dict:
     """--summarize=DIR: the table (printed, and DIR/summary.md) and figures of every run in DIR."""
     paths = sorted(glob.glob(os.path.join(directory, "*", "ckpt.pt")))
     if not paths:
-        raise SystemExit(f"error: no run in {directory}: expected train.py out_dirs "
-                         f"{directory}/<run>/ckpt.pt")
+        raise SystemExit(f"error: no run in {directory}: expected train.py out_dirs <run>/ckpt.pt")
     try:
         runs = describe_runs([read_run(p) for p in paths])
     except KeyError as e:
@@ -251,7 +245,6 @@ def summarize(directory: str, figures_dir: str = "") -> dict:
     return {"runs": [run["name"] for run in runs], "tasks": tasks, "tables": tables,
             "figures": figures}
 
-# ----------------------------------------------------------------------------------------------
 # The CPU experiment, end to end
 
 # name: (train.py settings of the run, the run it continues, or None)
@@ -265,8 +258,7 @@ RUNS = {"clm": (["--objective=clm", "--switch_to=none"], None),
 KEPT = ("clm", "mlm")  # the runs whose intermediate checkpoints draw the data-efficiency figure
 
 def run_command(args: list[str], log_path: str) -> None:
-    """One python process of the experiment, its output in log_path; stops the experiment with the
-    log's last line if it fails. The process dies with the experiment (settings.command)."""
+    """Runs a script, output in log_path; fails with its last line; dies with the experiment."""
     env = {"OMP_NUM_THREADS": "1", **os.environ, "MLM_VS_CLM_PARENT": str(os.getpid())}
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), args[0])
     with open(log_path, "w") as log:
@@ -301,8 +293,7 @@ def check_same(ckpt_path: str, args: list[str]) -> None:
                              f"{saved[key]}, not {value}: use another --out_dir or delete that run")
 
 def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
-    """One pretraining run, once the run it continues (the future `after`) is done: kept when it is
-    finished with these settings, resumed when interrupted, else trained."""
+    """A run once `after` (its source) is done: kept if finished, resumed if cut short, else run."""
     if after is not None:
         after.result()
     run_dir, args = os.path.join(cfg.out_dir, name), train_args(name, cfg)

@@ -6,8 +6,7 @@ chosen on validation, the test score as a seed mean with its 95% interval, the s
     python finetune.py --init_from=ckpt.pt --task=squad_v2               # a paper dataset
     python finetune.py --help                                            # every setting
 
-The protocol, the four families, the file formats and the report: docs/finetuning.md.
-"""
+The protocol, the four families, the file formats and the report: docs/finetuning.md."""
 
 import hashlib
 import json
@@ -94,14 +93,12 @@ class FinetuneConfig:
              f"--task={self.task} needs --train and --test files"),
             (self.task in FAMILIES or not (self.train or self.val or self.test),
              "--train/--val/--test are for --task=sc|tc|qa|ir only"),
-            (not self.corpus or family_of(self.task) == "ir",
-             "--corpus is for retrieval tasks only"),
+            (not self.corpus or family_of(self.task) == "ir", "--corpus is for ir tasks only"),
             *at_least(self, 1, "seeds", "batch_size", "max_steps", "max_answer_tokens"),
             *at_least(self, 0, "weight_decay", "doc_stride"),
             (0 <= self.warmup < 1 and 0 < self.val_fraction < 1,
              "--warmup must be in [0, 1), --val_fraction in (0, 1)"),
-            (self.grad_clip >= 0,
-             "--grad_clip must be >= 0 (0 = off; a negative bound would make clipping ascend)"),
+            (self.grad_clip >= 0, "--grad_clip must be >= 0 (0 = off; a negative bound ascends)"),
             *one_of(self, "pooling", ("mean", "first", "last")),
             *one_of(self, "input_format", INPUT_FORMATS),
             *one_of(self, "weights", ("fp32", "bf16")),
@@ -131,13 +128,11 @@ def family_of(task: str) -> str | None:
     name = task.removeprefix("demo_")
     return name if name in FAMILIES else None
 
-# --------------------------------------------------------------------------------------------------
 # One cell: fine-tune from the checkpoint at one learning rate and seed, then score val and test
 
 def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: float,
                seed: int) -> tuple[dict, nn.Module]:
-    """Trains body (in place) and a new head in the body's dtype; returns the scores of each split
-    but "train", and the head."""
+    """Trains body (in place) and a new head in its dtype; returns val/test scores and the head."""
     torch.manual_seed(seed)
     head = family.head(body.config.n_embd).to(family.device, next(body.parameters()).dtype)
     run_body = torch.compile(body, dynamic=True) if cfg.compile else body
@@ -145,8 +140,7 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
     optimizer = configure_optimizer(both, lr, cfg.weight_decay)
     items = splits["train"].items
     epoch = math.ceil(len(items) / cfg.batch_size)
-    # standard: at most one epoch; EncodEval: max_steps, epoch after epoch (the transformers
-    # Trainer's max_steps), or one epoch for CoNLL and UNER (their configs)
+    # standard: at most one epoch; EncodEval: max_steps over epochs (Trainer), CoNLL/UNER one epoch
     steps = epoch if family.one_epoch else cfg.max_steps if cfg.protocol == "encodeval" \
         else min(cfg.max_steps, epoch)
     warmup_steps = math.ceil(cfg.warmup * steps)
@@ -176,7 +170,6 @@ def train_cell(family: Family, body, splits: dict, cfg: FinetuneConfig, lr: floa
                   for name, split in splits.items() if name != "train"}
     return {**scores, "steps": steps, "diverged_at": diverged}, head
 
-# --------------------------------------------------------------------------------------------------
 # The sweep and its report
 
 def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> list[dict]:
@@ -206,10 +199,9 @@ def sweep(family: Family, body, splits: dict, cfg: FinetuneConfig, key: str) -> 
     return [done[cell] for cell in cells]
 
 def report(results: list[dict], metric: str) -> dict:
-    """Per learning rate, the seed means of val and test with their 95% intervals; the chosen lr
-    (best val mean, the smaller on a tie). stability_sd, the paper's second finding: the sd across
-    the grid of the seed-mean test score (lower: more stable); _converged: over the lrs where no
-    seed diverged, so that a few diverged cells do not decide it alone."""
+    """Per lr, seed means of val and test with 95% intervals; the chosen lr (best val mean, smaller
+    on a tie). stability_sd (the paper's 2nd finding): sd of the seed-mean test score over the grid,
+    lower = more stable; _converged: over lrs where no seed diverged, lest a few cells decide it."""
     per_lr = []
     for lr in dict.fromkeys(r["lr"] for r in results):
         cells = [r for r in results if r["lr"] == lr]
@@ -263,8 +255,7 @@ def main(argv: list[str]) -> dict:
     return finetune(configure(FinetuneConfig, argv))
 
 def encode_splits(family: Family, task, cfg: FinetuneConfig) -> tuple[dict, dict]:
-    """The encoded train / val / test splits and their record counts; val is held out of train
-    unless the task has its own."""
+    """The encoded train/val/test splits and record counts; val is held out of train if absent."""
     family.check(task.test)
     if task.val is not None:
         family.check(task.val)
@@ -299,8 +290,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     max_len = min(cfg.max_len, body.config.block_size)
     family = family_class(task.family, cfg.protocol)(cfg, tok, task.train, device, autocast,
                                                      max_len, labels=task.labels)
-    family.one_epoch = cfg.protocol == "encodeval" and cfg.task in HF_TASKS \
-        and HF_TASKS[cfg.task].one_epoch
+    family.one_epoch = cfg.protocol == "encodeval" and named and HF_TASKS[cfg.task].one_epoch
     splits, counts = encode_splits(family, task, cfg)
     held = "its own" if task.val is not None else f"{cfg.val_fraction:.0%} of train"
     print(f"{cfg.task} ({task.family}): {counts['train']:,} train / {counts['val']:,} validation "
@@ -318,8 +308,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with files.exclusive(cfg.out_dir, f"fine-tuning in {cfg.out_dir}"):
         results = sweep(family, body, splits, cfg, key)
         rep = {"task": cfg.task, "family": task.family, "init_from": cfg.init_from,
-               "checkpoint_id": checkpoint_id, "key": key,
-               **report(results, family.metric)}
+               "checkpoint_id": checkpoint_id, "key": key, **report(results, family.metric)}
         if family.trivial_rule:
             rep["trivial"] = {"rule": family.trivial_rule,
                               "test": 100 * family.trivial(splits["test"])[family.metric]}
@@ -332,13 +321,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     print(f"wrote {path}")
     return rep
 
-# --------------------------------------------------------------------------------------------------
 # Saving the fine-tuned model
 
 def save_model(family: Family, body, splits: dict, cfg: FinetuneConfig, results: list[dict],
                rep: dict, tok) -> dict:
-    """Trains the best-validation cell at the chosen lr once more (a sweep keeps no weights: its
-    cells may come from results.jsonl) and saves it to out_dir/model.pt (docs/finetuning.md)."""
+    """Trains the chosen lr's best-val cell again (sweeps keep no weights) into out_dir/model.pt."""
     cells = [r for r in results if r["lr"] == rep["chosen_lr"]]
     best = max(cells, key=lambda r: (r["val"][family.metric], -r["seed"]))
     print(f"saving the model: training lr {best['lr']:.1e} seed {best['seed']} again")

@@ -42,12 +42,11 @@ class SampleConfig:
                 (0 <= self.mask_ratio < 1 and 0 <= self.loss_mask_ratio < 1,
                  "--mask_ratio and --loss_mask_ratio must be in [0, 1)"),
                 *at_least(self, 1, "top_k"),
-                *at_least(self, 0, "max_new_tokens", "sample_top_k", "temperature"),
+                *at_least(self, 0, "max_new_tokens", "sample_top_k", "temperature", "seed"),
                 (specs, "--init_from: give a checkpoint, hf:DIR, or several, comma-separated"),
                 *[(source_problem("init_from", spec) is None, source_problem("init_from", spec))
                   for spec in specs],
-                *at_least(self, 0, "seed"), (device_problem(self.device) is None,
-                                             device_problem(self.device))]
+                (device_problem(self.device) is None, device_problem(self.device))]
 
 def listed(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
@@ -79,9 +78,8 @@ def load(spec: str, device: str) -> Loaded:
     """A checkpoint (of a fine-tuned one, its body) or hf:DIR, with its tokenizer."""
     model, tok, ckpt = load_model(spec)
     about = describe(ckpt) if ckpt else "Hugging Face directory"
-    n = model.num_params()["paper"] / 1e6
-    return Loaded(label_of(spec), spec, model.to(device).eval(), tok,
-                  f"{about}, {n:.2f}M parameters")
+    about += f", {model.num_params()['paper'] / 1e6:.2f}M parameters"
+    return Loaded(label_of(spec), spec, model.to(device).eval(), tok, about)
 
 def same_vocabulary(a, b) -> bool:
     """Do the same ids mean the same tokens? An export may spell its name and pattern otherwise."""
@@ -120,8 +118,7 @@ def masked_text(tok, text: str, mask_ratio: float, seed: int):
 
 @torch.no_grad()
 def fill_mask(model, tok, inputs, top_k: int) -> list[list[tuple[int, float]]]:
-    """At each mask, in order: the top_k (token id, probability), with bidirectional attention. The
-    softmax skips the padding rows past the tokenizer's ids, as transformers' fill-mask does."""
+    """At each mask, the top_k (token id, probability), bidirectional; the softmax skips padding."""
     check_length(inputs.tolist(), model.config.block_size, "--text")
     device = model.lm_head.weight.device
     hidden = model(inputs[None].to(device), causal=False)[0]  # (T, C)
@@ -132,8 +129,7 @@ def fill_mask(model, tok, inputs, top_k: int) -> list[list[tuple[int, float]]]:
 
 @torch.no_grad()
 def continuation(model, tok, prompt_ids: list, cfg: SampleConfig) -> tuple[list, str]:
-    """New token ids after the prompt with causal attention, and why it stopped. Never <|mask|> or
-    <|pad|>, which no causal model is trained to predict; never past the context."""
+    """(New ids after the prompt under causal attention, why it stopped); never past the context."""
     block = model.config.block_size
     if len(prompt_ids) >= block:
         raise ValueError(f"--prompt has {len(prompt_ids)} tokens, which leaves no room in the "
@@ -147,7 +143,7 @@ def continuation(model, tok, prompt_ids: list, cfg: SampleConfig) -> tuple[list,
             return new, f"the context of {block} tokens is full"
         hidden = model(torch.tensor([ids], device=device), causal=True)[0, -1]
         logits = model.logits(hidden)[:tok.n_vocab].float()
-        logits[[tok.mask_id, tok.pad_id]] = float("-inf")
+        logits[[tok.mask_id, tok.pad_id]] = float("-inf")  # no causal model is trained on them
         if cfg.temperature == 0:
             token = int(logits.argmax())
         else:

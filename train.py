@@ -6,8 +6,7 @@
     torchrun --nproc_per_node=8 train.py config/610m.py --objective=clm --switch_to=mlm
     python train.py --help                             # every setting, its default and meaning
 
-Settings, the switch, continued pretraining, resume and checkpoints: docs/pretraining.md.
-"""
+Settings, the switch, continued pretraining, resume and checkpoints: docs/pretraining.md."""
 
 import math
 import os
@@ -97,21 +96,18 @@ class TrainConfig:
             (0 < self.switch_at < self.max_steps,
              "--switch_at must be a fraction in (0, 1) or a step in [1, max_steps)"),
             (switch is None or 0 < switch < self.max_steps,
-             f"--switch_at={self.switch_at:g} puts the switch at step {switch} of "
-             f"{self.max_steps}, which leaves one phase empty: choose a switch inside the run, or "
-             "--switch_to=none"),
+             f"--switch_at={self.switch_at:g} puts the switch at step {switch} of {self.max_steps}:"
+             " a phase would be empty; choose a switch inside the run, or --switch_to=none"),
             (0 < self.mask_ratio < 1, "--mask_ratio must be in (0, 1)"),
             *one_of(self, "mask_replace", MASK_REPLACE), *one_of(self, "attention", ATTENTION),
             *at_least(self, 1, "max_steps", "batch_size", "eval_batches", "log_interval"),
-            *at_least(self, 2, "block_size"),
+            *at_least(self, 2, "block_size"), *above(self, 0, "lr", "adam_eps"),
             *at_least(self, 0, "total_batch_size", "warmup_steps", "decay_steps", "eval_interval",
                       "stop_at", "data_tokens", "seed", "weight_decay", "beta1", "beta2"),
-            *above(self, 0, "lr", "adam_eps"),
             (self.beta1 < 1 and self.beta2 < 1, "--beta1 and --beta2 must be below 1"),
             (self.warmup_steps + self.decay_steps <= self.max_steps,
              "--warmup_steps + --decay_steps must fit in --max_steps"),
-            (self.grad_clip >= 0,
-             "--grad_clip must be >= 0 (0 = off; a negative bound would make clipping ascend)"),
+            (self.grad_clip >= 0, "--grad_clip must be >= 0 (0 = off; a negative bound ascends)"),
             *one_of(self, "dtype", ("auto", "bfloat16", "float32")),
             *one_of(self, "compile", ("auto", "true", "false")),
             (self.out_dir.strip() != "", "--out_dir must name a directory"),
@@ -124,18 +120,15 @@ class TrainConfig:
              f"keep their meaning: add --tokenizer={self.init_from}"),
         ]
 
-# -------------------------------------------------------------------------------------------------
 # One optimizer step, and validation
 
 def reseed(generator: torch.Generator, *keys: int) -> torch.Generator:
-    """Masking is a pure function of (seed, step, micro-batch): a resumed run masks as an unbroken
-    one with no generator state saved, and 2 processes of 1 micro-batch as 1 process of 2."""
+    """Masks depend on (seed, step, micro-batch) only: the same on resume, for any process count."""
     return generator.manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Generator):
-    """Forward and backward over the run's micro-batches, then one AdamW step. Returns (mean loss,
-    grad norm) still on the device: nothing here waits for the host. The mean is exact over every
-    predicted token of every micro-batch and process (MLM predicts a different number each time)."""
+    """Forward and backward over the micro-batches, one AdamW step; (mean loss, grad norm) stay on
+    the device. The mean is over every predicted token of all micro-batches and processes."""
     cfg, proc, model = run.cfg, run.proc, run.loss
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -164,8 +157,7 @@ def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Genera
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(),
                                                cfg.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    # a non-finite loss or gradient never reaches the weights, and the host need not look: fused
-    # AdamW skips the update on the device when found_inf is 1
+    # a non-finite loss or gradient: fused AdamW skips the update on the device, no host sync
     finite = torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
     run.optimizer.found_inf = (~finite).float()
     run.optimizer.step()
@@ -174,9 +166,8 @@ def train_step(run: runs.Run, objective: str, lr: float, generator: torch.Genera
 
 @torch.no_grad()
 def evaluate(run: runs.Run, generator) -> dict:
-    """Validation loss under BOTH objectives, so the transfer at the switch shows: the same blocks,
-    masked the same way every time. Every process runs every forward (FSDP gathers weights from
-    all), those past eval_batches with weight zero."""
+    """Validation loss under BOTH objectives (the switch's transfer shows), the same masked blocks.
+    Every process runs every forward (FSDP gathers weights); those past eval_batches weigh 0."""
     cfg, proc, losses = run.cfg, run.proc, {}
     for objective in OBJECTIVES:
         loader = BlockLoader(run.token_files.dir, "val", cfg.block_size, cfg.batch_size, seed=0,
@@ -195,7 +186,6 @@ def evaluate(run: runs.Run, generator) -> dict:
         losses[objective] = (totals[0] / totals[1]).item()
     return losses
 
-# -------------------------------------------------------------------------------------------------
 # The run: settings, setup, then the loop
 
 @command
@@ -228,8 +218,7 @@ def main(argv: list[str]):
         val, t_start = validation() if run.step == 0 else None, time.perf_counter()
         while run.step < min(cfg.max_steps, cfg.stop_at or cfg.max_steps):
             # the paper's switch: the objective, and with it the attention, changes; nothing else
-            run.objective = cfg.objective if switch is None or run.step < switch \
-                else cfg.switch_to
+            run.objective = cfg.objective if switch is None or run.step < switch else cfg.switch_to
             lr = lr_at(run.step, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.decay_steps)
             if run.step == switch:
                 proc.print(f"step {run.step}: switching {cfg.objective} -> {cfg.switch_to} "

@@ -119,8 +119,7 @@ def first_non_finite(tree, name: str = "") -> str | None:
     if isinstance(tree, (list, tuple)):
         tree = dict(enumerate(tree))
     for key, value in tree.items() if isinstance(tree, dict) else ():
-        bad = first_non_finite(value, f"{name}.{key}" if name else str(key))
-        if bad is not None:
+        if (bad := first_non_finite(value, f"{name}.{key}" if name else str(key))) is not None:
             return bad
     return None
 
@@ -142,8 +141,7 @@ def kept_steps(spec: str, max_steps: int) -> set[int]:
         else:
             steps = {int(float(x)) for x in spec.split(",") if x}
     except ValueError:
-        raise ValueError(f"keep_checkpoints={text!r} must be steps, "
-                         "\"1000,5000\", or \"every:N\"") from None
+        raise ValueError(f'keep_checkpoints={text!r}: use steps "1000,5000" or "every:N"') from None
     if any(not 0 < step <= max_steps for step in steps):
         raise ValueError(f"keep_checkpoints={text!r} must name steps in [1, max_steps={max_steps}]")
     return steps

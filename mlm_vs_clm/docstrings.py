@@ -1,5 +1,4 @@
-"""The offline default corpus (docstrings of the stdlib, numpy and torch, read with ast, split by a
-stable hash into train, val and a held-out 10%) and the demo tasks built from it. docs/data.md."""
+"""The default corpus: stdlib, numpy, torch docstrings (10% held out); demo tasks. docs/data.md."""
 
 import ast
 import functools
@@ -93,14 +92,12 @@ def heldout_documents(data_dir: str = "") -> tuple[Document, ...]:
     return tuple(d for d in docstring_documents() if split_of(d) == "heldout")
 
 def pretraining_texts(heldout_path: str) -> list[tuple[str, str]]:
-    """(split, text) of the train and val docstrings, for data.prepare; the held-out ones go to
-    heldout_path, so that no later run parses the ~3,000 source files again to find them."""
+    """(split, text) of train and val docstrings; held-out ones go to heldout_path (parsed once)."""
     docs = [(split_of(d), d) for d in docstring_documents()]
     with open(heldout_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(asdict(d)) + "\n" for split, d in docs if split == "heldout")
     return [(split, d.text) for split, d in docs if split != "heldout"]
 
-# -----------------------------------------------------------------------------
 # The demo tasks of finetune.py, one per family, from the held-out docstrings
 
 def paragraphs(text: str) -> list[str]:
@@ -198,26 +195,21 @@ def demo_records(family: str, docs) -> list[tuple[object, dict]]:
             used.add(section)
             with_params.append((d, sections[0]))
     out = []
-
-    def question(d, name, context, answers):
-        out.append((d, {"id": f"{d.module}:{d.name}:{name}", "question": f"What is {name}?",
-                        "context": context, "answers": answers}))
     for n, (d, (start, end, params)) in enumerate(with_params):
-        context, seen = d.text[start:end], set()
-        for name, s, e in params:
-            if name not in seen:  # documented twice (overloads): the first description answers
-                seen.add(name)
-                question(d, name, context, {"text": [d.text[s:e]], "answer_start": [s - start]})
+        context, answers = d.text[start:end], {}
+        for name, s, e in params:  # documented twice (overloads): the first description answers
+            answers.setdefault(name, {"text": [d.text[s:e]], "answer_start": [s - start]})
         _, (_, _, next_params) = with_params[(n + 1) % len(with_params)]
         absent = [name for name, _, _ in next_params
                   if not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", context)]
-        if absent:
-            question(d, absent[0], context, {"text": [], "answer_start": []})
+        if absent:  # also asked: a parameter of the next section that this one lacks (no answer)
+            answers[absent[0]] = {"text": [], "answer_start": []}
+        out += [(d, {"id": f"{d.module}:{d.name}:{name}", "question": f"What is {name}?",
+                     "context": context, "answers": a}) for name, a in answers.items()]
     return out
 
 def demo_task(family: str, data_dir: str = "") -> tuple[list[dict], list[dict]]:
-    """(train, test) records of a family's demo task (docs/finetuning.md), split ~75/25 by a stable
-    hash of the document. qa also asks for a parameter of the next section it lacks (no answer)."""
+    """(train, test) of a family's demo task (docs/finetuning.md): ~75/25 by a stable doc hash."""
     train, test = [], []
     for d, record in demo_records(family, heldout_documents(data_dir)):
         (test if stable_fraction(f"demo:{d.module}:{d.name}") < 0.25 else train).append(record)

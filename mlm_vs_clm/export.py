@@ -30,8 +30,7 @@ class ExportConfig:
                  f"--init_from={path} is a directory: give a checkpoint file (ckpt.pt, "
                  "ckpt_<step>.pt, a fine-tuned model.pt); Hugging Face directories need no export"),
                 (not path or os.path.isfile(path) or os.path.isdir(path),
-                 f"--init_from={path}: no checkpoint at {path}"),
-                *one_of(self, "kind", KINDS)]
+                 f"--init_from={path}: no checkpoint at {path}"), *one_of(self, "kind", KINDS)]
 
 KINDS = ("auto", "encoder", "decoder")
 MARKER = "mlm_vs_clm_export.json"  # in every export: a directory this code may replace
@@ -59,17 +58,14 @@ class Exported(NamedTuple):
             "decoder": [f"AutoModelForCausalLM.from_pretrained({d}), or "
                         f"pipeline('text-generation', model={d})"],
             "sc": [f"pipeline('text-classification', model={d}), or {auto}",
-                   "the tokenizer appends <eot>; a sentence pair is one text, a + '\\n' + b, as "
-                   "in fine-tuning" if paper else
-                   "a sentence pair: {'text': a, 'text_pair': b}, encoded 'a <eot> b'"],
+                   "as fine-tuned: a pair is one text, a + '\\n' + b; the tokenizer appends <eot>"
+                   if paper else "a pair: {'text': a, 'text_pair': b}, encoded 'a <eot> b'"],
             "tc": [f"pipeline('token-classification', model={d}), or {auto}"],
             "qa": [f"{auto}.from_pretrained({d}): start and end logits",
-                   "the fine-tuning input: tokenizer(f'Question: {question}\\nContext: ', "
+                   "as fine-tuned: tokenizer(f'Question: {question}\\nContext: ', "
                    "context), which appends <eot>" if paper else
-                   "the fine-tuning input: tokenizer(question, context), 'question <eot> context "
-                   "<eot>'",
-                   "the null answer is the final <eot>, not position 0 as transformers' "
-                   "question-answering pipeline assumes"],
+                   "as fine-tuned: tokenizer(question, context), 'question <eot> context <eot>'",
+                   "null answer: the final <eot>, not 0 as transformers' QA pipeline assumes"],
             "ir": [f"sentence_transformers.SentenceTransformer({d}): the retriever (its pooling, "
                    "then unit norm; cosine or dot product)"]
             + (["encode_query(...) and encode_document(...) add 'Query: ' and 'Document: ' "
@@ -109,14 +105,13 @@ def choose_kind(ckpt: dict, path: str, kind: str) -> tuple[str, str]:
 
 def shared_config(cfg, tok) -> dict:
     """The fields Llama's and EuroBERT's configs share. No BOS: pretraining blocks have none."""
-    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd,
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "head_dim": cfg.head_dim,
             "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-            "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": None,
             "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-            "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-            "initializer_range": cfg.init_std, "bos_token_id": None, "eos_token_id": tok.eot_id,
-            "pad_token_id": tok.pad_id, "mask_token_id": tok.mask_id}
+            "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std,
+            "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id, "mask_token_id": tok.mask_id}
 
 def llama_config(cfg, tok) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shared_config(cfg, tok),
@@ -259,12 +254,11 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
         files.write_json(os.path.join(tmp, MARKER), {"checkpoint": ckpt_path, "kind": kind})
         files.write_atomically(os.path.join(tmp, "model.safetensors"),
                                lambda path: save_file(state, path, metadata={"format": "pt"}))
-        names = {i: s for s, i in tok.encoding._special_tokens.items()}
         # model_max_length (truncation, sentence-transformers): fine-tuning's max_len with <eot>
         files.write_json(os.path.join(tmp, "tokenizer_config.json"), {
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-            "eos_token": names[tok.eot_id], "mask_token": names[tok.mask_id],
-            "pad_token": names[tok.pad_id], "model_input_names": ["input_ids", "attention_mask"]})
+            "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": tok.token_name(tok.pad_id),
+            "eos_token": tok.token_name(tok.eot_id), "mask_token": tok.token_name(tok.mask_id),
+            "model_max_length": max_len, "model_input_names": ["input_ids", "attention_mask"]})
         files.write_json(os.path.join(tmp, "config.json"), config)
         files.write_json(os.path.join(tmp, "tokenizer.json"),
                          tokenizer_json(tok, templates(kind, input_format)))
@@ -292,8 +286,7 @@ def export(ckpt_path: str, out_dir: str, kind: str = "auto") -> Exported:
 def model_card(done: Exported, model, tok, ckpt: dict) -> str:
     """README.md of an export: what it is, how it was trained, how to load it."""
     cfg, params = ckpt.get("train_config") or {}, model.num_params()["paper"] / 1e6
-    switch = f", then {cfg['switch_to'].upper()}" if cfg.get("switch_to") not in (None, "none") \
-        else ""
+    switch = f", then {cfg['switch_to'].upper()}" if cfg.get("switch_to") in ("clm", "mlm") else ""
     trained = (f"Pretrained with {str(cfg.get('objective', '?')).upper()}{switch} for "
                f"{ckpt.get('step')} of {cfg.get('max_steps')} steps on {cfg.get('data')} "
                f"({cfg.get('tokenizer')} tokenizer)" if cfg else "Pretraining: not recorded")
@@ -301,15 +294,13 @@ def model_card(done: Exported, model, tok, ckpt: dict) -> str:
     tuned = (f"; fine-tuned on {finetuned.get('task')} (test {finetuned.get('test')})"
              if finetuned else "")
     return (f"# {os.path.basename(os.path.abspath(done.out_dir))}\n\n"
-            f"A {params:.1f}M-parameter {done.kind} ({done.architecture}) written by the "
-            "mlm-vs-clm project, which reproduces *Should We Still Pretrain Encoders with Masked "
-            f"Language Modeling?* (arXiv 2507.00994).\n\n{trained}{tuned}.\n\n"
-            "The paper's input format, which its fine-tuning uses: a labelled text followed by "
-            f"the end-of-text token (`text + '{tok.token_name(tok.eot_id)}'`), pairs on two "
-            "lines; the tokenizer appends it only for a model fine-tuned in this format.\n\n"
-            f"## Load it\n\n```\n{done.usage()}\n```\n")
+            f"A {params:.1f}M-parameter {done.kind} ({done.architecture}) by the mlm-vs-clm "
+            "project, which reproduces *Should We Still Pretrain Encoders with Masked Language "
+            f"Modeling?* (arXiv 2507.00994).\n\n{trained}{tuned}.\n\nThe paper's input format, "
+            "which its fine-tuning uses: a labelled text, then the end-of-text token (`text + "
+            f"'{tok.token_name(tok.eot_id)}'`), pairs on two lines; the tokenizer appends it only "
+            f"for a model fine-tuned in this format.\n\n## Load it\n\n```\n{done.usage()}\n```\n")
 
-# -------------------------------------------------------------------------------------------------
 # A tiktoken Encoding written back as a tokenizers-library tokenizer.json
 
 def _bpe_parts(ranks: dict, token: bytes) -> list[bytes]:
@@ -345,27 +336,25 @@ def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot>
     for token in sorted(ranks, key=ranks.get):
         if len(token) > 1 and len(parts := _bpe_parts(ranks, token)) == 2:
             merges.append(" ".join(map(spell, parts)))
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
-        "post_processor": post_processor(tok, *templates),
-        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": i == tok.mask_id,
-                          "rstrip": False, "normalized": False, "special": True}
-                         for s, i in tok.encoding._special_tokens.items()],
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
-             "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-             "use_regex": False}]},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                    "use_regex": True},
-        # ignore_merges: a piece that is a whole token is that token, as in tiktoken
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
-                  "byte_fallback": False, "ignore_merges": True,
-                  # tokenizers keeps an added token's id only if the model's vocab has it
-                  "merges": merges, "vocab": {spell(t): r for t, r in ranks.items()}
-                  | {spell(s.encode()): i for s, i in tok.encoding._special_tokens.items()}},
-    }
+    return {"version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+            "post_processor": post_processor(tok, *templates),
+            "added_tokens": [{"id": i, "content": s, "lstrip": i == tok.mask_id, "rstrip": False,
+                              "single_word": False, "normalized": False, "special": True}
+                             for s, i in tok.encoding._special_tokens.items()],
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+                 "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                 "use_regex": False}]},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                        "use_regex": True},
+            # ignore_merges: a piece that is a whole token is that token, as in tiktoken
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "fuse_unk": False,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "byte_fallback": False, "ignore_merges": True,
+                      # tokenizers keeps an added token's id only if the model's vocab has it
+                      "merges": merges, "vocab": {spell(t): r for t, r in ranks.items()}
+                      | {spell(s.encode()): i for s, i in tok.encoding._special_tokens.items()}}}
 
 @command
 def main(argv: list[str]) -> Exported:

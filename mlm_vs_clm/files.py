@@ -108,8 +108,7 @@ class Busy(OSError):
 
 @contextmanager
 def exclusive(directory: str, what: str, wait: bool = False):
-    """Holds an exclusive lock on a directory for the with block: Busy if another process has it,
-    or with wait=True a wait. A flock on the directory leaves nothing behind, even if killed."""
+    """Locks a directory for the with block (a flock: none left if killed); Busy, or wait=True."""
     os.makedirs(directory, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY) if fcntl else \
         os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT)

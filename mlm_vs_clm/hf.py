@@ -59,8 +59,8 @@ def model_config_from_hf(hf: dict, config_path: str, vocab_size: int) -> ModelCo
             problems.append(f"head_dim {hf.get('head_dim')} != hidden_size / num_attention_heads = "
                             f"{hidden / heads:g}")
         if problems:
-            raise ValueError(f"{config_path}: model.py cannot represent this model: "
-                             + "; ".join(problems))
+            raise ValueError(f"{config_path}: model.py cannot represent: {'; '.join(problems)}")
+        scaling = {k: rope[k] for k in LLAMA3_ROPE_KEYS} if rope_type == "llama3" else None
         return ModelConfig(vocab_size=vocab_size, n_layer=hf["num_hidden_layers"], n_embd=hidden,
                            n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
                            mlp_hidden=hf["intermediate_size"],
@@ -68,9 +68,7 @@ def model_config_from_hf(hf: dict, config_path: str, vocab_size: int) -> ModelCo
                            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                            norm_eps=hf.get("rms_norm_eps", 1e-6),
                            tie_embeddings=hf.get("tie_word_embeddings", False),
-                           init_std=hf.get("initializer_range", 0.02),
-                           rope_scaling={k: rope[k] for k in LLAMA3_ROPE_KEYS}
-                           if rope_type == "llama3" else None)
+                           init_std=hf.get("initializer_range", 0.02), rope_scaling=scaling)
     except KeyError as e:
         raise ValueError(f"{config_path}: no {e.args[0]!r}: not a Llama-style config") from None
 
@@ -106,18 +104,16 @@ def headers(shards: list[str]) -> dict:
 
 def check_fit(cfg: ModelConfig, shapes: dict, where: str) -> None:
     """Raises unless weights of these shapes (our names) are a model of cfg, allocating nothing."""
-    blocks = {int(n.split(".")[1]) for n in shapes if n.startswith("blocks.")}
-    if cfg.n_layer != len(blocks):
-        raise ValueError(f"{where}: its config has {cfg.n_layer} blocks and its weights "
-                         f"{len(blocks)}")
+    blocks = len({int(n.split(".")[1]) for n in shapes if n.startswith("blocks.")})
+    if cfg.n_layer != blocks:
+        raise ValueError(f"{where}: its config has {cfg.n_layer} blocks and its weights {blocks}")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     if missing := sorted(set(expected) - set(shapes)):
         raise ValueError(f"{where}: missing weights for {missing[:6]}")
     for name, shape in shapes.items():
         if name in expected and shape != expected[name]:
-            raise ValueError(f"{where}: {name} has shape {shape}, its config implies "
-                             f"{expected[name]}")
+            raise ValueError(f"{where}: {name} has shape {shape}, config implies {expected[name]}")
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
@@ -149,8 +145,7 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
         if ours is not None:
             shapes[ours] = shape
         elif not name.endswith("rotary_emb.inv_freq"):  # old files saved RoPE's
-            raise ValueError(f"{path}: weights model.py has no place for (biases, extra norms?): "
-                             f"{name}")
+            raise ValueError(f"{path}: weights model.py has no place for (biases, norms?): {name}")
     headless = not cfg.tie_embeddings and "lm_head.weight" not in shapes \
         and "embed.weight" in shapes
     if headless and head:
@@ -168,8 +163,7 @@ def load_hf(path: str, tok, head: bool = True) -> Transformer:
             if (ours := our_name(name)) is not None:
                 if not torch.isfinite(weight).all():
                     raise ValueError(f"{shard}: {name} holds NaN or infinite values")
-                # float32 master weights: AdamW's small updates vanish in bf16 weights
-                state[ours] = weight.float()
+                state[ours] = weight.float()  # fp32: AdamW's small updates vanish in bf16 weights
     if cfg.tie_embeddings or headless:
         state["lm_head.weight"] = state["embed.weight"] * (not headless)
     # New rows (<|mask|>, <|pad|>, padding to a multiple of 64) start as the real rows' mean: an

@@ -12,8 +12,7 @@ def accuracy(predicted: list, gold: list) -> float:
     return sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
 
 def bio_entities(tags: list[str]) -> set[tuple[int, int, str]]:
-    """(start, end exclusive, type) of the entities in one sentence's BIO tags, read as conlleval
-    does: B-X starts an entity, and so does an I-X that does not continue one of type X."""
+    """(start, end exclusive, type) per entity, as conlleval: B-X, or I-X not after X, opens one."""
     entities, start, kind = set(), None, None
     for i, tag in enumerate(list(tags) + ["O"]):
         prefix, _, tag_type = tag.partition("-")
@@ -59,8 +58,7 @@ def squad_scores(predicted: str, answers: list[str]) -> tuple[float, float]:
 
 def rank_documents(scores: torch.Tensor, k: int) -> list[list[int]]:
     """Each row's k best documents, by a stable sort: on a tie, the earlier document ranks first."""
-    return torch.sort(scores.float().cpu(), dim=1, descending=True,
-                      stable=True).indices[:, :k].tolist()
+    return scores.float().cpu().sort(dim=1, descending=True, stable=True).indices[:, :k].tolist()
 
 def ndcg_mrr(ranked: list[list[int]], relevance: list[dict], k: int = 10,
              empty_queries: str = "skip") -> dict:

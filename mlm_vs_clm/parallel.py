@@ -23,8 +23,7 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 P
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full, on rank 0's CPU
 
 def peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s of one device, for MFU: the data-sheet figure for known GPUs; on a CPU, measured
-    with a large float32 matmul (so CPU MFU is against what this machine's BLAS really reaches)."""
+    """Peak FLOP/s for MFU: a known GPU's data sheet; a CPU's measured (what its BLAS reaches)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), float("nan"))
@@ -40,8 +39,7 @@ def peak_flops(device: torch.device) -> float:
     return 2 * 1024 ** 3 * 4 / best
 
 def device_and_autocast(device: str, dtype: str, local_rank: int = 0, world_size: int = 1):
-    """Every script's device ("auto": cuda, then mps, then cpu; under torchrun the GPU of the local
-    rank) and autocast factory ("auto": bfloat16 on CUDA, float32 elsewhere)."""
+    """Every script's device ("auto": cuda, mps, then cpu) and autocast factory (bf16 on CUDA)."""
     if device == "auto":
         device = ("cuda" if torch.cuda.is_available()
                   else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -63,9 +61,7 @@ def device_problem(device: str) -> str | None:
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
         return f"--device={device!r} must be auto, cpu, cuda, cuda:N or mps"
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}[kind]
-    if not available:
+    if kind != "cpu" and not (torch.cuda if kind == "cuda" else torch.backends.mps).is_available():
         return (f"--device={device}: this machine or this torch build ({torch.__version__}) has "
                 f"no {kind} device; use --device=auto")
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
@@ -103,14 +99,12 @@ def setup(device: str, dtype: str) -> Process:
     return Process(chosen, autocast, rank, local_rank, world_size)
 
 def shard(model: torch.nn.Module, bf16: bool) -> None:
-    """FSDP2: a block's weights are gathered just before it runs and freed after, so a rank holds
-    1/world_size of weights, gradients and AdamW state plus one block. The root (embedding, norm,
-    head) stays gathered: objectives.py uses the head's weight. bf16: gather bf16, reduce fp32."""
+    """FSDP2: a rank holds 1/world_size of weights, gradients and AdamW state plus the block that
+    runs; the root (embedding, norm, head) stays gathered: objectives.py uses the head's weight."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
-        raise SystemExit(f"error: --fsdp needs FSDP2, in torch >= 2.6 (this is "
-                         f"{torch.__version__})") from None
+        raise SystemExit(f"error: --fsdp needs torch >= 2.6, not {torch.__version__}") from None
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if bf16 else MixedPrecisionPolicy()
     for module in (*model.blocks, model):  # the blocks first, then the root
@@ -128,17 +122,14 @@ def full_weights(model, sharded: bool) -> dict | None:
     return get_model_state_dict(model, options=GATHERED) if sharded else None
 
 def full_state(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
-    """(full weights or None, full optimizer state). Under FSDP it is gathered to rank 0 and saved
-    in the usual ckpt.pt: a full copy in rank 0's CPU memory (16 bytes a parameter with AdamW), but
-    one format that export, fine-tuning and a resume at any world size read (not DCP's shards)."""
+    """(full weights or None, full optimizer state). FSDP's is gathered to rank 0's CPU (16 bytes a
+    parameter) in the one ckpt.pt that export, fine-tuning, a resume at any world size read."""
     if not sharded:
         return None, optimizer.state_dict()
-    weights = full_weights(model, sharded)
-    return weights, get_optimizer_state_dict(model, optimizer, options=GATHERED)
+    return full_weights(model, True), get_optimizer_state_dict(model, optimizer, options=GATHERED)
 
 def load_optimizer_state(model, optimizer, state: dict, sharded: bool) -> None:
-    """AdamW's moments and step counts from a checkpoint. The hyperparameters (betas, eps, weight
-    decay) stay this run's: a continued pretraining run may set its own."""
+    """AdamW's moments and step counts from a checkpoint; hyperparameters stay this run's (CPT)."""
     own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     if sharded:  # a full (gathered) state, keyed by parameter name: each rank keeps its shard
         set_optimizer_state_dict(model, optimizer, state,

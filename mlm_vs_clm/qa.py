@@ -76,8 +76,7 @@ class QuestionAnswering(Family):
             answers = field(where, r, "answers", dict,
                             'an object {"text": [...], "answer_start": [...]}')
             texts, starts = answers.get("text"), answers.get("answer_start")
-            if not isinstance(texts, list) or not isinstance(starts, list) or \
-                    len(texts) != len(starts):
+            if not all(isinstance(x, list) for x in (texts, starts)) or len(texts) != len(starts):
                 raise ValueError(f"{where}: field 'answers' needs lists 'text' and 'answer_start' "
                                  f"of equal length")
             for i, (text, start) in enumerate(zip(texts, starts)):
@@ -105,23 +104,26 @@ class QuestionAnswering(Family):
             return self.tok.encode(f"Question: {question}\nContext: ")[:self.max_question]
         return self.tok.encode(question)[:self.max_question] + [self.tok.eot_id]
 
+    def tokens(self, r: dict):
+        """Prompt, context tokens, their spans, the first answer's (first, last) token or None."""
+        context = self.tok.encode(r["context"])
+        spans = token_spans(self.tok, context, r["context"])
+        first = None
+        if r["answers"]["text"]:  # train on the first answer (SQuAD's training files have one)
+            a = r["answers"]["answer_start"][0]
+            first = token_range(spans, a, a + len(r["answers"]["text"][0]))
+        return self.prompt(r["question"]), context, spans, first
+
     def encode(self, rows):
         """Each example becomes windows "prompt, context piece, <eot>". The null answer is the final
         <eot>: as the last token it sees the whole input under causal attention too (BERT: 0)."""
         items, eot = [], self.tok.eot_id
         for _, r in rows:
-            context, answers = r["context"], r["answers"]
-            ctx = self.tok.encode(context)
-            spans = token_spans(self.tok, ctx, context)
-            prompt = self.prompt(r["question"])
+            prompt, ctx, spans, first = self.tokens(r)
             room = self.max_len - len(prompt) - 1
-            example = QAExample(r["id"], context, spans, answers["text"],
+            example = QAExample(r["id"], r["context"], spans, r["answers"]["text"],
                                 tuple(Candidate(*token_range(spans, a, b), a, b)
                                       for a, b in r.get("candidates", ())))
-            first = None
-            if answers["text"]:  # train on the first answer (SQuAD's training files have one)
-                a = answers["answer_start"][0]
-                first = token_range(spans, a, a + len(answers["text"][0]))
             for lo in window_starts(len(ctx), room, self.stride):
                 hi = min(lo + room, len(ctx))
                 ids = prompt + ctx[lo:hi] + [eot]
@@ -209,16 +211,11 @@ class EncodEvalQA(QuestionAnswering):
     def encode(self, rows):
         items = []
         for _, r in rows:
-            prompt = self.prompt(r["question"])
-            context = self.tok.encode(r["context"])
-            spans = token_spans(self.tok, context, r["context"])
+            prompt, context, _, answer = self.tokens(r)
             context = context[:self.max_len - len(prompt) - 1]  # only the context is cut
             gold = set()
-            if r["answers"]["text"]:
-                a = r["answers"]["answer_start"][0]
-                first, last = token_range(spans, a, a + len(r["answers"]["text"][0]))
-                if last < len(context):
-                    gold = set(range(len(prompt) + first, len(prompt) + last + 1))
+            if answer and answer[1] < len(context):
+                gold = set(range(len(prompt) + answer[0], len(prompt) + answer[1] + 1))
             items.append(AnswerTokens(prompt + context + [self.tok.eot_id], gold))
         return Split(items)
 

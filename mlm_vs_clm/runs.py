@@ -54,8 +54,7 @@ RESUME_FREE = {"eval_interval", "eval_batches", "log_interval", "keep_checkpoint
                "load_optimizer", "max_steps", "batch_size", "total_batch_size", "switch_at"}
 
 def resume_settings(cfg, argv: list[str], world_size: int):
-    """The run's settings and, with --init_from=resume, the checkpoint it continues, whose own
-    settings it keeps: what would change what was trained is refused, naming it."""
+    """The settings and the checkpoint --init_from=resume continues, refusing what it trained."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from != "resume":
         if os.path.exists(ckpt_path):
@@ -83,8 +82,7 @@ def resume_settings(cfg, argv: list[str], world_size: int):
     return merged, resumed
 
 def check_extension(now, then, resumed: dict, world_size: int, path: str) -> None:
-    """The same global batch in any micro-batches; a longer budget that moves neither the switch
-    nor the learning rate of a step already trained."""
+    """The same global batch; a longer budget moves neither the switch nor a trained step's lr."""
     step, batch = resumed["step"], resumed.get("global_batch")
     if batch is not None and (now.total_batch_size or now.batch_size * world_size) != batch:
         raise ValueError(f"{path} was trained with {batch} sequences a step; --batch_size x "
@@ -97,9 +95,8 @@ def check_extension(now, then, resumed: dict, world_size: int, path: str) -> Non
     if now.max_steps == then.max_steps:
         return
     if now.max_steps < step or step > then.max_steps - then.decay_steps:
-        raise ValueError(f"--max_steps={now.max_steps}: {path} is at step {step} of "
-                         f"{then.max_steps}; a new budget must not cut steps already trained "
-                         "nor move a decay already begun")
+        raise ValueError(f"--max_steps={now.max_steps} would cut steps {path} trained (it is at "
+                         f"step {step} of {then.max_steps}) or move a decay already begun")
     print(f"extending the run from {then.max_steps} to {now.max_steps} steps"
           + (f"; the switch stays at step {old}" if old is not None else ""))
 
@@ -135,9 +132,8 @@ def build_model(cfg, token_files: TokenFiles, resumed: dict | None) -> tuple[Tra
     return model, origin
 
 def continued_pretraining(cfg, token_files: TokenFiles, source: dict) -> Origin:
-    """What a run continuing another's checkpoint takes from it besides the weights: on the same
-    data, the stream from where it stopped (the paper's CPT reads steps 42k-64k of one stream),
-    and the AdamW moments (the authors' trainer reloads them). config/cpt.py: the schedule."""
+    """Besides the weights: on the same data, the stream where it stopped (the paper's CPT reads
+    steps 42k-64k of one stream), and AdamW's moments, as the authors' trainer. config/cpt.py."""
     saved = source.get("train_config", {})
     same_stream = (os.path.realpath(data_dir_of(saved)) == os.path.realpath(token_files.dir)
                    and loader_state(source) and saved.get("seed") == cfg.seed
@@ -163,13 +159,6 @@ def check_unique_blocks(loader: BlockLoader, steps_left: int, per_step: int, all
                          f"{steps_left:,} asked, which would read blocks twice: prepare more "
                          "(--data_tokens), run fewer steps, or --repeat_data=true")
 
-def micro_batches(cfg, world_size: int) -> int:
-    per_step = cfg.total_batch_size or cfg.batch_size * world_size
-    if per_step % (cfg.batch_size * world_size):
-        raise ValueError(f"--total_batch_size={per_step} is not a multiple of --batch_size x "
-                         f"processes = {cfg.batch_size} x {world_size}")
-    return per_step // (cfg.batch_size * world_size)
-
 @dataclass
 class Run:
     cfg: object  # train.TrainConfig
@@ -180,7 +169,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     loader: BlockLoader
     grad_accum: int  # micro-batches per step on each process
-    lock: ExitStack  # holds the out_dir: one run at a time (start)
+    lock: ExitStack  # holds the out_dir: a second run would interleave the log, race on ckpt.pt
     run_id: str  # in every checkpoint of the run: what identifies them wherever they are copied
     source_id: str | None  # the identity of the checkpoint it continues (pretraining from it)
     step: int = 0  # optimizer steps done
@@ -197,8 +186,7 @@ class Run:
     def __exit__(self, kind, error, traceback):
         self.lock.close()
         if kind is KeyboardInterrupt:
-            raise Interrupted(f"training stopped at step {self.step}. {self.last_good()}") \
-                from None
+            raise Interrupted(f"training stopped at step {self.step}. {self.last_good()}") from None
 
     @property
     def tokens_per_step(self) -> int:
@@ -210,19 +198,16 @@ class Run:
 
     def payload(self, weights: dict | None, **extra) -> dict:
         return checkpoint_payload(self.raw_model, weights, step=self.step, run_id=self.run_id,
-                                  source_id=self.source_id,
+                                  source_id=self.source_id, tokenizer=self.token_files.tokenizer,
                                   global_batch=self.tokens_per_step // self.cfg.block_size,
-                                  tokenizer=self.token_files.tokenizer,
                                   train_config=asdict(self.cfg), loader=self.loader.state_dict(),
                                   objective=self.objective, **extra)
 
     def save(self, val: dict):
-        weights, optimizer_state = parallel.full_state(self.raw_model, self.optimizer,
-                                                       self.cfg.fsdp)
+        weights, state = parallel.full_state(self.raw_model, self.optimizer, self.cfg.fsdp)
         if self.proc.master:
             try:
-                save_checkpoint(self.payload(weights, optimizer=optimizer_state, val=val),
-                                self.ckpt_path)
+                save_checkpoint(self.payload(weights, optimizer=state, val=val), self.ckpt_path)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{e}. {self.last_good()}") from None
         self.saved_step = self.step
@@ -252,8 +237,7 @@ class Run:
                 + f" | {cfg.max_steps} steps | data {self.token_files.identity}")
 
 def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
-    """The run at step 0 or where its checkpoint stopped. It holds its out_dir until it ends: a
-    second run there would interleave the log and race on ckpt.pt."""
+    """The run at step 0 or where its checkpoint stopped, holding its out_dir until it ends."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     lock = ExitStack()
     try:
@@ -276,17 +260,19 @@ def start(cfg, proc: parallel.Process, resumed: dict | None) -> Run:
         if resumed is not None:
             proc.print(f"resuming {origin.source} at step {origin.step}")
         elif origin.source:
-            proc.print(f"continuing from {origin.source}: AdamW state "
-                       + ("carried over" if origin.optimizer_state is not None else "empty")
-                       + (f", data stream at block {loader.position:,}" if origin.loader_state
-                          else ", data from the start"))
+            adamw = "carried over" if origin.optimizer_state is not None else "empty"
+            data = f"at block {loader.position:,}" if origin.loader_state else "from the start"
+            proc.print(f"continuing from {origin.source}: AdamW state {adamw}, data stream {data}")
         compile = cfg.compile == "true" or (cfg.compile == "auto" and proc.device.type == "cuda")
         loss = parallel.wrap(PretrainingLoss(raw_model, token_files.vocab, cfg.mask_ratio,
                                              cfg.mask_replace, cfg.sparse_head),
                              proc, compile, sharded=cfg.fsdp)
-        grad_accum = micro_batches(cfg, proc.world_size)
-        check_unique_blocks(loader, cfg.max_steps - origin.step,
-                            grad_accum * cfg.batch_size * proc.world_size, cfg.repeat_data)
+        per_step = cfg.total_batch_size or cfg.batch_size * proc.world_size  # sequences
+        if per_step % (cfg.batch_size * proc.world_size):
+            raise ValueError(f"--total_batch_size={per_step} is not a multiple of --batch_size x "
+                             f"processes = {cfg.batch_size} x {proc.world_size}")
+        grad_accum = per_step // (cfg.batch_size * proc.world_size)
+        check_unique_blocks(loader, cfg.max_steps - origin.step, per_step, cfg.repeat_data)
         run_id = (resumed or {}).get("run_id") or uuid.uuid4().hex[:12]
         return Run(cfg, proc, token_files, raw_model, loss, optimizer, loader, grad_accum, lock,
                    run_id, origin.source_id, origin.step, resumed and resumed.get("objective"),
@@ -327,13 +313,11 @@ class RunLog:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("--wandb_project needs the optional wandb package: "
-                                  "pip install wandb") from None
+                raise ImportError("--wandb_project needs wandb: pip install wandb") from None
             try:
-                self.wandb = wandb.init(project=cfg.wandb_project,
+                self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.out_dir,
                                         name=cfg.wandb_run or os.path.basename(cfg.out_dir),
-                                        config={**asdict(cfg), "switch_step": run.switch},
-                                        dir=cfg.out_dir)
+                                        config={**asdict(cfg), "switch_step": run.switch})
             except Exception as e:  # no login, no network: one line with both cures
                 why = str(e).splitlines()[0][:100]
                 raise ValueError(f"--wandb_project: wandb could not start ({why}): `wandb login`, "
@@ -344,8 +328,7 @@ class RunLog:
         self.pending.append((run.step, run.objective, lr, torch.stack([loss, grad_norm.float()])))
 
     def flush(self):
-        """The loop's one host sync: the pending losses come over, each becomes a record, and a
-        non-finite one, whose update the device skipped, stops the run."""
+        """The loop's one host sync: each pending loss becomes a record; a non-finite one stops."""
         if not self.pending:
             return
         run, cfg = self.run, self.run.cfg

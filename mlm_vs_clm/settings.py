@@ -15,8 +15,7 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what was saved and how to go on."""
 
 def command(main):
-    """Wraps a script's main(argv): a failure the user can fix ends in one 'error:' line, never a
-    traceback from deep inside torch; Ctrl-C in one line that says what was kept."""
+    """A script's main(argv): a failure the user can fix ends in one 'error:' line, Ctrl-C too."""
     @functools.wraps(main)
     def wrapped(argv: list[str]):
         if parent := os.environ.get("MLM_VS_CLM_PARENT"):  # a child of experiment.py
@@ -26,8 +25,7 @@ def command(main):
         except (ValueError, OSError, ImportError, FloatingPointError) as e:
             raise SystemExit(f"error: {e}") from None
         except KeyboardInterrupt as e:
-            print(f"\ninterrupted: {e or 'nothing of this command was kept but its files'}",
-                  file=sys.stderr)
+            print(f"\ninterrupted: {e or 'only the files written are kept'}", file=sys.stderr)
             raise SystemExit(130) from None
     return wrapped
 
@@ -64,8 +62,7 @@ def parse_value(kind, text: str):
         try:
             return int(text)
         except ValueError:
-            number = float(text)  # 1e9, 2.5e6: integers written the short way
-            if number != int(number):
+            if (number := float(text)) != int(number):  # 1e9, 2.5e6: integers written short
                 raise
             return int(number)
     return kind(text)
@@ -79,8 +76,7 @@ def run_config_file(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             exec(compile(f.read(), path, "exec"), scope)
     except SyntaxError as e:
-        raise SystemExit(f"error: {path}, line {e.lineno}: {e.msg} (config files are Python)") \
-            from None
+        raise SystemExit(f"error: {path}, line {e.lineno}: {e.msg} (a Python file)") from None
     except Exception as e:  # whatever the file does wrong, name the file and its line
         line = next((frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__))
                      if frame.filename == path), None)
@@ -89,8 +85,7 @@ def run_config_file(path: str) -> dict:
     return {k: v for k, v in scope.items() if not k.startswith("_") and not inspect.ismodule(v)}
 
 def configure(cls, argv: list[str], check_now: bool = True):
-    """The settings dataclass from argv (config files, --key=value): unknown keys, wrong types,
-    NaN or inf and cls.checks() stop the script here, or later with check_now=False."""
+    """cls from argv (config files, --key=value); a bad setting stops here (checks: check_now)."""
     cfg, names = cls(), [f.name for f in fields(cls)]
     if "--help" in argv or "-h" in argv:
         # each field's trailing comment in the class source, then cls.HELP

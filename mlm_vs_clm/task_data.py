@@ -54,16 +54,12 @@ def ner_record(record: dict, words: str, tags: str, tag_names: list[str] | None)
     tag_ids = list(record[tags])
     if not record[words]:
         return None
-    named = []
     for i, t in enumerate(tag_ids):
-        if isinstance(t, str):
-            named.append(t)
-        elif tag_names is not None and 0 <= t < len(tag_names):
-            named.append(tag_names[t])
-        else:
+        if not isinstance(t, str) and (tag_names is None or not 0 <= t < len(tag_names)):
             raise ValueError(f"field {tags!r} item {i} is {t!r}, which has no tag name "
                              f"(the dataset's names: {tag_names})")
-    return {"words": list(record[words]), "tags": named}
+    return {"words": list(record[words]),
+            "tags": [t if isinstance(t, str) else tag_names[t] for t in tag_ids]}
 
 def squad_record(record: dict) -> dict:
     answers = record["answers"]
@@ -109,8 +105,7 @@ def record_record(record: dict, index: int) -> dict:
     """ReCoRD in SQuAD's shape (the authors' copy) or SuperGLUE's; every mention is a candidate."""
     context = record["context"] if "context" in record else record["passage"]
     question = record["question"] if "question" in record else record["query"]
-    mentions = entity_mentions(context, record["entity_spans"]) \
-        if record.get("entity_spans") else []
+    mentions = entity_mentions(context, record.get("entity_spans") or [])
     answers = record["answers"]
     if isinstance(answers, dict):  # SQuAD's shape
         answers = {"text": list(answers["text"]), "answer_start": list(answers["answer_start"])}
@@ -136,8 +131,7 @@ def pair_rows(records, where: str) -> list:
     return [(at, {"query": q, "document": d}) for (q, d), at in pairs.items()]
 
 def judged_rows(judgments: list[Judgment], queries: dict, documents: dict, where: str) -> list:
-    """One row per judgment (grade 0 kept: judged, not relevant), texts looked up by id. Records
-    name texts, so two ids with one text are one query; a repeated pair keeps the higher grade."""
+    """A row of texts per judgment (grade 0 too: judged); a pair of texts keeps its top grade."""
     rows = {}
     for i, j in enumerate(judgments):
         for kind, texts, key in (("query", queries, j.query), ("document", documents, j.document)):
@@ -303,24 +297,20 @@ HF_TASKS = {
                           ("mnli", "validation_matched"))},
     # The authors' copy (hgissbkh/conll2003-en: words, ner; IOB1 tags), not eriktks/conll2003
     # (IOB2, one sentence fewer per split): it is what EncodEval scores, on its own test split
-    "conll2003": NamedTask("tc", "hgissbkh/conll2003-en train / validation / test",
-                           partial(ner_task, "hgissbkh/conll2003-en", "words", "ner"),
-                           one_epoch=True),
-    "ontonotes": NamedTask("tc", "hgissbkh/ontonotes5 train / validation / test",
-                           partial(ner_task, "hgissbkh/ontonotes5", "tokens", "tags")),
-    "uner": NamedTask("tc", "hgissbkh/uner_en train / validation / test",
-                      partial(ner_task, "hgissbkh/uner_en", "tokens", "ner_tags"), one_epoch=True),
+    **{task: NamedTask("tc", f"{name} train / validation / test",
+                       partial(ner_task, name, words, tags), one_epoch=task != "ontonotes")
+       for task, name, words, tags in (("conll2003", "hgissbkh/conll2003-en", "words", "ner"),
+                                       ("ontonotes", "hgissbkh/ontonotes5", "tokens", "tags"),
+                                       ("uner", "hgissbkh/uner_en", "tokens", "ner_tags"))},
     **{task: NamedTask("qa", f"rajpurkar/{task} {HELD_OUT} validation",
                        partial(qa_task, f"rajpurkar/{task}", lambda r, i: squad_record(r)))
        for task in ("squad", "squad_v2")},
     "record": NamedTask("qa", f"hgissbkh/record {HELD_OUT} validation",
                         partial(qa_task, "hgissbkh/record", record_record)),
-    "msmarco": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/msmarco judged by "
-                               "BeIR/msmarco-qrels validation (dev) / test (TREC-DL-19)",
-                         msmarco_task),
+    "msmarco": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/msmarco judged by BeIR/"
+                               "msmarco-qrels validation (dev) / test (TREC-DL-19)", msmarco_task),
     "nq": NamedTask("ir", "train: hgissbkh/msmarco-pairs; BeIR/nq judged by BeIR/nq-qrels test, "
-                          "its queries halved at random (seed 0): validation / test",
-                    nq_task),
+                          "its queries halved at random (seed 0): validation / test", nq_task),
     "mldr": NamedTask("ir", "train: hgissbkh/msmarco-pairs; hgissbkh/mldr-en dev / test",
                       mldr_task),
 }
@@ -351,8 +341,7 @@ def load_task(cfg, data_dir: str = "") -> TaskData:
     return task._replace(documents=task.documents | {"test": extra})
 
 def hold_out(rows: list, family: str, fraction: float) -> tuple[list, list]:
-    """(train, validation): validation is the lowest `fraction` by a stable hash, the same for
-    every cell; whole queries for retrieval, identical records together."""
+    """(train, val): val is the lowest `fraction` by sha256 of each record (ir: of its query)."""
     def key(r):
         return r["query"] if family == "ir" else json.dumps(r, sort_keys=True)
     keys = sorted({key(r) for _, r in rows}, key=lambda k: hashlib.sha256(k.encode()).hexdigest())

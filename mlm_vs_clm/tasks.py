@@ -6,7 +6,6 @@ import json
 import re
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field as dataclass_field
 from typing import NamedTuple
 
 import torch
@@ -61,7 +60,6 @@ def init_head(head: nn.Module) -> nn.Module:
 
 class SequenceClassifier(nn.Module):
     """transformers' EuroBertForSequenceClassification head (classifier_pooling "mean" or "bos")."""
-
     def __init__(self, n_embd: int, n_labels: int):
         super().__init__()
         self.dense = nn.Linear(n_embd, n_embd)
@@ -74,7 +72,6 @@ class SequenceClassifier(nn.Module):
 
 class TokenClassifier(nn.Module):
     """transformers' EuroBertForTokenClassification head: one linear layer on each token."""
-
     def __init__(self, n_embd: int, n_tags: int):
         super().__init__()
         self.classifier = nn.Linear(n_embd, n_tags)
@@ -108,13 +105,12 @@ class QueryDocument(NamedTuple):  # ir: a relevant (query, document) pair, for t
     query_ids: list[int]
     document_ids: list[int]
 
-@dataclass
-class Split:
+class Split(NamedTuple):
     items: list  # the examples above, in order
     # ir only: every query and document of the split, and each query's judgments
-    queries: list = dataclass_field(default_factory=list)
-    documents: list = dataclass_field(default_factory=list)
-    relevance: list = dataclass_field(default_factory=list)
+    queries: list | tuple = ()
+    documents: list | tuple = ()
+    relevance: list | tuple = ()
 
 class Family:
     trivial_rule = None  # a constant prediction worth scoring next to the model's (sc and qa)
@@ -243,29 +239,24 @@ class TokenClassification(Family):
                                      f"file never uses")
 
     def encode(self, rows):
-        if self.encodeval:
-            return Split([self.encode_sentence(r["words"], r["tags"]) for _, r in rows])
         items, paper = [], self.cfg.input_format == "paper"
         for _, r in rows:
-            # paper: the words, then <eot> (a position without a label)
-            ids, starts = align_words(self.tok, r["words"], self.max_len - paper)
-            items.append(Tagged(ids + [self.tok.eot_id] * paper, starts,
-                                [self.index[t] for t in r["tags"]]))
+            if self.encodeval:  # EncodEval's: the words joined by spaces, then <eot>
+                text = " ".join(r["words"])
+                ids = self.tok.encode(text)
+                word_end = list(itertools.accumulate(len(w) + 1 for w in r["words"]))
+                # each token's word: its last character's (its first may be a space); <eot>: -1
+                starts = [bisect.bisect_right(word_end, end - 1)
+                          for _, end in token_spans(self.tok, ids, text)[:self.max_len - 1]] + [-1]
+                ids = ids[:self.max_len - 1] + [self.tok.eot_id]
+            else:  # paper: the words, then <eot> (a position without a label)
+                ids, starts = align_words(self.tok, r["words"], self.max_len - paper)
+                ids += [self.tok.eot_id] * paper
+            items.append(Tagged(ids, starts, [self.index[t] for t in r["tags"]]))
         return Split(items)
 
     def head(self, n_embd):
         return TokenClassifier(n_embd, len(self.tags))
-
-    def encode_sentence(self, words: list[str], tags: list[str]) -> Tagged:
-        """EncodEval's: the words joined by spaces, <eot>; starts: each token's word (<eot>: -1)."""
-        text = " ".join(words)
-        ids = self.tok.encode(text)
-        word_end = list(itertools.accumulate(len(w) + 1 for w in words))
-        # a token's word is its last character's (its first may be the space before the word)
-        word = [bisect.bisect_right(word_end, end - 1)
-                for _, end in token_spans(self.tok, ids, text)[:self.max_len - 1]]
-        return Tagged(ids[:self.max_len - 1] + [self.tok.eot_id], word + [-1],
-                      [self.index[t] for t in tags])
 
     def loss(self, body, head, batch):
         hidden, _ = self.forward(body, [item.ids for item in batch])
@@ -286,13 +277,11 @@ class TokenClassification(Family):
             for b, item in enumerate(chunk):
                 if self.encodeval:  # a word's tag: the majority of its sub-tokens', ties to the
                     votes = {}      # lowest id (the authors' max(set(p), key=p.count))
-                    for i, w in enumerate(item.starts):
-                        if w >= 0:
-                            votes.setdefault(w, []).append(best[b][i])
-                    words = sorted(votes)  # the words truncation kept
-                    scores.append(sentence_macro_f1(
-                        [item.tags[w] for w in words],
-                        [max(sorted(set(votes[w])), key=votes[w].count) for w in words]))
+                    for w, p in zip(item.starts, best[b]):
+                        votes.setdefault(w, []).append(p)
+                    words = sorted(votes.keys() - {-1})  # the words truncation kept
+                    majority = [max(sorted(set(votes[w])), key=votes[w].count) for w in words]
+                    scores.append(sentence_macro_f1([item.tags[w] for w in words], majority))
                     continue
                 gold.append([self.tags[t] for t in item.tags])
                 # words cut off by max_len get "O": their entities count as missed, not dropped
@@ -352,9 +341,8 @@ class Retrieval(Family):
         return F.normalize(pool(hidden, mask, self.cfg.pooling).float(), dim=-1)  # (B, C)
 
     def loss(self, body, head, batch):
-        vectors = self.embed(body, [item.query_ids for item in batch]
-                             + [item.document_ids for item in batch])  # (2B, C): one pass
-        q, d = vectors[:len(batch)], vectors[len(batch):]
+        q, d = self.embed(body, [item.query_ids for item in batch]
+                          + [item.document_ids for item in batch]).chunk(2)  # (B, C) each: one pass
         scores = q @ d.T / self.cfg.temperature  # (B, B): positives on the diagonal
         # a document relevant to row i's query too is no negative (encodeval: the authors' keep it)
         not_negative = torch.tensor([[i != j and row.relevance.get(column.document, 0) > 0

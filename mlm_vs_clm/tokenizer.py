@@ -29,8 +29,7 @@ class Tokenizer:
         self.base_vocab = base_vocab or self.n_vocab  # ids below come with the checkpoint
 
     def encode(self, text: str) -> list[int]:
-        # ordinary: a "<|mask|>" typed in a document is text, never our mask token
-        return self.encoding.encode_ordinary(text)
+        return self.encoding.encode_ordinary(text)  # a "<|mask|>" in a text is not our mask
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # tiktoken releases the GIL, so threads use all cores
@@ -108,12 +107,10 @@ def tokenizer_of(ckpt: dict, path: str) -> Tokenizer:
         raise ValueError(f"{path} was trained with the tokenizer {meta['tokenizer']}, which cannot "
                          f"be read here: {e}") from None
     if diffs := tokenizer_diffs(meta, tok.meta()):
-        raise ValueError(f"{path} was trained with the tokenizer {meta['tokenizer']}, and the one "
-                         f"here differs ({diffs}): its token ids would mean other tokens; restore "
-                         "the tokenizer files it was trained with")
+        raise ValueError(f"{path} was trained with the tokenizer {tok.name}, which differs here "
+                         f"({diffs}): its ids would mean other tokens; restore the tokenizer files")
     return tok
 
-# -------------------------------------------------------------------------------------------------
 # Hugging Face tokenizers in: tokenizer.json (GPT-2, Llama 3, SmolLM kinds) or tiktoken's format
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -136,8 +133,7 @@ def pretokenizer_pattern(pre: dict | None, path: str) -> str:
         else [pre] if pre else []
     kinds = [step.get("type") for step in steps]
     if any(step.get("type") == "ByteLevel" and step.get("add_prefix_space") for step in steps):
-        raise ValueError(f"{path}: ByteLevel add_prefix_space=true is not supported "
-                         "(tiktoken adds no space)")
+        raise ValueError(f"{path}: ByteLevel add_prefix_space=true: tiktoken adds no space")
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) \
             and not steps[0].get("invert") and steps[0].get("behavior") == "Isolated" \
             and "Regex" in steps[0].get("pattern", {}):
