@@ -19,7 +19,7 @@ import train
 from data import write_tokens
 from mlm_vs_clm import files
 from mlm_vs_clm.parallel import device_and_autocast, device_problem
-from mlm_vs_clm.settings import above, at_least, command, configure, run_config_file
+from mlm_vs_clm.settings import above, at_least, command, configure, optional, run_config_file
 from mlm_vs_clm.tokenizer import get_tokenizer
 from model import Transformer, configure_optimizer, model_config
 from objectives import linear_cross_entropy, mask_draws, predicted_rows, pretraining_loss
@@ -159,10 +159,7 @@ def sdpa_kernel(device) -> dict:
 
 def compare_transformers(cfg: BenchConfig, rounds: int = 9) -> dict:
     """Thread CPU time of a step, ours vs Llama (CLM) and EuroBERT (MLM, head on every position)."""
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("--compare needs transformers: pip install transformers") from None
+    transformers = optional("transformers", "--compare=transformers")
     torch.set_num_threads(1)
     vocab = get_tokenizer(cfg.tokenizer).vocab()
     ours = Transformer(model_config(cfg.model, vocab_size=vocab.size, block_size=cfg.block_size))
@@ -267,10 +264,6 @@ def memory_table(cfg: BenchConfig) -> list[dict]:
 GPU_SUITE = (("210m", 2048, 16), ("610m", 2048, 8), ("1b", 2048, 4))
 GPU_SUITE_BUDGET_S = 420  # rows not started by then are skipped: the suite ends within 8 minutes
 
-def report_lines(rows: list[dict]) -> list[str]:
-    return ["  ".join(f"{k} {v:,.3g}" if isinstance(v, float) else f"{k} {v}"
-                      for k, v in row.items() if v is not None) for row in rows]
-
 @command
 def main(argv: list[str]):
     cfg = configure(BenchConfig, argv)
@@ -297,7 +290,9 @@ def main(argv: list[str]):
         rows += memory_table(cfg)
     elif cfg.compare:
         rows.append(compare_transformers(cfg))
-    text = "\n".join([header] + ([json.dumps(r) for r in rows] if cfg.json else report_lines(rows)))
+    lines = [json.dumps(row) if cfg.json else "  ".join(f"{k} {v:,.3g}" if isinstance(v, float)
+             else f"{k} {v}" for k, v in row.items() if v is not None) for row in rows]
+    text = "\n".join([header, *lines])
     print(text)
     if cfg.out:
         files.write_text_atomically(cfg.out, text + "\n")

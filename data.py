@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mlm_vs_clm import files
 from mlm_vs_clm.docstrings import HELDOUT_FILE, stable_fraction
-from mlm_vs_clm.settings import at_least, command, configure
+from mlm_vs_clm.settings import at_least, command, configure, optional
 from mlm_vs_clm.tokenizer import Tokenizer, get_tokenizer, tokenizer_problem
 
 @dataclass
@@ -79,10 +79,7 @@ def _read_text(path: str) -> str:
                          "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 def _fineweb_texts(config: str, text_field: str):
-    try:
-        import datasets  # optional: only this source needs it
-    except ImportError:
-        raise ImportError("source 'fineweb-edu' needs datasets: pip install datasets") from None
+    datasets = optional("datasets", "source 'fineweb-edu'")
     rows = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name=config, split="train",
                                  streaming=True)
     return (row[text_field] for row in rows)  # the only part that needs the network
@@ -147,8 +144,7 @@ def write_tokens(out_dir: str, tokens: dict, tokenizer_meta: dict, source: str) 
 def prepare(source: str, out_dir: str, tokenizer: str = "cl100k_8k", *,
             max_tokens: int | None = None, val_fraction: float = 0.05, text_field: str = "text",
             seed: int = 0, reuse: bool = False) -> dict:
-    """Tokenizes a corpus into out_dir/{train,val}.bin, meta.json (docstrings: heldout.jsonl too);
-    returns the meta. Val by a hash of (seed, text): duplicates share a split. reuse: no redo."""
+    """A corpus -> out_dir/{train,val}.bin, meta.json (+heldout.jsonl); val by hash(seed, text)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if reuse and os.path.exists(os.path.join(out_dir, "meta.json")):

@@ -1,6 +1,5 @@
-"""The paper's experiment at small scale in one command (about half an hour on 2 cores): several
-pretraining runs, each fine-tuned on several tasks, reported as the paper does (--summarize=DIR
-reports any experiment). What runs, how it resumes, and the results: docs/experiment.md."""
+"""The paper's experiment at small scale in one command (about half an hour on 2 cores; --quick: a
+few minutes), reported as the paper does; --summarize=DIR reports any. docs/experiment.md."""
 
 import glob
 import importlib.util
@@ -18,7 +17,8 @@ import torch
 
 from mlm_vs_clm import files
 from mlm_vs_clm.checkpoints import identity, read_checkpoint
-from mlm_vs_clm.settings import at_least, check, command, configure, explicit_keys, parse_value
+from mlm_vs_clm.settings import (at_least, check, command, configure, explicit_keys, optional,
+                                 parse_value)
 from mlm_vs_clm.task_data import FAMILIES
 from model import ModelConfig, Transformer
 from objectives import switch_step
@@ -53,9 +53,9 @@ class ExperimentConfig:
                  f"--decay_steps={self.decay_steps} and a 1% warmup must fit in "
                  f"--cpt_steps={self.cpt_steps}")]
 
-# --quick: the design at a size that runs in a few minutes on 2 cores (docs/experiment.md)
-QUICK = dict(steps=60, warmup_steps=6, decay_steps=12, cpt_steps=30, eval_interval=10,
-             tasks="sc,ir", lrs="3e-3,1e-2", ft_steps=20, keep="30", keep_tasks="sc")
+QUICK = dict(out_dir="out/exp-quick", steps=60, warmup_steps=6, decay_steps=12, cpt_steps=30,
+             eval_interval=10, tasks="sc,ir", lrs="3e-3,1e-2", ft_steps=20, keep="30",
+             keep_tasks="sc")  # --quick: a few minutes on 2 cores, in its own directory
 
 def read_run(ckpt_path: str) -> dict:
     """A run's settings, val losses and sweeps' report.json, matched to checkpoints by identity."""
@@ -79,10 +79,10 @@ def read_run(ckpt_path: str) -> dict:
         (reports if step is None else by_step.setdefault(step, {}))[rep["task"]] = rep
     if by_step and reports:  # the final checkpoint is the last point of the data-efficiency curve
         by_step[ckpt["step"]] = reports
-    return {"name": os.path.basename(run_dir), "config": ckpt["train_config"],
+    return {"name": os.path.basename(run_dir), "config": ckpt["train_config"], "evals": evals,
             "model_config": ckpt["model_config"], "global_batch": ckpt.get("global_batch"),
-            "id": next(iter(steps)), "source_id": ckpt.get("source_id"), "evals": evals,
-            "reports": reports, "by_step": by_step}
+            "id": next(iter(steps)), "source_id": ckpt.get("source_id"), "reports": reports,
+            "by_step": by_step}
 
 def phases(run: dict, steps: int | None = None) -> list[tuple[str, int]]:
     """(objective, steps) of a run's first `steps` steps (all of them by default)."""
@@ -158,12 +158,8 @@ def training_flops(run: dict, step: int) -> float:
 
 def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
     """Val losses; per task, test score by lr, step and FLOPs (Fig. 10): seed mean, seed dots."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: --figures needs matplotlib: pip install matplotlib") from None
+    optional("matplotlib", "--figures").use("Agg")  # files only: no display needed
+    plt = optional("matplotlib.pyplot", "--figures")
     os.makedirs(out_dir, exist_ok=True)
     color = {run["name"]: f"C{i}" for i, run in enumerate(runs)}
 
@@ -246,7 +242,6 @@ def summarize(directory: str, figures_dir: str = "") -> dict:
             "figures": figures}
 
 # The CPU experiment, end to end
-
 # name: (train.py settings of the run, the run it continues, or None)
 RUNS = {"clm": (["--objective=clm", "--switch_to=none"], None),
         "mlm": (["--objective=mlm", "--switch_to=none"], None),

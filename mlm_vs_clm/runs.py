@@ -17,7 +17,7 @@ from data import BlockLoader, data_dir_of, load_meta, prepare
 from mlm_vs_clm import files, parallel
 from mlm_vs_clm.checkpoints import (checkpoint_payload, identity, load_model, model_from_checkpoint,
                                     read_checkpoint, save_checkpoint)
-from mlm_vs_clm.settings import Interrupted, explicit_keys
+from mlm_vs_clm.settings import Interrupted, explicit_keys, optional
 from mlm_vs_clm.tokenizer import TOKENIZER_FIELDS, check_tokenizer, get_tokenizer
 from model import Transformer, configure_optimizer, model_config
 from objectives import PretrainingLoss, Vocab, switch_step
@@ -46,8 +46,7 @@ def open_token_files(cfg, proc: parallel.Process) -> TokenFiles:
     identity = f"{meta['source']}{f' ({versions})' if versions else ''}, tokens {digest}"
     return TokenFiles(data_dir, tok.vocab(), tokenizer, identity)
 
-# What a resumed run may change: how it is watched, where and how fast it runs, what it computes
-# the same way. Every other setting decides what is trained, and stays the run's own.
+# What a resumed run may change: how it is watched and run; the rest decides what is trained
 RESUME_FREE = {"eval_interval", "eval_batches", "log_interval", "keep_checkpoints", "stop_at",
                "progress", "wandb_project", "wandb_run", "device", "dtype", "compile", "fsdp",
                "attention", "sparse_head", "repeat_data", "data_dir", "init_from", "out_dir",
@@ -293,8 +292,7 @@ def write_summary(run: Run, val: dict, tokens: int, seconds: float):
                    f"{val['mlm']:.4f} | {run.ckpt_path}")
 
 class RunLog:
-    """log.jsonl, the printed lines and W&B (--wandb_project). Every process checks the pending
-    steps, the first writes. A resumed run keeps the records up to its checkpoint's step."""
+    """log.jsonl, lines, W&B: every rank checks each step, rank 0 writes; resume keeps the past."""
 
     def __init__(self, run: Run):
         self.run, cfg, self.pending = run, run.cfg, []
@@ -310,10 +308,7 @@ class RunLog:
         if cfg.progress and sys.stderr.isatty():
             self.bar = tqdm(total=cfg.max_steps, initial=run.step, dynamic_ncols=True)
         if cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ImportError("--wandb_project needs wandb: pip install wandb") from None
+            wandb = optional("wandb", "--wandb_project")
             try:
                 self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.out_dir,
                                         name=cfg.wandb_run or os.path.basename(cfg.out_dir),

@@ -3,6 +3,7 @@ files (Python, as in nanoGPT) < --key=value, checked up front. docs/pretraining.
 
 import difflib
 import functools
+import importlib
 import inspect
 import math
 import os
@@ -37,6 +38,15 @@ def die_with_parent(parent: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before that took effect
             os._exit(1)
+
+def optional(module: str, needed_by: str):
+    """An optional package, imported only on the path that needs it, or one line to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise ImportError(f"{needed_by} needs the optional {package} package: "
+                          f"pip install {package}") from None
 
 def check(cfg) -> None:
     """Stops with every problem cfg.checks() finds: (condition, message) pairs."""

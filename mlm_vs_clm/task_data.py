@@ -11,6 +11,7 @@ from typing import NamedTuple
 from mlm_vs_clm import files
 from mlm_vs_clm.docstrings import demo_task
 from mlm_vs_clm.qa import EncodEvalQA, QuestionAnswering
+from mlm_vs_clm.settings import optional
 from mlm_vs_clm.tasks import Retrieval, SequenceClassification, TokenClassification, field
 
 FAMILIES = {"sc": SequenceClassification, "tc": TokenClassification, "qa": QuestionAnswering,
@@ -35,7 +36,6 @@ class TaskData(NamedTuple):
     labels: list | None = None  # tc: the dataset's tag names in id order (its ClassLabel)
 
 # Hub records -> our records: pure functions, one record at a time
-
 # The authors' labelled texts: a pair is one text, each part named (EncodEval's datasets.py)
 GLUE_TEXTS = {"sst2": ("sentence",), "mnli": ("premise", "hypothesis"),
               "qqp": ("question1", "question2")}
@@ -162,7 +162,6 @@ def mldr_judgments(records) -> tuple[list[Judgment], dict]:
     return judgments, queries
 
 # Loading from the hub
-
 # Loading-script datasets (`datasets` 4 won't run them): files read directly, or hub parquet
 BEIR_FILES = {(f"BeIR/{name}", part): f"hf://datasets/BeIR/{name}/{part}.jsonl.gz"
               for name in ("msmarco", "nq") for part in ("queries", "corpus")}
@@ -171,11 +170,7 @@ PARQUET = {("hgissbkh/ontonotes5", None), ("hgissbkh/mldr-en", "default"),
 
 def hub(name: str, config: str | None, split: str):
     """One split of a hub dataset, through the optional `datasets` package."""
-    try:
-        import datasets  # optional: only the paper's datasets need it
-    except ImportError:
-        raise SystemExit("error: the paper's datasets need the optional datasets package: "
-                         "pip install datasets") from None
+    datasets = optional("datasets", "loading the paper's datasets")
     try:
         if (name, config) in BEIR_FILES:
             return datasets.load_dataset("json", data_files=BEIR_FILES[name, config], split="train")
@@ -314,8 +309,6 @@ HF_TASKS = {
     "mldr": NamedTask("ir", "train: hgissbkh/msmarco-pairs; hgissbkh/mldr-en dev / test",
                       mldr_task),
 }
-
-# A task's splits
 
 def load_task(cfg, data_dir: str = "") -> TaskData:
     """The task's records. data_dir: the checkpoint's pretraining data (the demo tasks' source)."""

@@ -333,5 +333,5 @@ def test_missing_datasets_package_names_the_pip_package(monkeypatch):
             raise ImportError(name)
         return real(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(SystemExit, match="pip install datasets"):
+    with pytest.raises(ImportError, match="pip install datasets"):
         task_data.hub("nyu-mll/glue", "sst2", "train")
