@@ -1,5 +1,4 @@
-"""Fine-tune a checkpoint on one task over a learning-rate x seed grid, as the paper does: the lr
-chosen on validation, the test score as a seed mean with its 95% interval, the stability.
+"""Fine-tune a checkpoint on a task over an lr x seed grid as the paper does: test mean ± 95% CI.
 
     python finetune.py --init_from=out/demo/ckpt.pt --task=demo_sc       # an offline demo task
     python finetune.py --init_from=ckpt.pt --task=sc --train=train.jsonl --test=dev.jsonl
@@ -320,8 +319,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         files.write_text_atomically(path, json.dumps(files.strict(rep), indent=1))
     print(f"wrote {path}")
     return rep
-
-# Saving the fine-tuned model
 
 def save_model(family: Family, body, splits: dict, cfg: FinetuneConfig, results: list[dict],
                rep: dict, tok) -> dict:

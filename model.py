@@ -261,7 +261,6 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, 
     # fused: a few launches for the whole update, which it can skip on the device (train.py)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
-# -------------------------------------------------------------------------------------------------
 # Llama 3.1's context extension, which only its Hugging Face checkpoints need (mlm_vs_clm/hf.py)
 
 LLAMA3_ROPE_KEYS = {"rope_type", "factor", "low_freq_factor", "high_freq_factor",

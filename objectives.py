@@ -4,8 +4,7 @@ only; MLM hides a random `mask_ratio` of the tokens and predicts them from both 
 
     loss, n_predicted = pretraining_loss(model, tokens, "mlm", vocab, generator=g)
 
-`tokens` is a (B, T) batch of packed token blocks, as data.py's loader yields them.
-"""
+`tokens` is a (B, T) batch of packed token blocks, as data.py's loader yields them."""
 
 import math
 from dataclasses import dataclass

@@ -1,6 +1,5 @@
-"""Both faces of the same weights (nanoGPT's sample.py): as an encoder the model fills in masked
-tokens, as a decoder it continues a prompt; several checkpoints side by side, with their losses
-under both objectives. Usage, every setting and an example comparison: docs/sample.md."""
+"""Both faces of the same weights: as an encoder the model fills in masked tokens, as a decoder it
+continues a prompt; several checkpoints side by side, with both losses. docs/sample.md."""
 
 import os
 import re

@@ -113,8 +113,7 @@ class TrainConfig:
             (self.out_dir.strip() != "", "--out_dir must name a directory"),
             (device_problem(self.device) is None, device_problem(self.device)),
             (tokenizer_problem(self.tokenizer) is None, tokenizer_problem(self.tokenizer)),
-            (source is None, source),
-            (kept is None, kept),
+            (source is None, source), (kept is None, kept),
             (not self.init_from.startswith("hf:") or self.tokenizer == self.init_from,
              f"--init_from={self.init_from} needs its own tokenizer, so that its embedding rows "
              f"keep their meaning: add --tokenizer={self.init_from}"),

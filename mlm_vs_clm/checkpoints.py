@@ -24,8 +24,7 @@ def checkpoint_payload(model: Transformer, state_dict: dict | None = None, **ext
             "model": model.state_dict() if state_dict is None else state_dict, **extra}
 
 def read_checkpoint(path: str, device="cpu") -> dict:
-    """The dict in one of our checkpoint files, memory-mapped, checked to be ours. weights_only=True
-    unpickles tensors and plain containers only: a checkpoint someone hands you cannot run code."""
+    """Our checkpoint's dict, memory-mapped; weights_only=True: a file from others runs no code."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     if not zipfile.is_zipfile(path):

@@ -64,8 +64,7 @@ def docstring_documents() -> list[Document]:
     for package in ("numpy", "torch"):
         for root in importlib.util.find_spec(package).submodule_search_locations:
             files += _python_files(package, os.path.dirname(root), root)
-    # ast.parse of ~3,000 files (~60 MB) is CPU bound: one process per core; map keeps the order
-    # die_with_parent: a worker left by a killed parent would block on its pipe forever
+    # ~3,000 files to parse: a process per core (one left by a killed parent would block forever)
     first = {}  # copied docstrings: keep the first, so no text is in two splits
     with ProcessPoolExecutor(os.cpu_count(), initializer=die_with_parent,
                              initargs=(os.getpid(),)) as pool:

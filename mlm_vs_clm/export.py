@@ -325,8 +325,7 @@ def post_processor(tok: Tokenizer, single: str, pair: str) -> dict:
             "special_tokens": {eot: {"id": eot, "ids": [tok.eot_id], "tokens": [eot]}}}
 
 def tokenizer_json(tok: Tokenizer, templates: tuple[str, str] = ("$A", "$A <eot> $B")) -> dict:
-    """The Encoding as a tokenizers byte-level BPE. The mask strips spaces on its left (lstrip, as
-    RoBERTa): a masked token keeps its own space, so "is <|mask|>." gives 'is', '<|mask|>', '.'."""
+    """The Encoding as a byte-level BPE; the mask takes the space before it (lstrip, as RoBERTa)."""
     ranks, chars = tok.encoding._mergeable_ranks, bytes_to_unicode()
     # tokenizers reads `X{1,3}+` (Oniguruma) as `(X{1,3})+`, not possessive as tiktoken does; a
     # bounded repeat that ends its branch never backtracks, so plain `X{1,3}` means the same

@@ -17,8 +17,7 @@ except ImportError:  # Windows
     import msvcrt
 
 def write_atomically(path: str, write) -> None:
-    """write(tmp_path) writes the new content, which replaces `path` once complete and on disk: a
-    crash or a full disk leaves the previous version whole and no temporary file behind."""
+    """write(tmp) writes; tmp replaces path once on disk. A crash keeps the old file, and no tmp."""
     tmp = path + ".tmp"
     try:
         write(tmp)
@@ -66,8 +65,7 @@ def read_json(path: str, what: str = "a JSON file"):
                          "unedited?") from None
 
 def read_json_lines(path: str, repair: bool = False) -> list[dict]:
-    """The records of a JSON-lines file. A torn last line, what a crash mid-write leaves, is dropped
-    with a warning and with repair=True cut from the file, so the next append starts a new line."""
+    """A JSON-lines file's records; a torn last line (a crash) is dropped, repair=True: cut too."""
     if not os.path.exists(path):
         return []
     lines = Path(path).read_bytes().split(b"\n")

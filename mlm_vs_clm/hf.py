@@ -120,8 +120,7 @@ POSITIVE_INTS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "int
                  "vocab_size", "num_key_value_heads", "max_position_embeddings", "head_dim")
 
 def load_hf(path: str, tok, head: bool = True) -> Transformer:
-    """The checkpoint in `path` sized for `tok` (which may add <|mask|>, <|pad|>), checked from the
-    file headers before any weight is read; head=False (fine-tuning) also takes a headless body."""
+    """path's model for tok (which may add ids), checked on file headers first; head=False: body"""
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found: hf:PATH must be a Hugging Face "

@@ -122,8 +122,7 @@ def full_weights(model, sharded: bool) -> dict | None:
     return get_model_state_dict(model, options=GATHERED) if sharded else None
 
 def full_state(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
-    """(full weights or None, full optimizer state). FSDP's is gathered to rank 0's CPU (16 bytes a
-    parameter) in the one ckpt.pt that export, fine-tuning, a resume at any world size read."""
+    """(full weights or None, full AdamW state); FSDP's gathered on rank 0's CPU: one ckpt.pt."""
     if not sharded:
         return None, optimizer.state_dict()
     return full_weights(model, True), get_optimizer_state_dict(model, optimizer, options=GATHERED)

@@ -140,8 +140,7 @@ class QuestionAnswering(Family):
 
     def logits(self, body, head, seqs):
         hidden, mask = self.forward(body, seqs)
-        # padding is never an answer
-        logits = head(hidden).float().masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        logits = head(hidden).float().masked_fill(~mask.unsqueeze(-1), float("-inf"))  # no padding
         return logits[..., 0], logits[..., 1]  # start, end: (B, T) each
 
     def loss(self, body, head, batch):

@@ -60,6 +60,7 @@ def init_head(head: nn.Module) -> nn.Module:
 
 class SequenceClassifier(nn.Module):
     """transformers' EuroBertForSequenceClassification head (classifier_pooling "mean" or "bos")."""
+
     def __init__(self, n_embd: int, n_labels: int):
         super().__init__()
         self.dense = nn.Linear(n_embd, n_embd)
@@ -72,6 +73,7 @@ class SequenceClassifier(nn.Module):
 
 class TokenClassifier(nn.Module):
     """transformers' EuroBertForTokenClassification head: one linear layer on each token."""
+
     def __init__(self, n_embd: int, n_tags: int):
         super().__init__()
         self.classifier = nn.Linear(n_embd, n_tags)

@@ -31,8 +31,7 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)  # a "<|mask|>" in a text is not our mask
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # tiktoken releases the GIL, so threads use all cores
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:  # threads: tiktoken frees the GIL
         return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids) -> str:

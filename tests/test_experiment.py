@@ -155,9 +155,16 @@ def test_cpu_experiment_runs_every_step_in_order_and_picks_up_where_it_stopped(t
     with pytest.raises(SystemExit, match=r"exp/clm was trained with --max_steps=40, not 60"):
         experiment.main([a for a in argv if not a.startswith("--steps")] + ["--steps=60"])
 
-def test_quick_experiment_settings_fit_and_bad_schedules_are_named():
+def test_quick_experiment_settings_fit_and_bad_schedules_are_named(monkeypatch, tmp_path):
     cfg = experiment.ExperimentConfig(**experiment.QUICK)
     settings.check(cfg)
+    # --quick writes beside a full experiment, not over it; a given --out_dir still wins
+    ran = []
+    monkeypatch.setattr(experiment, "run_experiment", ran.append)
+    monkeypatch.setattr(experiment, "summarize", lambda *a: {})
+    experiment.main(["--quick=true"])
+    experiment.main(["--quick=true", f"--out_dir={tmp_path}", "--steps=80"])
+    assert [(c.out_dir, c.steps) for c in ran] == [("out/exp-quick", 60), (str(tmp_path), 80)]
     with pytest.raises(SystemExit, match=r"--warmup_steps=20 \+ --decay_steps=40 must fit in "
                                          r"--steps=50"):
         experiment.main(["--steps=50"])
