@@ -68,7 +68,7 @@ def real_run(cfg: BenchConfig, model: str, block_size: int, batch_size: int) -> 
                 f"--out_dir={os.path.join(tmp, 'out')}"]
         counters.clear()
         torch._dynamo.reset()
-        cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+        cuda = torch.cuda.is_available() and (cfg.device == "auto" or cfg.device.startswith("cuda"))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.set_sync_debug_mode("warn")

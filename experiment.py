@@ -45,7 +45,8 @@ class ExperimentConfig:
 
     def checks(self):
         return [*at_least(self, 1, "jobs", "steps", "cpt_steps", "seeds", "eval_interval",
-                          "ft_batch_size", "ft_steps"), *at_least(self, 0, "warmup_steps"),
+                          "ft_batch_size", "ft_steps"),
+                *at_least(self, 0, "warmup_steps", "decay_steps"),
                 (self.warmup_steps + self.decay_steps <= self.steps,
                  f"--warmup_steps={self.warmup_steps} + --decay_steps={self.decay_steps} must fit "
                  f"in --steps={self.steps}"),

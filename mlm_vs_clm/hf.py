@@ -80,7 +80,8 @@ def weight_files(path: str) -> list[str]:
     if not os.path.exists(index):
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 "(pytorch_model.bin is not read: re-save it with safetensors)")
-    weight_map = files.read_json(index, "a safetensors index").get("weight_map")
+    listing = files.read_json(index, "a safetensors index")
+    weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index}: no weight_map: not a safetensors index")
     shards = [os.path.join(path, name) for name in sorted(set(map(str, weight_map.values())))]

@@ -168,3 +168,5 @@ def test_quick_experiment_settings_fit_and_bad_schedules_are_named(monkeypatch, 
     with pytest.raises(SystemExit, match=r"--warmup_steps=20 \+ --decay_steps=40 must fit in "
                                          r"--steps=50"):
         experiment.main(["--steps=50"])
+    with pytest.raises(SystemExit, match=r"--decay_steps must be >= 0, got -1"):
+        experiment.main(["--decay_steps=-1"])

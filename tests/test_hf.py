@@ -247,6 +247,10 @@ def test_bad_inputs_name_the_file(tmp_path):
     os.remove(tmp_path / "sh" / shards[0])
     with pytest.raises(FileNotFoundError, match=f"index.json lists shards.*{shards[0]}"):
         hf.load_hf(str(tmp_path / "sh"), tok)
+    make_llama(tmp_path / "ix", shard=True)  # an index that is JSON, but not an object
+    (tmp_path / "ix" / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"index.json: no weight_map"):
+        hf.load_hf(str(tmp_path / "ix"), tok)
     make_llama(tmp_path / "tr", shard=True)
     victim = tmp_path / "tr" / shards[1]
     victim.write_bytes(victim.read_bytes()[:100])
