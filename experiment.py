@@ -220,7 +220,7 @@ def draw_figures(runs: list[dict], tasks: list[str], out_dir: str) -> list[str]:
     panels("experiment_lr.png", lr_points, "fine-tuning learning rate", "log")
     panels("experiment_steps.png", step_points, "pretraining step")
     panels("experiment_flops.png", lambda run, task: step_points(run, task, flops=True),
-           "pretraining FLOPs", "log")
+           "pretraining FLOPs")
     return paths
 
 def summarize(directory: str, figures_dir: str = "") -> dict:
@@ -239,8 +239,7 @@ def summarize(directory: str, figures_dir: str = "") -> dict:
     figures = draw_figures(runs, tasks, figures_dir) if figures_dir else []
     for path in [os.path.join(directory, "summary.md"), *figures]:
         print(f"wrote {path}")
-    return {"runs": [run["name"] for run in runs], "tasks": tasks, "tables": tables,
-            "figures": figures}
+    return {"runs": [r["name"] for r in runs], "tasks": tasks, "tables": tables, "figures": figures}
 
 # The CPU experiment, end to end
 # name: (train.py settings of the run, the run it continues, or None)
@@ -293,20 +292,20 @@ def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
     if after is not None:
         after.result()
     run_dir, args = os.path.join(cfg.out_dir, name), train_args(name, cfg)
-    ckpt = os.path.join(run_dir, "ckpt.pt")
+    ckpt, summary = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "summary.json")
     if os.path.exists(ckpt):
         check_same(ckpt, args)
-        summary = os.path.join(run_dir, "summary.json")
         if os.path.exists(summary) and files.read_json(summary).get("steps") == \
                 files.read_json(summary).get("max_steps"):
-            print(f"{name}: kept (finished, the same settings)", flush=True)
+            print(f"{name}: kept (finished, the same settings)\n", end="", flush=True)
             return
         args = ["--init_from=resume"]
-    print(f"{name}: {'resuming' if args == ['--init_from=resume'] else 'pretraining'}", flush=True)
+    what = "resuming" if args == ["--init_from=resume"] else "pretraining"
+    print(f"{name}: {what}\n", end="", flush=True)  # one write a line: two threads print at once
     t0 = time.perf_counter()
     run_command(["train.py", *args, f"--out_dir={run_dir}", "--progress=False"],
                 os.path.join(cfg.out_dir, f"{name}.log"))
-    print(f"{name}: pretrained in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"{name}: pretrained in {time.perf_counter() - t0:.0f} s\n", end="", flush=True)
 
 def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) -> None:
     """One run's (or its ckpt_<step>.pt's) lr x seed sweep on a demo task; done cells are reused."""
@@ -317,6 +316,7 @@ def sweep(name: str, task: str, cfg: ExperimentConfig, step: int | None = None) 
                  f"--task=demo_{task}", f"--lrs={cfg.lrs}", f"--seeds={cfg.seeds}",
                  f"--batch_size={cfg.ft_batch_size}", f"--max_steps={cfg.ft_steps}",
                  "--progress=False", f"--out_dir={out}"], os.path.join(out, "log.txt"))
+    print(f"{name}: {prefix}demo_{task} fine-tuned ({out}/report.json)\n", end="", flush=True)
 
 def run_experiment(cfg: ExperimentConfig) -> None:
     os.makedirs(cfg.out_dir, exist_ok=True)
