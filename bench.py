@@ -1,6 +1,5 @@
-"""Speed and memory of the training step, measured on train.py's own loop: CLM then MLM, and with
---compare=transformers against Llama and EuroBERT; --memory=true: the paper presets' memory model;
---suite=gpu: the GPU suite, under 8 minutes. Usage and figures: docs/speed.md."""
+"""Speed and memory of train.py's own step, CLM then MLM; --compare=transformers (Llama, EuroBERT),
+--memory=true (the presets' memory model), --suite=gpu (under 8 minutes). docs/speed.md."""
 
 import json
 import os
