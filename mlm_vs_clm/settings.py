@@ -130,9 +130,9 @@ def configure(cls, argv: list[str], check_now: bool = True):
     for arg in argv:
         if arg.startswith("--"):
             key, sep, value = arg[2:].partition("=")
-            if not sep:
+            if not sep and type(getattr(cfg, key, None)) is not bool:
                 raise SystemExit(f"error: write settings as --{key}=VALUE")
-            set_value(key, value, "the command line")
+            set_value(key, value if sep else "true", "the command line")  # --flag: a bool on
         elif arg.endswith(".py"):
             for key, value in run_config_file(arg).items():
                 set_value(key, value, arg)

@@ -162,7 +162,7 @@ def test_quick_experiment_settings_fit_and_bad_schedules_are_named(monkeypatch, 
     ran = []
     monkeypatch.setattr(experiment, "run_experiment", ran.append)
     monkeypatch.setattr(experiment, "summarize", lambda *a: {})
-    experiment.main(["--quick=true"])
+    experiment.main(["--quick"])  # a bare flag switches a bool setting on
     experiment.main(["--quick=true", f"--out_dir={tmp_path}", "--steps=80"])
     assert [(c.out_dir, c.steps) for c in ran] == [("out/exp-quick", 60), (str(tmp_path), 80)]
     with pytest.raises(SystemExit, match=r"--warmup_steps=20 \+ --decay_steps=40 must fit in "

@@ -156,6 +156,7 @@ def test_config_files_and_help(tmp_path, capsys):
     preset.write_text("model = '210m'\nblock_size = 2048\nlr = 5e-4\nmax_steps = 42_000\n")
     cfg = settings.configure(train.TrainConfig, [str(preset), "--lr=1e-4", "--max_steps=1e3"])
     assert (cfg.model, cfg.block_size, cfg.lr, cfg.max_steps) == ("210m", 2048, 1e-4, 1000)
+    assert settings.configure(train.TrainConfig, ["--repeat_data"]).repeat_data is True  # a flag
     bad = tmp_path / "bad.py"
     bad.write_text("mask_ratio = '40%'\n")
     with pytest.raises(SystemExit, match="mask_ratio must be of type float.*bad.py"):
