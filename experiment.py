@@ -293,14 +293,14 @@ def pretrain(name: str, cfg: ExperimentConfig, after=None) -> None:
         after.result()
     run_dir, args = os.path.join(cfg.out_dir, name), train_args(name, cfg)
     ckpt, summary = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "summary.json")
+    what = "pretraining"
     if os.path.exists(ckpt):
         check_same(ckpt, args)
-        if os.path.exists(summary) and files.read_json(summary).get("steps") == \
-                files.read_json(summary).get("max_steps"):
+        done = files.read_json(summary) if os.path.exists(summary) else {}
+        if done and done.get("steps") == done.get("max_steps"):
             print(f"{name}: kept (finished, the same settings)\n", end="", flush=True)
             return
-        args = ["--init_from=resume"]
-    what = "resuming" if args == ["--init_from=resume"] else "pretraining"
+        args, what = ["--init_from=resume"], "resuming"
     print(f"{name}: {what}\n", end="", flush=True)  # one write a line: two threads print at once
     t0 = time.perf_counter()
     run_command(["train.py", *args, f"--out_dir={run_dir}", "--progress=False"],
